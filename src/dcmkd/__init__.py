@@ -1,0 +1,7 @@
+"""dcmkd: Dense Cross-layer Mutual-distillation, Stage-by-Stage KD and their baselines."""
+__version__ = "0.1.0"
+
+from dcmkd.heads import MultiExitNetwork, build_multi_exit  # noqa: E402
+from dcmkd.models import create_model, list_models  # noqa: E402
+
+__all__ = ["__version__", "create_model", "list_models", "build_multi_exit", "MultiExitNetwork"]

@@ -1,0 +1,53 @@
+"""The model registry: ``create_model`` / ``list_models``."""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Callable
+
+from dcmkd.models.base import Backbone
+from dcmkd.registry import Registry, UnknownNameError
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    builder: Callable[..., Backbone]
+    dataset: str          # "cifar" (32×32) or "imagenet" (224×224)
+    num_classes: int      # default head size
+    summary: str
+
+
+MODELS: Registry[ModelEntry] = Registry("model")
+
+
+def register_model(name: str, dataset: str, num_classes: int, summary: str):
+    """Decorator: register ``builder(num_classes=..., **options) -> Backbone`` under ``name``."""
+
+    def deco(builder: Callable[..., Backbone]) -> Callable[..., Backbone]:
+        MODELS.register(name)(ModelEntry(name, builder, dataset, num_classes, summary))
+        return builder
+
+    return deco
+
+
+def model_options(name: str) -> dict[str, object]:
+    """The options ``create_model(name, ...)`` accepts, with their defaults."""
+    sig = inspect.signature(MODELS.get(name).builder)
+    return {k: p.default for k, p in sig.parameters.items() if k != "num_classes"}
+
+
+def create_model(name: str, num_classes: int | None = None, **options) -> Backbone:
+    """Build a registered model. ``num_classes`` defaults to the model's dataset (100 / 1000)."""
+    entry = MODELS.get(name)
+    valid = model_options(name)
+    for key in options:
+        if key not in valid:
+            raise UnknownNameError(f"option of model '{name}'", key, valid)
+    model = entry.builder(num_classes=num_classes or entry.num_classes, **options)
+    model.model_name = name
+    return model
+
+
+def list_models(dataset: str | None = None) -> list[str]:
+    return [n for n in MODELS.names() if dataset is None or MODELS.get(n).dataset == dataset]

@@ -1,0 +1,53 @@
+"""``dcmkd models`` and ``dcmkd describe``."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dcmkd.cli import main
+from dcmkd.models import list_models
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_models_json_lists_every_model_with_params_and_macs(capsys):
+    code, out, _ = run(capsys, "models", "--json")
+    assert code == 0
+    rows = {r["name"]: r for r in json.loads(out)}
+    assert set(rows) == set(list_models())
+    # torch's FLOP counter: ResNet-50 4.09 GMACs, WRN-28-10 5.25 GMACs (published figures)
+    assert abs(rows["resnet50"]["macs"] / 4.09e9 - 1) < 0.02
+    assert abs(rows["wrn28_10"]["macs"] / 5.25e9 - 1) < 0.02
+    assert rows["resnet18"]["params"] == 11689512
+
+
+def test_describe_json(capsys):
+    code, out, _ = run(capsys, "describe", "wrn28_10", "--classifiers", "C1+C2C3C4", "--json")
+    assert code == 0
+    d = json.loads(out)
+    cls = {c["name"]: c for c in d["classifiers"]}
+    assert list(cls) == ["C1", "C2", "C3", "C4"]
+    assert cls["C4"]["tap"] == "conv1"
+    assert [(b["count"], b["widths"][0]) for b in cls["C3"]["blocks"]] == [(4, 320), (2, 640)]
+    assert {c["downsamplings"] for c in cls.values()} == {2}
+    assert d["params_backbone"] < d["params_total"]
+
+
+def test_describe_text_and_apfc(capsys):
+    code, out, _ = run(capsys, "describe", "densenet40_12", "--aux", "apfc", "--num-classes", "10")
+    assert code == 0 and "apfc" in out and "10 classes" in out
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["describe", "resnet1100"], "valid choices: densenet100_12"),
+    (["describe", "resnet110", "--aux", "wide"], "valid choices: apfc, default, narrow"),
+    (["describe", "resnet110", "--classifiers", "C2,C4"], "valid choices: C2, C3"),
+])
+def test_bad_names_exit_nonzero_with_one_line(capsys, argv, needle):
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and needle in err and err.count("\n") == 1
