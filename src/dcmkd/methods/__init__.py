@@ -1,0 +1,119 @@
+"""Methods: systems that own networks and say how they learn (see :mod:`dcmkd.methods.mutual`).
+
+``create_method(name, nets, num_classes, ...)`` builds any of:
+
+========  ==========================  ===============  =================================
+name      auxiliary classifiers       links            notes
+========  ==========================  ===============  =================================
+ind       no                          none             each network alone (any N ≥ 1)
+ds        yes (CE only)               none             deep supervision (any N ≥ 1)
+kd        no                          C1 → C1, one way first network is the frozen teacher
+dml       no                          C1 ↔ C1          N ≥ 2; ``update="alternating"``
+dml_ds    yes                         C1 ↔ C1          DML + DS (paper Table 5)
+dcm1      yes                         Ci ↔ Ci          same-staged only (Eq. 8)
+dcm2      yes                         Ci ↔ Cj, i ≠ j   different-staged only (Eq. 9)
+dcm       yes                         all              DCM (Eq. 6)
+========  ==========================  ===============  =================================
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from torch import nn
+
+from dcmkd.heads import MultiExitNetwork, build_multi_exit
+from dcmkd.methods.mutual import (UPDATE_MODES, Method, MutualMethod, StepOutput,
+                                  bn_stats_frozen)
+from dcmkd.models.base import Backbone
+from dcmkd.registry import Registry, UnknownNameError
+from dcmkd.weights import load_backbone_weights
+
+
+@dataclass(frozen=True)
+class MethodPreset:
+    name: str
+    aux: bool
+    pattern: str
+    min_networks: int
+    frozen_teacher: bool = False
+    term_names: tuple[tuple[str, str], ...] = ()
+    summary: str = ""
+
+
+METHODS: Registry[MethodPreset] = Registry("method")
+for _p in (
+    MethodPreset("ind", False, "none", 1, summary="independent training"),
+    MethodPreset("ds", True, "none", 1, summary="deep supervision"),
+    MethodPreset("kd", False, "final", 2, frozen_teacher=True, term_names=(("dcm1", "kd"),),
+                 summary="knowledge distillation from a frozen teacher (first network)"),
+    MethodPreset("dml", False, "final", 2, term_names=(("dcm1", "dml"),),
+                 summary="deep mutual learning"),
+    MethodPreset("dml_ds", True, "final", 2, term_names=(("dcm1", "dml"),),
+                 summary="DML + deep supervision"),
+    MethodPreset("dcm1", True, "same", 2, summary="DCM, same-staged links only"),
+    MethodPreset("dcm2", True, "cross", 2, summary="DCM, different-staged links only"),
+    MethodPreset("dcm", True, "dense", 2, summary="dense cross-layer mutual distillation"),
+):
+    METHODS.register(_p.name)(_p)
+
+
+#: keyword options of :class:`MutualMethod` a user may set
+LOSS_OPTIONS = ("alpha", "beta", "gamma", "temperature", "divergence", "t2_scaling",
+                "label_smoothing", "update")
+
+
+def create_method(name: str, nets: Sequence[str | nn.Module], num_classes: int | None = None,
+                  *, classifiers: str | Sequence[str] | None = None, kind: str = "default",
+                  model_options: Sequence[dict[str, Any]] | dict[str, Any] | None = None,
+                  teacher_weights: str | os.PathLike | None = None,
+                  **loss_options: Any) -> MutualMethod:
+    """Build a method from zoo names or modules.
+
+    ``nets``: model names, ``Backbone`` s or ready ``MultiExitNetwork`` s (used as given).
+    ``classifiers`` / ``kind``: the auxiliary classifiers of methods that have them (paper Tables
+    3 and 4). ``model_options``: one dict for all networks or one per network (e.g. dropout).
+    ``teacher_weights``: for ``kd``, a weights file for the first network (exported model or run
+    checkpoint, loaded with ``weights_only=True``). ``loss_options``: ``alpha``, ``beta``,
+    ``gamma``, ``temperature``, ``divergence``, ``t2_scaling``, ``label_smoothing``, ``update``.
+    """
+    preset = METHODS.get(name)
+    for key in loss_options:
+        if key not in LOSS_OPTIONS:
+            raise UnknownNameError(f"option of method '{name}'", key, LOSS_OPTIONS)
+    if len(nets) < preset.min_networks:
+        raise ValueError(f"method '{name}' needs at least {preset.min_networks} networks, "
+                         f"got {len(nets)}")
+    if isinstance(model_options, dict) or model_options is None:
+        model_options = [dict(model_options or {}) for _ in nets]
+    if len(model_options) != len(nets):
+        raise ValueError(f"{len(model_options)} model_options for {len(nets)} networks")
+    networks: list[MultiExitNetwork] = []
+    for i, (net, opts) in enumerate(zip(nets, model_options)):
+        if isinstance(net, MultiExitNetwork):
+            networks.append(net)
+            continue
+        is_teacher = preset.frozen_teacher and i == 0
+        aux = preset.aux and not is_teacher
+        if isinstance(net, str):
+            net = build_multi_exit(net, num_classes, classifiers=classifiers if aux else "C1",
+                                   kind=kind, **opts)
+        elif isinstance(net, Backbone):
+            net = build_multi_exit(net, classifiers=classifiers if aux else "C1", kind=kind)
+        else:
+            raise TypeError(f"network {i}: expected a model name, Backbone or MultiExitNetwork, "
+                            f"got {type(net).__name__}")
+        networks.append(net)
+    if teacher_weights is not None:
+        if not preset.frozen_teacher:
+            raise ValueError(f"teacher_weights is for 'kd', not '{name}'")
+        load_backbone_weights(networks[0].backbone, teacher_weights)
+    if preset.frozen_teacher and "update" in loss_options:
+        raise ValueError("'kd' has a single trainable network; 'update' does not apply")
+    return MutualMethod(networks, preset.pattern, frozen=(0,) if preset.frozen_teacher else (),
+                        term_names=dict(preset.term_names), **loss_options)
+
+
+__all__ = ["METHODS", "MethodPreset", "Method", "MutualMethod", "StepOutput", "create_method",
+           "bn_stats_frozen", "UPDATE_MODES"]
