@@ -16,8 +16,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 demo: setup
-	$(VENV)/bin/dcmkd models
-	$(VENV)/bin/dcmkd describe resnet110
+	$(VENV)/bin/dcmkd demo
 
 test: setup
 	$(PY) -m pytest

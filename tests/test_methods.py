@@ -28,7 +28,7 @@ def sgd(method, lr=0.1):
 
 
 def stepper(opt):
-    def step(loss):
+    def step(loss, terms=None):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

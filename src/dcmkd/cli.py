@@ -1,4 +1,4 @@
-"""The ``dcmkd`` command line: ``dcmkd models``, ``dcmkd describe MODEL``.
+"""The ``dcmkd`` command line: models, describe, train, eval, export, demo.
 
 Every sub-command turns its arguments into library calls; errors a user can cause (an unknown
 model, kind or classifier, a bad option) exit with status 2 and a one-line message that lists the
@@ -73,6 +73,91 @@ def cmd_describe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_config(args: argparse.Namespace) -> dict:
+    from dcmkd.engine.config import resolve
+
+    short = {"method": args.method, "nets": args.nets, "data.name": args.dataset,
+             "data.root": args.data_dir, "epochs": args.epochs, "seed": args.seed,
+             "out": args.out, "device": args.device, "precision": args.precision,
+             "quiet": True if args.quiet else None}
+    overrides = [{k: v} if "." not in k else {k.split(".")[0]: {k.split(".")[1]: v}}
+                 for k, v in short.items() if v is not None]
+    config, extra = args.config, list(args.overrides)
+    if config is not None and "=" in config:  # `dcmkd train optim.lr=0.05` has no config
+        config, extra = None, [config, *extra]
+    return resolve(config, [*overrides, *extra])
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from dcmkd.engine.trainer import Trainer
+
+    cfg = _train_config(args)
+    trainer = Trainer(cfg)
+    summary = trainer.fit()
+    errs = ", ".join(f"{n} {e:.2f}%" for n, e in zip(summary["nets"], summary["test_top1"]))
+    print(f"{trainer.run_dir}: {summary['method']} test top-1 error {errs}")
+    return 0
+
+
+def _run_trainer(run_dir: str):
+    from pathlib import Path
+
+    from dcmkd.engine.config import resolve
+    from dcmkd.engine.trainer import Trainer
+
+    path = Path(run_dir)
+    if not (path / "config.yaml").is_file():
+        raise FileNotFoundError(f"{path} is not a run folder (no config.yaml)")
+    trainer = Trainer(resolve(path / "config.yaml", ["quiet=true"]), path)
+    trainer.build()
+    if (path / "checkpoint.pt").is_file():
+        trainer.load_checkpoint()
+    return trainer
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    trainer = _run_trainer(args.run)
+    result = trainer.evaluate()
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        for k, v in result.items():
+            print(f"{k:28s} {v:6.2f}%")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from dcmkd.weights import atomic_save
+
+    trainer = _run_trainer(args.run)
+    out = Path(args.to or args.run)
+    for n, (net, name) in enumerate(zip(trainer.method.export(), trainer.cfg["nets"])):
+        atomic_save(net.state_dict(), out / f"net{n}_{name}.pt")
+        print(out / f"net{n}_{name}.pt")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from dcmkd.engine.config import resolve
+    from dcmkd.engine.trainer import Trainer
+
+    rows = []
+    for method in ("ind", "dml", "dcm"):
+        cfg = resolve("demo", [f"method={method}", f"nets={args.nets}", f"epochs={args.epochs}",
+                               f"seed={args.seed}", f"out={args.out}/{method}"])
+        print(f"== {method}: {', '.join(cfg['nets'])} on the bundled digits, "
+              f"{cfg['epochs']} epochs")
+        rows.append((method, Trainer(cfg).fit()))
+    print(f"\n{'method':8s} " + " ".join(f"{'net' + str(i) + ' error %':>14s}"
+                                        for i in range(len(rows[0][1]['nets']))) + "   seconds")
+    for method, summary in rows:
+        print(f"{method:8s} " + " ".join(f"{e:14.2f}" for e in summary["test_top1"])
+              + f"   {summary['seconds']:7.1f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from dcmkd import __version__
 
@@ -95,16 +180,64 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--num-classes", type=int, default=None)
     d.add_argument("--json", action="store_true")
     d.set_defaults(func=cmd_describe)
+
+    t = sub.add_parser("train", help="train a method from a recipe name or a YAML file",
+                       description="Train any method. CONFIG is a recipe name "
+                       "(cifar_resnet, cifar_densenet, cifar_wrn, imagenet_resnet, "
+                       "imagenet_mobilenetv2, demo) or a YAML file; without one the paper's "
+                       "recipe for the chosen nets is used. Trailing key=value pairs override "
+                       "any config key, e.g. optim.lr=0.05 data.label_noise=0.2.")
+    t.add_argument("config", nargs="?", default=None,
+                   help="recipe name or YAML file (optional)")
+    t.add_argument("overrides", nargs="*", help="dotted overrides key=value")
+    t.add_argument("-m", "--method", help="ind, ds, kd, dml, dml_ds, dcm, dcm1, dcm2")
+    t.add_argument("-n", "--nets", help="comma-separated model names, e.g. resnet110,resnet110")
+    t.add_argument("-d", "--dataset", help="cifar10, cifar100, digits, folder, imagenet, synthetic")
+    t.add_argument("--data-dir", help="dataset folder")
+    t.add_argument("-e", "--epochs", type=int)
+    t.add_argument("-s", "--seed", type=int)
+    t.add_argument("-o", "--out", help="run folder (default runs/<method>-<nets>-<data>-s<seed>)")
+    t.add_argument("--device", help="auto, cpu, cuda, cuda:N, mps")
+    t.add_argument("--precision", help="fp32, bf16, fp16")
+    t.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate every classifier of a run folder")
+    e.add_argument("run")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=cmd_eval)
+
+    x = sub.add_parser("export", help="write a run's networks without auxiliary classifiers")
+    x.add_argument("run")
+    x.add_argument("--to", help="folder (default: the run folder)")
+    x.set_defaults(func=cmd_export)
+
+    demo = sub.add_parser("demo", help="ind vs DML vs DCM on the bundled digits (CPU minutes)")
+    demo.add_argument("--nets", default="resnet20,resnet20")
+    demo.add_argument("--epochs", type=int, default=12)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--out", default="runs/demo")
+    demo.set_defaults(func=cmd_demo)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from dcmkd.registry import UnknownNameError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # `dcmkd train -q optim.lr=0.1`: overrides may follow flags
+        if args.command != "train" or not all("=" in e and not e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     try:
         return args.func(args)
-    except (UnknownNameError, ValueError) as e:
+    except RuntimeError as e:
+        if type(e).__name__ != "TrainingDiverged":
+            raise
+        print(f"dcmkd: error: {e}", file=sys.stderr)
+        return 3
+    except (UnknownNameError, ValueError, FileNotFoundError) as e:
         print(f"dcmkd: error: {e}", file=sys.stderr)
         return 2
 

@@ -60,10 +60,11 @@ class Method(nn.Module):
         raise NotImplementedError
 
     def training_step(self, images: torch.Tensor, targets: torch.Tensor,
-                      step: Callable[[torch.Tensor], None]) -> StepOutput:
-        """Compute the losses and call ``step(loss)`` (backward + optimiser step) once or more."""
+                      step: Callable[..., None]) -> StepOutput:
+        """Compute the losses and call ``step(loss, terms)`` (zero grads, backward, optimiser
+        step) once or more; ``terms`` are the named losses summed in ``loss``."""
         out = self(images, targets)
-        step(out.total())
+        step(out.total(), out.losses)
         return out
 
     @torch.no_grad()
@@ -138,7 +139,7 @@ class MutualMethod(Method):
         return StepOutput(self._named(loss, self.trainable_networks), logits)
 
     def training_step(self, images: torch.Tensor, targets: torch.Tensor,
-                      step: Callable[[torch.Tensor], None]) -> StepOutput:
+                      step: Callable[..., None]) -> StepOutput:
         if self.update == "simultaneous" or len(self.trainable_networks) < 2:
             return super().training_step(images, targets, step)
         logits = self._logits(images)
@@ -152,7 +153,7 @@ class MutualMethod(Method):
                     current[m] = list(self.networks[m](images))
             loss = self.loss(current, targets)
             named = self._named(loss, [n])
-            step(sum(named.values()))  # type: ignore[arg-type]
+            step(sum(named.values()), named)  # type: ignore[arg-type]
             losses.update({k: v.detach() for k, v in named.items()})
             updated.append(n)
         return StepOutput(losses, [[z.detach() for z in net] for net in logits])

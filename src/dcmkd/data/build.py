@@ -1,0 +1,217 @@
+"""From a :class:`DataConfig` to train/test loaders: the one entry point the trainer calls.
+
+Readings (choices the papers leave open), all documented here:
+
+- CIFAR: pad 4 + random 32×32 crop + flip, the dataset's standard mean/std (SPEC.md §3).
+- ImageNet: resize to 256×256, random 224 crop + flip / centre 224 crop, ImageNet mean/std.
+- Small image folders (≤ ``CACHE_MAX_SIZE`` px): the CIFAR recipe with padding = size/8 and the
+  training set's own per-channel mean/std. Large ones: the ImageNet recipe (crop ``image_size``,
+  default 224, from images resized to ``image_size``·256/224), ImageNet mean/std.
+- digits: pad size/8 + random crop, *no* flip (digits are not mirror-symmetric); own mean/std.
+- ``train_subset``: a stratified subset drawn with the fixed seed 0, so every run of a protocol
+  (whatever its ``seed``) trains on the same samples; the test set is never subsampled.
+- Label noise is applied after subsetting, with ``noise_seed`` (chosen once, not per run).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from dcmkd.data import augment as aug
+from dcmkd.data.cifar import CIFAR, load_cifar
+from dcmkd.data.digits import load_digits_dataset
+from dcmkd.data.folder import CACHE_MAX_SIZE, FolderStream, first_image, image_size, \
+    load_folder_cached
+from dcmkd.data.loader import DeviceLoader, StreamLoader
+from dcmkd.data.noise import corrupt_labels
+from dcmkd.data.subset import stratified_indices
+from dcmkd.registry import UnknownNameError
+
+DATASETS = ("cifar10", "cifar100", "digits", "folder", "imagenet", "synthetic")
+#: seed of the ``train_subset`` draw and of the synthetic data (a property of the data, not the run)
+SUBSET_SEED = 0
+
+Loader = DeviceLoader | StreamLoader
+
+
+@dataclass
+class DataConfig:
+    """What to load; the keys of a run config's ``data`` section."""
+
+    name: str = "digits"
+    root: str | None = None
+    batch_size: int = 128
+    test_batch_size: int = 512
+    label_noise: float = 0.0
+    noise_seed: int = 0
+    train_subset: int | None = None
+    download: bool = False
+    workers: int = 4
+    image_size: int | None = None
+    cache_dir: str | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DataConfig":
+        """Build from a dict; an unknown key raises :class:`UnknownNameError`."""
+        names = cls.__dataclass_fields__
+        for k in d:
+            if k not in names:
+                raise UnknownNameError("data option", k, names)
+        return cls(**d)
+
+
+@dataclass
+class Data:
+    """Loaders and facts about a dataset. ``noisy_indices``: training samples whose label was
+    corrupted (indices into the training set as loaded), ``None`` without label noise."""
+
+    train: Loader
+    test: Loader
+    num_classes: int
+    classes: list[str]
+    input_size: int
+    noisy_indices: torch.Tensor | None = None
+    mean: tuple[float, ...] = field(default=(0.5, 0.5, 0.5))
+    std: tuple[float, ...] = field(default=(0.25, 0.25, 0.25))
+    name: str = ""
+
+
+def default_data_root() -> Path:
+    """``$DCMKD_DATA``, else ``./data``: where datasets live when ``root`` is not given."""
+    return Path(os.environ.get("DCMKD_DATA") or "data")
+
+
+def _root(cfg: DataConfig, required: bool = False) -> Path:
+    if cfg.root:
+        return Path(cfg.root).expanduser()
+    if required:
+        raise ValueError(f"dataset '{cfg.name}' needs data.root: the folder holding train/ and "
+                         "test/ (or val/) with one sub-folder of images per class")
+    return default_data_root()
+
+
+def _prepare_train(labels: torch.Tensor, cfg: DataConfig, num_classes: int, subset: bool = True
+                   ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    """``(subset indices or None, training labels, noisy indices or None)``."""
+    keep = None
+    if subset and cfg.train_subset is not None and cfg.train_subset < len(labels):
+        keep = stratified_indices(labels, cfg.train_subset, SUBSET_SEED)
+        labels = labels[keep]
+    noisy = None
+    if cfg.label_noise > 0:
+        labels, noisy = corrupt_labels(labels, cfg.label_noise, num_classes, cfg.noise_seed)
+    return keep, labels, noisy
+
+
+def _in_memory(cfg: DataConfig, device, seed: int, train: tuple[torch.Tensor, torch.Tensor],
+               test: tuple[torch.Tensor, torch.Tensor], classes: list[str],
+               transform: aug.Transform, mean: Sequence[float], std: Sequence[float],
+               subset: bool = True, **dist: int) -> Data:
+    x, y = train
+    keep, y, noisy = _prepare_train(y, cfg, len(classes), subset)
+    if keep is not None:
+        x = x[keep]
+    return Data(
+        train=DeviceLoader(x, y, cfg.batch_size, train=True, device=device, seed=seed,
+                           augment=transform, mean=mean, std=std, **dist),
+        test=DeviceLoader(test[0], test[1], cfg.test_batch_size, train=False, device=device,
+                          seed=seed, mean=mean, std=std, **dist),
+        num_classes=len(classes), classes=list(classes), input_size=int(x.shape[-2]),
+        noisy_indices=noisy, mean=tuple(mean), std=tuple(std), name=cfg.name)
+
+
+def _streaming(cfg: DataConfig, device, seed: int, root: Path, crop: int,
+               mean: Sequence[float], std: Sequence[float], **dist: int) -> Data:
+    resize = round(crop * 256 / 224)
+    train_ds = FolderStream(root, "train", size=resize)
+    test_ds = FolderStream(root, "val", size=resize)
+    keep, labels, noisy = _prepare_train(train_ds.labels, cfg, len(train_ds.classes))
+    if keep is not None:
+        train_ds = train_ds.select(keep)
+    train_ds.labels = labels
+
+    def train_tf(x: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
+        return aug.random_crop(x, crop, g)
+
+    def eval_tf(x: torch.Tensor, g: torch.Generator | None = None) -> torch.Tensor:
+        return aug.center_crop(x, crop)
+
+    common = dict(device=device, seed=seed, mean=mean, std=std, num_workers=cfg.workers, **dist)
+    return Data(
+        train=StreamLoader(train_ds, cfg.batch_size, train=True, augment=train_tf, **common),
+        test=StreamLoader(test_ds, cfg.test_batch_size, train=False, augment=eval_tf, **common),
+        num_classes=len(train_ds.classes), classes=list(train_ds.classes), input_size=crop,
+        noisy_indices=noisy, mean=tuple(mean), std=tuple(std), name=cfg.name)
+
+
+def synthetic_split(n: int, size: int, num_classes: int, seed: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random uint8 images ``[n,3,size,size]`` with random labels (tests and benchmarks)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)
+    return x, torch.randint(0, num_classes, (n,), generator=g)
+
+
+def build_data(cfg: DataConfig | dict[str, Any], device: torch.device | str = "cpu",
+               seed: int = 0, *, rank: int = 0, world_size: int = 1) -> Data:
+    """Load the dataset of ``cfg`` and wrap it in loaders on ``device``.
+
+    ``seed`` (the run's) drives the shuffling and augmentation of the training loader;
+    ``rank``/``world_size`` shard both loaders for data-parallel training.
+    """
+    if isinstance(cfg, dict):
+        cfg = DataConfig.from_dict(cfg)
+    if cfg.name not in DATASETS:
+        raise UnknownNameError("dataset", cfg.name, DATASETS)
+    dist = {"rank": rank, "world_size": world_size}
+
+    if cfg.name in CIFAR:
+        root = _root(cfg)
+        train = load_cifar(cfg.name, root, train=True, download=cfg.download)
+        test = load_cifar(cfg.name, root, train=False, download=cfg.download)
+        mean, std = ((aug.CIFAR10_MEAN, aug.CIFAR10_STD) if cfg.name == "cifar10"
+                     else (aug.CIFAR100_MEAN, aug.CIFAR100_STD))
+        return _in_memory(cfg, device, seed, train[:2], test[:2], train[2], aug.cifar_train,
+                          mean, std, **dist)
+
+    if cfg.name == "digits":
+        size = cfg.image_size or 16
+        train = load_digits_dataset(True, size)
+        test = load_digits_dataset(False, size)
+        mean, std = aug.channel_stats(train[0])
+        return _in_memory(cfg, device, seed, train[:2], test[:2], train[2],
+                          aug.pad_crop_flip(max(1, size // 8), flip=False), mean, std, **dist)
+
+    if cfg.name == "synthetic":
+        # uniform 0..255 pixels: mean 0.5, std 1/sqrt(12) on the 0..1 scale
+        size, classes = cfg.image_size or 32, [str(i) for i in range(10)]
+        train = synthetic_split(cfg.train_subset or 512, size, 10, SUBSET_SEED)
+        test = synthetic_split(128, size, 10, SUBSET_SEED + 1)
+        return _in_memory(cfg, device, seed, train, test, classes,
+                          aug.pad_crop_flip(max(1, size // 8)), (0.5,) * 3, (0.289,) * 3,
+                          subset=False, **dist)
+
+    root = _root(cfg, required=True)
+    if cfg.name == "imagenet":
+        return _streaming(cfg, device, seed, root, cfg.image_size or 224, aug.IMAGENET_MEAN,
+                          aug.IMAGENET_STD, **dist)
+    # 'folder': cached on the device when small, streamed otherwise
+    if max(image_size(first_image(root, "train"))) > CACHE_MAX_SIZE:
+        return _streaming(cfg, device, seed, root, cfg.image_size or 224, aug.IMAGENET_MEAN,
+                          aug.IMAGENET_STD, **dist)
+    workers = max(1, min(2, cfg.workers))
+    train = load_folder_cached(root, "train", cfg.cache_dir, workers=workers)
+    test = load_folder_cached(root, "test", cfg.cache_dir, workers=workers)
+    if train[2] != test[2]:
+        raise ValueError(f"class folders differ between train and test under {root}")
+    if train[0].shape[1:] != test[0].shape[1:]:
+        raise ValueError(f"train images are {tuple(train[0].shape[2:])} but test images "
+                         f"{tuple(test[0].shape[2:])} under {root}")
+    mean, std = aug.channel_stats(train[0])
+    size = min(train[0].shape[-2:])
+    return _in_memory(cfg, device, seed, train[:2], test[:2], train[2],
+                      aug.pad_crop_flip(max(1, size // 8)), mean, std, **dist)

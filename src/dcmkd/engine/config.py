@@ -1,0 +1,171 @@
+"""Run configuration: a nested dict with a fixed schema, defaults, recipes and dotted overrides.
+
+Only this module and the CLI know about YAML. A wrong key anywhere (file or override) raises
+:class:`~dcmkd.registry.UnknownNameError` naming the key and the closest valid ones.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dcmkd.registry import UnknownNameError
+
+#: every key a run config may hold, with its default
+DEFAULTS: dict[str, Any] = {
+    "method": "dcm",
+    "nets": ["resnet20", "resnet20"],
+    "num_classes": None,            # default: the dataset's
+    "classifiers": None,            # auxiliary classifiers, e.g. "C2,C3" (paper default)
+    "aux_kind": "default",          # default | apfc | narrow
+    "model_options": {},            # e.g. {dropout: 0.3}
+    "teacher_weights": None,        # kd: weights of the first network
+    "loss": {"alpha": 1.0, "beta": 1.0, "gamma": 1.0, "temperature": 1.0, "divergence": "kl",
+             "t2_scaling": False, "label_smoothing": 0.0, "update": "simultaneous"},
+    "data": {"name": "digits", "root": None, "batch_size": 64, "test_batch_size": 512,
+             "label_noise": 0.0, "noise_seed": 0, "train_subset": None, "download": False,
+             "workers": 4, "image_size": None, "cache_dir": None},
+    "optim": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": False,
+              "weight_decay": 1e-4},
+    "schedule": {"name": "step", "step_size": 60, "milestones": [], "gamma": 0.1,
+                 "warmup_epochs": 0},
+    "epochs": 200,
+    "seed": 0,
+    "device": "auto",               # auto | cpu | cuda | cuda:1 | mps
+    "precision": "fp32",            # fp32 | bf16 | fp16
+    "channels_last": False,
+    "deterministic": False,
+    "checkpoint_every_steps": 0,    # 0: at the end of every epoch only
+    "quiet": False,
+    "tensorboard": False,
+    "out": None,                    # run folder; default runs/<method>-<nets>-s<seed>
+}
+
+#: the papers' optimisers and schedules (DCM supplementary §1, SPEC.md §3)
+RECIPES: dict[str, dict[str, Any]] = {
+    "cifar_resnet": {  # ResNet-110/164, MobileNet (and the other CIFAR ResNets)
+        "data": {"batch_size": 64}, "epochs": 200,
+        "optim": {"lr": 0.1, "momentum": 0.9, "nesterov": False, "weight_decay": 1e-4},
+        "schedule": {"name": "step", "step_size": 60, "gamma": 0.1}},
+    "cifar_densenet": {  # DenseNet-40-12: Nesterov, ÷10 at 50% and 75% of 300 epochs
+        "data": {"batch_size": 64}, "epochs": 300,
+        "optim": {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-4},
+        "schedule": {"name": "multistep", "milestones": [0.5, 0.75], "gamma": 0.1}},
+    "cifar_wrn": {  # WRN-28-10/28-4, and any pair of two different backbones
+        "data": {"batch_size": 128}, "epochs": 200,
+        "optim": {"lr": 0.1, "momentum": 0.9, "nesterov": False, "weight_decay": 5e-4},
+        "schedule": {"name": "multistep", "milestones": [60, 120, 160], "gamma": 0.2}},
+    "imagenet_resnet": {
+        "data": {"batch_size": 256}, "epochs": 100,
+        "optim": {"lr": 0.1, "momentum": 0.9, "nesterov": False, "weight_decay": 1e-4},
+        "schedule": {"name": "step", "step_size": 30, "gamma": 0.1}},
+    "imagenet_mobilenetv2": {
+        "data": {"batch_size": 256}, "epochs": 150,
+        "optim": {"lr": 0.05, "momentum": 0.9, "nesterov": False, "weight_decay": 4e-5},
+        "schedule": {"name": "cosine"}},
+    "demo": {  # the README's quick start: the bundled digits, a few minutes on 2 CPU cores.
+        # The 2-epoch warm-up is this library's choice: on so short a schedule DCM's 18 KL
+        # terms otherwise pull every classifier to the uniform consensus in epoch 1.
+        "data": {"name": "digits", "batch_size": 64, "image_size": 16}, "epochs": 12,
+        "optim": {"lr": 0.05, "momentum": 0.9, "nesterov": False, "weight_decay": 5e-4},
+        "schedule": {"name": "cosine", "warmup_epochs": 2}},
+}
+
+
+def recipe_for(nets: list[str]) -> str:
+    """The paper's recipe for a set of backbones: identical backbones use their own; two
+    different backbones use the WRN-28-10 recipe for both (DCM supplementary §1)."""
+    if len(set(nets)) > 1:
+        return "imagenet_resnet" if all(_family(n) == "imagenet_resnet" for n in nets) \
+            else "cifar_wrn"
+    return _family(nets[0])
+
+
+def _family(net: str) -> str:
+    if net.startswith("wrn"):
+        return "cifar_wrn"
+    if net.startswith("densenet"):
+        return "cifar_densenet"
+    if net == "mobilenetv2":
+        return "imagenet_mobilenetv2"
+    if net in ("resnet18", "resnet34", "resnet50"):
+        return "imagenet_resnet"
+    return "cifar_resnet"
+
+
+def merge(base: dict, update: dict, path: str = "") -> dict:
+    """``base`` updated with ``update``; every key of ``update`` must exist in ``base``
+    (free-form dicts such as ``model_options`` excepted)."""
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        full = f"{path}{key}"
+        if key not in out:
+            raise UnknownNameError("config key", full, [f"{path}{k}" for k in out])
+        if isinstance(out[key], dict) and out[key] and isinstance(value, dict):
+            out[key] = merge(out[key], value, f"{full}.")
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_override(text: str) -> dict:
+    """``"optim.lr=0.05"`` → ``{"optim": {"lr": 0.05}}`` (the value is parsed as YAML)."""
+    if "=" not in text:
+        raise ValueError(f"override '{text}' is not of the form key=value")
+    key, value = text.split("=", 1)
+    parsed: Any = yaml.safe_load(value) if value != "" else None
+    for part in reversed(key.strip().split(".")):
+        parsed = {part: parsed}
+    return parsed
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no config file at {path}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a config file holds a mapping of keys")
+    return data
+
+
+def resolve(base: str | dict | None = None, overrides: list[str] | list[dict] = ()) -> dict:
+    """A complete config from a recipe name, a YAML path or a dict, then overrides.
+
+    Without an explicit recipe, the paper's recipe for the chosen backbones is applied first
+    (``recipe`` key in the file or dict, or ``recipe_for(nets)``)."""
+    if isinstance(base, str) and base in RECIPES:
+        user: dict = {"recipe": base}
+    elif isinstance(base, (str, Path)):
+        user = load_yaml(base)
+    else:
+        user = dict(base or {})
+    over: dict = {}
+    for o in overrides:
+        over = _deep_update(over, parse_override(o) if isinstance(o, str) else o)
+    recipe = over.pop("recipe", None) or user.pop("recipe", None)
+    user = _deep_update(user, over)
+    nets = user.get("nets", DEFAULTS["nets"])
+    if isinstance(nets, str):
+        user["nets"] = nets = [n for n in nets.split(",") if n]
+    if recipe is None:
+        recipe = recipe_for(list(nets))
+    if recipe not in RECIPES:
+        raise UnknownNameError("recipe", recipe, RECIPES)
+    cfg = merge(merge(DEFAULTS, RECIPES[recipe]), user)
+    cfg["recipe"] = recipe
+    return cfg
+
+
+def _deep_update(a: dict, b: dict) -> dict:
+    out = copy.deepcopy(a)
+    for k, v in b.items():
+        out[k] = _deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) \
+            else copy.deepcopy(v)
+    return out
+
+
+def dump(cfg: dict) -> str:
+    return yaml.safe_dump(cfg, sort_keys=False)

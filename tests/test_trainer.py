@@ -1,0 +1,186 @@
+"""The trainer: run folders, resume equals uninterrupted, finished runs reused, NaN stop,
+atomic checkpoints, recipes and schedules, CLI train/eval/export."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dcmkd.cli import main
+from dcmkd.engine.config import resolve
+from dcmkd.engine.schedule import lr_at
+from dcmkd.engine.trainer import Trainer, TrainingDiverged
+from dcmkd.models import create_model
+from dcmkd.registry import UnknownNameError
+from dcmkd.weights import atomic_save, load_file
+
+TINY = ["data.name=synthetic", "data.image_size=8", "data.train_subset=48",
+        "data.batch_size=16", "data.test_batch_size=32", "epochs=2", "quiet=true",
+        "deterministic=true", "device=cpu", "schedule.name=cosine", "optim.lr=0.05"]
+
+
+def tiny(tmp_path, *extra, method="dcm", name="run"):
+    return resolve(None, [f"method={method}", "nets=resnet20,resnet20", *TINY,
+                          f"out={tmp_path / name}", *extra])
+
+
+def test_run_folder_contents(tmp_path):
+    cfg = tiny(tmp_path)
+    summary = Trainer(cfg).fit()
+    run = tmp_path / "run"
+    for f in ("config.yaml", "environment.json", "metrics.jsonl", "checkpoint.pt",
+              "summary.json", "test_error.png", "net0_resnet20.pt", "net1_resnet20.pt"):
+        assert (run / f).is_file(), f
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2]
+    for key in ("lr", "seconds", "images_per_s", "train/net0/ce", "train/net0/ds",
+                "train/net1/dcm1", "train/net1/dcm2", "train/net0/C3/acc",
+                "test/net1/C2/top1", "test/net0/C1/top5"):
+        assert key in lines[0], key
+    assert summary["test_top1"] == [lines[-1]["test/net0/C1/top1"],
+                                    lines[-1]["test/net1/C1/top1"]]
+    exported = load_file(run / "net0_resnet20.pt")
+    assert set(exported) == set(create_model("resnet20", 10).state_dict())
+    env = json.loads((run / "environment.json").read_text())
+    assert env["torch"] == torch.__version__ and "git_commit" in env
+
+
+def test_finished_run_is_not_redone(tmp_path, monkeypatch):
+    cfg = tiny(tmp_path, "epochs=1")
+    first = Trainer(cfg).fit()
+    monkeypatch.setattr(Trainer, "build", lambda self: pytest.fail("rebuilt a finished run"))
+    assert Trainer(cfg).fit() == first
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("every", [0, 2])
+def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch, every):
+    """Kill mid-epoch (epoch 2, batch 2 of 3); rerunning the same command resumes from the
+    last checkpoint (epoch end, or every 2 steps) and ends with identical weights."""
+    ref = Trainer(tiny(tmp_path, "data.label_noise=0.25", name="ref")).fit()
+    cfg = tiny(tmp_path, "data.label_noise=0.25", f"checkpoint_every_steps={every}", name="cut")
+    original = Trainer._checked
+
+    def dying(self, step, epoch, batch):
+        if epoch == 1 and batch == 2:
+            raise Interrupt
+        return original(self, step, epoch, batch)
+
+    monkeypatch.setattr(Trainer, "_checked", dying)
+    with pytest.raises(Interrupt):
+        Trainer(cfg).fit()
+    ckpt = load_file(tmp_path / "cut" / "checkpoint.pt")
+    assert (ckpt["epoch"], ckpt["batch"]) == ((1, 2) if every else (1, 0))
+    monkeypatch.setattr(Trainer, "_checked", original)
+    resumed = Trainer(cfg).fit()
+    assert resumed["test_top1"] == ref["test_top1"]
+    for n in range(2):
+        a = load_file(tmp_path / "ref" / f"net{n}_resnet20.pt")
+        b = load_file(tmp_path / "cut" / f"net{n}_resnet20.pt")
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+    assert (tmp_path / "cut" / "noisy_labels.pt").is_file()
+
+
+def test_nan_stops_the_run_naming_step_and_term(tmp_path, monkeypatch):
+    from dcmkd.methods.mutual import MutualMethod
+
+    cfg = tiny(tmp_path)
+    forward = MutualMethod.forward
+    calls = {"n": 0}
+
+    def poisoned(self, x, y):
+        out = forward(self, x, y)
+        calls["n"] += 1
+        if calls["n"] == 5:  # epoch 2, batch 1
+            out.losses["net1/dcm2"] = out.losses["net1/dcm2"] * float("nan")
+        return out
+
+    monkeypatch.setattr(MutualMethod, "forward", poisoned)
+    with pytest.raises(TrainingDiverged, match=r"epoch 2, batch 1 in net1/dcm2"):
+        Trainer(cfg).fit()
+    assert load_file(tmp_path / "run" / "checkpoint.pt")["epoch"] == 1
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "ck.pt"
+    atomic_save({"a": torch.ones(2)}, path)
+
+    def broken(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken)
+    with pytest.raises(OSError):
+        atomic_save({"a": torch.zeros(2)}, path)
+    assert torch.equal(load_file(path)["a"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]
+
+
+def test_loading_refuses_code_in_a_file(tmp_path):
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    (tmp_path / "evil.pt").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(ValueError, match="not a readable weights file"):
+        load_file(tmp_path / "evil.pt")
+
+
+def test_wrong_config_key_names_the_closest_valid_ones():
+    with pytest.raises(UnknownNameError, match=r"optim\.lrr.*did you mean optim\.lr"):
+        resolve(None, ["optim.lrr=0.1"])
+    with pytest.raises(UnknownNameError, match="did you mean epochs"):
+        resolve(None, ["epoch=3"])
+
+
+@pytest.mark.parametrize("nets,recipe,lr,wd,batch,epochs", [
+    ("resnet110,resnet110", "cifar_resnet", 0.1, 1e-4, 64, 200),
+    ("densenet40_12,densenet40_12", "cifar_densenet", 0.1, 1e-4, 64, 300),
+    ("wrn28_10,wrn28_10", "cifar_wrn", 0.1, 5e-4, 128, 200),
+    ("wrn28_10,resnet110", "cifar_wrn", 0.1, 5e-4, 128, 200),
+    ("resnet50,resnet18", "imagenet_resnet", 0.1, 1e-4, 256, 100),
+    ("mobilenetv2,mobilenetv2", "imagenet_mobilenetv2", 0.05, 4e-5, 256, 150),
+])
+def test_recipes_follow_the_supplementary(nets, recipe, lr, wd, batch, epochs):
+    cfg = resolve(None, [f"nets={nets}"])
+    assert cfg["recipe"] == recipe
+    assert (cfg["optim"]["lr"], cfg["optim"]["weight_decay"], cfg["data"]["batch_size"],
+            cfg["epochs"]) == (lr, wd, batch, epochs)
+    assert cfg["optim"]["nesterov"] == (recipe == "cifar_densenet")
+    assert resolve(None, [f"nets={nets}", "optim.lr=0.02"])["optim"]["lr"] == 0.02
+
+
+def test_schedules():
+    wrn = resolve("cifar_wrn")
+    assert [round(lr_at(wrn, e), 6) for e in (0, 59.9, 60, 120, 160, 199)] == \
+        [0.1, 0.1, 0.02, 0.004, 0.0008, 0.0008]
+    dense = resolve("cifar_densenet")
+    assert [round(lr_at(dense, e), 6) for e in (149, 150, 225)] == [0.1, 0.01, 0.001]
+    res = resolve("cifar_resnet")
+    assert [round(lr_at(res, e), 6) for e in (59, 60, 120, 180)] == [0.1, 0.01, 0.001, 0.0001]
+    mb = resolve("imagenet_mobilenetv2")
+    assert lr_at(mb, 0) == 0.05 and abs(lr_at(mb, 75) - 0.025) < 1e-9 and lr_at(mb, 150) < 1e-12
+
+
+def test_cli_train_eval_export(tmp_path, capsys):
+    out = tmp_path / "cli"
+    args = ["train", "-m", "dml", "-n", "resnet20,resnet20", "-d", "synthetic", "-e", "1",
+            "-o", str(out), "-q", "data.image_size=8", "data.train_subset=32",
+            "data.batch_size=16", "device=cpu"]
+    assert main(args) == 0
+    assert "dml test top-1 error" in capsys.readouterr().out
+    assert main(["eval", str(out), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    summary = json.loads((out / "summary.json").read_text())
+    assert result["test/net0/C1/top1"] == pytest.approx(summary["test_top1"][0])
+    assert main(["export", str(out), "--to", str(tmp_path / "exp")]) == 0
+    assert (tmp_path / "exp" / "net1_resnet20.pt").is_file()
+    assert main(["train", "optim.lrr=1", "-o", str(tmp_path / "x")]) == 2
+    assert "optim.lr" in capsys.readouterr().err
