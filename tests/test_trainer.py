@@ -184,3 +184,18 @@ def test_cli_train_eval_export(tmp_path, capsys):
     assert (tmp_path / "exp" / "net1_resnet20.pt").is_file()
     assert main(["train", "optim.lrr=1", "-o", str(tmp_path / "x")]) == 2
     assert "optim.lr" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_low_precision_and_channels_last_train_on_cpu(tmp_path, precision):
+    cfg = tiny(tmp_path, f"precision={precision}", "channels_last=true", "epochs=1",
+               "deterministic=false")
+    summary = Trainer(cfg).fit()
+    assert all(0 <= e <= 100 for e in summary["test_top1"])
+    line = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert all(v == v for k, v in line.items() if k.startswith("train/"))  # no NaN
+
+
+def test_unknown_precision_is_rejected(tmp_path):
+    with pytest.raises(UnknownNameError, match="bf16, fp16, fp32"):
+        Trainer(tiny(tmp_path, "precision=fp8")).fit()
