@@ -21,7 +21,8 @@ DEFAULTS: dict[str, Any] = {
     "classifiers": None,            # auxiliary classifiers, e.g. "C2,C3" (paper default)
     "aux_kind": "default",          # default | apfc | narrow
     "model_options": {},            # e.g. {dropout: 0.3}
-    "teacher_weights": None,        # kd: weights of the first network
+    "teacher_weights": None,        # kd, sskd, fitnets…: first network (file or run folder)
+    "teacher_net": None,            # which network of that run folder (default 0 / the file given)
     "loss": {"alpha": 1.0, "beta": 1.0, "gamma": 1.0, "temperature": 1.0, "divergence": "kl",
              "t2_scaling": False, "label_smoothing": 0.0, "update": "simultaneous"},
     "data": {"name": "digits", "root": None, "batch_size": 64, "test_batch_size": 512,
@@ -31,6 +32,13 @@ DEFAULTS: dict[str, Any] = {
               "weight_decay": 1e-4},
     "schedule": {"name": "step", "step_size": 60, "milestones": [], "gamma": 0.1,
                  "warmup_epochs": 0},
+    # stage-wise feature methods (dcmkd.methods.builders; docs in dcmkd.methods.sskd)
+    "sskd": {"stages": 4, "schedule": "plateau", "lr": 0.01, "momentum": 0.9,
+             "weight_decay": None, "factor": 0.9, "patience": 0, "threshold": 0.0,
+             "min_lr": 1.0e-5, "stage_epochs": None, "milestones": [0.3, 0.6, 0.9],
+             "gamma": 0.1, "multi_loss": False, "head": "separate", "head_epochs": None,
+             "adapter": "auto"},
+    "feature": {"stages": 4, "hint": 2, "reduction": "mean", "p": 2.0, "degree": 2, "c": 0.0},
     "epochs": 200,
     "seed": 0,
     "device": "auto",               # auto | cpu | cuda | cuda:1 | mps

@@ -15,6 +15,12 @@ A run is a folder::
 Running the same config on the same folder resumes an interrupted run; data order and
 augmentation are pure functions of (seed, epoch, batch), and the RNG states are checkpointed,
 so the resumed result equals the uninterrupted one (in deterministic mode).
+
+A method that owns its optimisation (:class:`~dcmkd.methods.control.PhasedMethod`, e.g. SSKD's
+stage-by-stage phases) supplies the optimiser, the per-step learning rate (given the run's own
+schedule as a function) and the run's length; it is told when an epoch ends, and its control
+state travels in its ``state_dict``. Every other method gets one SGD optimiser over its trainable
+parameters with the run's schedule, for ``epochs`` epochs.
 """
 from __future__ import annotations
 
@@ -31,7 +37,7 @@ import torch
 from dcmkd.engine.config import dump, resolve
 from dcmkd.engine.metrics import topk_errors
 from dcmkd.engine.schedule import lr_at
-from dcmkd.methods import Method, create_method
+from dcmkd.methods import Method, PhasedMethod, create_method
 from dcmkd.weights import atomic_save, load_file
 
 
@@ -99,7 +105,8 @@ class Trainer:
         self.method: Method = create_method(
             cfg["method"], cfg["nets"], num_classes, classifiers=cfg["classifiers"],
             kind=cfg["aux_kind"], model_options=cfg["model_options"] or None,
-            teacher_weights=cfg["teacher_weights"],
+            teacher_weights=cfg["teacher_weights"], teacher_net=cfg["teacher_net"],
+            run_config=cfg,
             **{k: v for k, v in cfg["loss"].items()
                if not (cfg["method"] == "kd" and k == "update")}).to(self.device)
         if cfg["channels_last"]:
@@ -108,15 +115,36 @@ class Trainer:
         if o["name"] != "sgd":
             from dcmkd.registry import UnknownNameError
             raise UnknownNameError("optimizer", o["name"], ["sgd"])
-        params = [p for p in self.method.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.SGD(params, lr=o["lr"], momentum=o["momentum"],
-                                         nesterov=o["nesterov"], weight_decay=o["weight_decay"])
+        self.phased = isinstance(self.method, PhasedMethod)
+        self._sgd: torch.optim.Optimizer | None = None
+        if not self.phased:
+            params = [p for p in self.method.parameters() if p.requires_grad]
+            self._sgd = torch.optim.SGD(params, lr=o["lr"], momentum=o["momentum"],
+                                        nesterov=o["nesterov"], weight_decay=o["weight_decay"])
         precision = cfg["precision"]
         from dcmkd.registry import check_choice
         check_choice("precision", precision, ("fp32", "bf16", "fp16"))
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         self.scaler = torch.amp.GradScaler(self.device.type,
                                            enabled=precision == "fp16")
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The trainer's SGD, or the current optimiser of a method that owns its optimisation."""
+        return self.method.optimizer if self.phased else self._sgd
+
+    def lr(self, epoch: float) -> float:
+        """The rate of the step at fractional ``epoch``."""
+        if self.phased:
+            return self.method.lr_at(epoch, self._run_schedule)
+        return lr_at(self.cfg, epoch)
+
+    def _run_schedule(self, epoch: float, epochs: int) -> float:
+        """The run's schedule at ``epoch`` of an ``epochs``-long phase (for phased methods)."""
+        return lr_at({**self.cfg, "epochs": epochs}, epoch)
+
+    def finished(self, epoch: int) -> bool:
+        return self.method.finished if self.phased else epoch >= self.cfg["epochs"]
 
     def autocast(self):
         if self.autocast_dtype is None:
@@ -137,7 +165,7 @@ class Trainer:
 
     def load_checkpoint(self) -> tuple[int, int, list[dict]]:
         ckpt = load_file(self.run_dir / "checkpoint.pt")
-        self.method.load_state_dict(ckpt["method"])
+        self.method.load_state_dict(ckpt["method"])  # a phased method restores its phase first
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
         torch.set_rng_state(ckpt["rng"]["cpu"])
@@ -172,10 +200,13 @@ class Trainer:
             epoch, start_batch, history = self.load_checkpoint()
             self.log(f"resuming {self.run_dir} at epoch {epoch + 1}, batch {start_batch}")
         writer = self._tensorboard()
-        for epoch in range(epoch, self.cfg["epochs"]):
+        while not self.finished(epoch):
             record = self.train_epoch(epoch, start_batch, history)
             start_batch = 0
-            record.update(self.evaluate())
+            if not self.phased or self.method.evaluate_epoch(epoch):
+                record.update(self.evaluate())
+            if self.phased:
+                record.update(self.method.end_epoch(epoch))
             history.append(record)
             with open(self.run_dir / "metrics.jsonl", "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in history)
@@ -185,6 +216,7 @@ class Trainer:
                 for k, v in record.items():
                     if isinstance(v, (int, float)):
                         writer.add_scalar(k, v, epoch + 1)
+            epoch += 1
         return self.finish(history)
 
     def train_epoch(self, epoch: int, start_batch: int, history: list[dict]) -> dict:
@@ -204,7 +236,7 @@ class Trainer:
             self.scaler.update()
 
         for i, (x, y) in enumerate(loader.epoch(epoch, start_batch), start=start_batch):
-            lr = lr_at(self.cfg, epoch + i / steps)
+            lr = self.lr(epoch + i / steps)
             for g in self.optimizer.param_groups:
                 g["lr"] = lr
             if self.cfg["channels_last"]:
@@ -220,20 +252,21 @@ class Trainer:
             seen += len(y)
             if bar is not None:
                 bar.update(1)
+                first = next((net[0] for net in acc if net), None)
                 bar.set_postfix(loss=f"{out.total().item():.3f}",
-                                acc=f"{acc[0][0] / len(y):.3f}",
+                                acc="-" if first is None else f"{first / len(y):.3f}",
                                 img_s=f"{seen / (time.perf_counter() - t0):.0f}")
             if every and (i + 1) % every == 0 and i + 1 < steps:
                 self.save_checkpoint(epoch, i + 1, history)
         if bar is not None:
             bar.close()
         seconds = time.perf_counter() - t0
-        record: dict[str, Any] = {"epoch": epoch + 1, "lr": lr_at(self.cfg, epoch),
+        record: dict[str, Any] = {"epoch": epoch + 1, "lr": self.lr(epoch),
                                   "seconds": seconds, "images_per_s": seen / max(seconds, 1e-9)}
         record.update({f"train/{k}": v / max(seen, 1) for k, v in sums.items()})
-        for n, net in enumerate(correct or []):
-            for c, name in enumerate(self.method.networks[n].classifier_names):
-                record[f"train/net{n}/{name}/acc"] = net[c] / max(seen, 1)
+        for n, net in enumerate(correct or []):  # a method may leave a network's logits out
+            for name, count in zip(self.method.networks[n].classifier_names, net):
+                record[f"train/net{n}/{name}/acc"] = count / max(seen, 1)
         return record
 
     def _checked(self, step: Callable[[torch.Tensor], None], epoch: int,
@@ -274,20 +307,25 @@ class Trainer:
         names = [f"net{n}_{m}.pt" for n, m in enumerate(self.cfg["nets"])]
         for net, name in zip(self.method.export(), names):
             atomic_save(net.state_dict(), self.run_dir / name)
+        if "test/net0/C1/top1" not in history[-1]:  # a phased method skipped the evaluation
+            history[-1].update(self.evaluate())
+            with open(self.run_dir / "metrics.jsonl", "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in history)
         last = history[-1]
+        evaluated = [r for r in history if "test/net0/C1/top1" in r]
         summary = {
             "method": self.cfg["method"], "nets": self.cfg["nets"],
-            "epochs": self.cfg["epochs"], "seed": self.cfg["seed"],
+            "epochs": len(history), "seed": self.cfg["seed"],
             "test_top1": [last[f"test/net{n}/C1/top1"] for n in range(len(self.cfg["nets"]))],
             "test_top5": [last[f"test/net{n}/C1/top5"] for n in range(len(self.cfg["nets"]))],
-            "best_top1": [min(r[f"test/net{n}/C1/top1"] for r in history)
+            "best_top1": [min(r[f"test/net{n}/C1/top1"] for r in evaluated)
                           for n in range(len(self.cfg["nets"]))],
             "exported": names,
             "seconds": sum(r["seconds"] for r in history),
         }
         try:
             from dcmkd.engine.plots import plot_test_error
-            plot_test_error(history, self.cfg["nets"], self.run_dir / "test_error.png")
+            plot_test_error(evaluated, self.cfg["nets"], self.run_dir / "test_error.png")
         except ImportError:
             self.log("matplotlib is not installed: no test_error.png")
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -295,10 +333,16 @@ class Trainer:
 
     # -- logging ----------------------------------------------------------------------------
     def _epoch_line(self, r: dict) -> str:
+        total = self.method.planned_epochs if self.phased else self.cfg["epochs"]
+        head = f"epoch {r['epoch']}/{total or '?'} lr {r['lr']:.4g} "
+        tail = f"({r['seconds']:.1f}s, {r['images_per_s']:.0f} img/s)"
+        if "test/net0/C1/top1" not in r:  # not evaluated: the method's training losses
+            losses = " ".join(f"{k[6:]} {v:.4g}" for k, v in r.items()
+                              if k.startswith("train/") and not k.endswith("/acc"))
+            return head + f"{losses} {tail}"
         errs = " ".join(f"net{n} {r[f'test/net{n}/C1/top1']:.2f}%"
                         for n in range(len(self.cfg["nets"])))
-        return (f"epoch {r['epoch']}/{self.cfg['epochs']} lr {r['lr']:.4g} "
-                f"test top-1 error {errs} ({r['seconds']:.1f}s, {r['images_per_s']:.0f} img/s)")
+        return head + f"test top-1 error {errs} {tail}"
 
     def _progress(self, steps: int, start: int, epoch: int):
         if self.cfg["quiet"]:

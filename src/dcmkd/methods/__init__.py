@@ -26,6 +26,9 @@ from torch import nn
 from dcmkd.heads import MultiExitNetwork, build_multi_exit
 from dcmkd.methods.mutual import (UPDATE_MODES, Method, MutualMethod, StepOutput,
                                   bn_stats_frozen)
+from dcmkd.methods.builders import STAGE_METHODS, build_stage_method
+from dcmkd.methods.control import PhasedMethod
+from dcmkd.methods.teacher import load_pretrained
 from dcmkd.models.base import Backbone
 from dcmkd.registry import Registry, UnknownNameError
 from dcmkd.weights import load_backbone_weights
@@ -68,7 +71,9 @@ def create_method(name: str, nets: Sequence[str | nn.Module], num_classes: int |
                   *, classifiers: str | Sequence[str] | None = None, kind: str = "default",
                   model_options: Sequence[dict[str, Any]] | dict[str, Any] | None = None,
                   teacher_weights: str | os.PathLike | None = None,
-                  **loss_options: Any) -> MutualMethod:
+                  teacher_net: int | None = None,
+                  run_config: dict[str, Any] | None = None,
+                  **loss_options: Any) -> Method:
     """Build a method from zoo names or modules.
 
     ``nets``: model names, ``Backbone`` s or ready ``MultiExitNetwork`` s (used as given).
@@ -77,7 +82,21 @@ def create_method(name: str, nets: Sequence[str | nn.Module], num_classes: int |
     ``teacher_weights``: for ``kd``, a weights file for the first network (exported model or run
     checkpoint, loaded with ``weights_only=True``). ``loss_options``: ``alpha``, ``beta``,
     ``gamma``, ``temperature``, ``divergence``, ``t2_scaling``, ``label_smoothing``, ``update``.
+
+    Stage-wise feature methods (``sskd``, ``fitnets``, ``at``, ``nst``, ``fixed_backbone``:
+    :mod:`dcmkd.methods.builders`) take the same networks (without auxiliary classifiers);
+    ``teacher_weights`` may be a file or a run folder for every method, ``teacher_net`` picks a
+    network of that run, and ``run_config`` (a resolved run config) gives the stage-wise
+    methods their ``sskd`` / ``feature`` options, ``optim`` and ``epochs``.
     """
+    if name in STAGE_METHODS:
+        networks = list(create_method("ind", nets, num_classes,
+                                      model_options=model_options).networks)
+        return build_stage_method(name, networks, teacher_weights=teacher_weights,
+                                  teacher_net=teacher_net, run_config=run_config,
+                                  **loss_options)
+    if name not in METHODS:
+        raise UnknownNameError("method", name, [*METHODS.names(), *STAGE_METHODS])
     preset = METHODS.get(name)
     for key in loss_options:
         if key not in LOSS_OPTIONS:
@@ -108,7 +127,7 @@ def create_method(name: str, nets: Sequence[str | nn.Module], num_classes: int |
     if teacher_weights is not None:
         if not preset.frozen_teacher:
             raise ValueError(f"teacher_weights is for 'kd', not '{name}'")
-        load_backbone_weights(networks[0].backbone, teacher_weights)
+        load_pretrained(networks[0].backbone, teacher_weights, teacher_net)
     if preset.frozen_teacher and "update" in loss_options:
         raise ValueError("'kd' has a single trainable network; 'update' does not apply")
     return MutualMethod(networks, preset.pattern, frozen=(0,) if preset.frozen_teacher else (),
@@ -116,4 +135,4 @@ def create_method(name: str, nets: Sequence[str | nn.Module], num_classes: int |
 
 
 __all__ = ["METHODS", "MethodPreset", "Method", "MutualMethod", "StepOutput", "create_method",
-           "bn_stats_frozen", "UPDATE_MODES"]
+           "bn_stats_frozen", "UPDATE_MODES", "STAGE_METHODS", "PhasedMethod"]

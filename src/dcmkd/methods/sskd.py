@@ -1,0 +1,367 @@
+"""Stage-by-Stage Knowledge Distillation (SSKD, sskd-paper.md) and task-head retraining.
+
+SSKD trains a student in two phases (paper Fig. 2 (b), Fig. 3, Eq. 3–6):
+
+1. **Backbone** (Eq. 3, 5, 6): the backbone is cut into K stages (:mod:`dcmkd.methods.stages`);
+   stage i of the student learns to reproduce the teacher's stage-i output,
+   ``min_{Θ_{S_i}} ψ(f_i^T, f_i^S)`` with ``ψ(a, b) = ‖a − b‖²₂`` and the identity as
+   ``σ̄`` (Eq. 3, "we choose σ̄ as identity function … and ψ as l2 distance"). Stages are
+   trained one after another; "when training a new stage of student, we fix all parameters in
+   previous stages"; the teacher is fixed; no labels are used. A 1×1 convolution maps the
+   student's channels to the teacher's when they differ and the student map is resized when the
+   resolutions differ (:class:`~dcmkd.methods.stages.StageAdapter`, training only).
+2. **Task head** (Eq. 4): the final classifier is re-initialised and trained with cross-entropy,
+   ``min_{Θ_{S_H}} φ(y, ŷ^S)``, the backbone fixed ("when training either part of
+   {Θ_{S_B}, Θ_{S_H}}, the other part is fixed").
+
+Per-stage optimisation ("Implementation"): SGD, momentum 0.9, lr 0.01, ×0.9 each time the
+feature distance stops decreasing, next stage when the lr reaches 1e-5
+(:class:`~dcmkd.methods.control.PlateauSchedule`, ``schedule="plateau"``), or the ImageNet
+schedule, a fixed number of epochs per stage with ×0.1 at given epochs (60 epochs, 18/36/54:
+``schedule="epochs"``, ``stage_epochs=60``, ``milestones=(18, 36, 54)`` or ``(0.3, 0.6, 0.9)``).
+
+Readings and choices where the paper is silent (all documented in docs/drafts/issue-6.md):
+
+- ψ is averaged over batch, channels and positions (:func:`~dcmkd.losses.features.hint_loss`),
+  not summed: the paper gives no normaliser, and the mean keeps lr 0.01 usable whatever the
+  feature size.
+- The distance watched by the plateau schedule is the mean of the per-batch distances over the
+  epoch's training batches (before each update), see :class:`PlateauSchedule`.
+- Frozen earlier stages run in evaluation mode, so their BatchNorm statistics stay fixed as their
+  parameters do and later stages learn on the features the student will produce at test time.
+- Weight decay in the stages: the run's ``optim.weight_decay`` unless ``sskd.weight_decay`` is
+  set (the paper names only SGD, momentum and lr).
+- The task head (the backbone's ``head`` module: pooling and the final linear layer, plus the
+  final BN-ReLU of pre-activation nets) is trained with the run's optimiser settings and
+  schedule over ``head_epochs``; the paper gives no head schedule. ``head="end_to_end"`` instead
+  fine-tunes the whole student with cross-entropy after phase 1 (an ablation in the spirit of
+  paper Table 1, which compares the two for KD and a plain teacher).
+- ``multi_loss=True`` is the paper's Table 2 alternative: all K stage distances summed with
+  equal weights and minimised at once over the whole backbone, one phase with the same schedule.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dcmkd.heads import MultiExitNetwork
+from dcmkd.losses.features import hint_loss
+from dcmkd.methods.control import PhasedMethod, PlateauSchedule, RunSchedule
+from dcmkd.methods.mutual import Method, StepOutput
+from dcmkd.methods.stages import StageAdapter, partition_stages
+from dcmkd.models.base import Backbone, init_weights
+from dcmkd.registry import check_choice
+
+SCHEDULE_MODES = ("plateau", "epochs")
+HEAD_MODES = ("separate", "end_to_end")
+ADAPTER_MODES = ("auto", "always")
+
+
+def reset_head(backbone: Backbone) -> None:
+    """Re-initialise the task head (weights with the zoo's own init, BN statistics reset)."""
+    for m in backbone.head.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+    init_weights(backbone.head)
+
+
+def phase_epochs(value: int | float | None, epochs: int) -> int:
+    """A phase length: None → ``epochs``; a float in (0, 1] → that fraction of ``epochs`` (at
+    least 1); an int → that many epochs (0: no such phase)."""
+    if value is None:
+        return int(epochs)
+    if isinstance(value, float) and 0 < value <= 1:
+        return max(1, round(value * epochs))
+    if value < 0 or value != int(value):
+        raise ValueError(f"a phase length is an int ≥ 0 or a fraction in (0, 1], got {value}")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class Phase:
+    kind: str     # "stage" (one stage), "stages" (multi-loss: all at once) or "head"
+    stage: int    # 0-based stage index for "stage"
+    name: str
+
+
+class SSKD(PhasedMethod):
+    """SSKD as a training system (see the module note). ``networks = [teacher, student]``; the
+    teacher is frozen; :meth:`export` gives both plain backbones, the student without adapters.
+
+    Summary ``test_top1 = [teacher, student]``: the teacher as loaded, the student after its
+    task head is trained (the run's last epoch).
+    """
+
+    def __init__(self, teacher: MultiExitNetwork, student: MultiExitNetwork, *,
+                 stages: int | Sequence[str] = 4,
+                 student_stages: Sequence[str] | None = None,
+                 schedule: str = "plateau", lr: float = 0.01, momentum: float = 0.9,
+                 weight_decay: float = 0.0, factor: float = 0.9, patience: int = 0,
+                 threshold: float = 0.0, min_lr: float = 1e-5, stage_epochs: int = 200,
+                 milestones: Sequence[float] = (0.3, 0.6, 0.9), gamma: float = 0.1,
+                 multi_loss: bool = False, head: str = "separate", head_epochs: int = 200,
+                 head_momentum: float = 0.9, head_nesterov: bool = False,
+                 head_weight_decay: float = 1e-4, adapter: str = "auto",
+                 label_smoothing: float = 0.0):
+        super().__init__()
+        check_choice("sskd schedule", schedule, SCHEDULE_MODES)
+        check_choice("sskd head mode", head, HEAD_MODES)
+        check_choice("sskd adapter", adapter, ADAPTER_MODES)
+        if stage_epochs < 1:
+            raise ValueError(f"stage_epochs must be ≥ 1, got {stage_epochs}")
+        self.networks = nn.ModuleList([teacher, student])
+        self.frozen = frozenset({0})
+        teacher.requires_grad_(False)
+        self.t_part = partition_stages(teacher.backbone, stages)
+        self.s_part = partition_stages(student.backbone,
+                                       student_stages if student_stages is not None else stages)
+        if len(self.t_part) != len(self.s_part):
+            raise ValueError(f"teacher and student have {len(self.t_part)} and "
+                             f"{len(self.s_part)} stages")
+        self.adapters = nn.ModuleList(
+            StageAdapter(s, t, always=adapter == "always")
+            for s, t in zip(self.s_part.channels, self.t_part.channels))
+        self.schedule, self.multi_loss, self.head_mode = schedule, multi_loss, head
+        self.stage_options = dict(lr=lr, momentum=momentum, weight_decay=weight_decay)
+        self.plateau_options = dict(lr=lr, factor=factor, patience=patience,
+                                    threshold=threshold, min_lr=min_lr)
+        self.stage_epochs, self.gamma = int(stage_epochs), gamma
+        self.milestones = [m * stage_epochs if m <= 1 else m for m in milestones]
+        self.head_epochs = int(head_epochs)
+        self.head_options = dict(momentum=head_momentum, nesterov=head_nesterov,
+                                 weight_decay=head_weight_decay)
+        self.label_smoothing = label_smoothing
+        k = len(self.s_part)
+        self.phases: list[Phase] = (
+            [Phase("stages", -1, "stages")] if multi_loss
+            else [Phase("stage", i, f"stage{i + 1}") for i in range(k)])
+        if self.head_epochs > 0:
+            self.phases.append(Phase("head", -1, "head"))
+        # control state (checkpointed through get_extra_state)
+        self._index, self._start, self._done_epochs = 0, 0, 0
+        self._dist_sum, self._dist_count = 0.0, 0
+        self.plateau = PlateauSchedule(**self.plateau_options)
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._enter()
+        self.train()
+
+    # -- phases ----------------------------------------------------------------------------
+    @property
+    def phase(self) -> Phase:
+        return self.phases[min(self._index, len(self.phases) - 1)]
+
+    @property
+    def finished(self) -> bool:
+        return self._index >= len(self.phases)
+
+    @property
+    def planned_epochs(self) -> int | None:
+        if self.schedule == "plateau" and self.phases[0].kind != "head":
+            return None
+        stages = sum(1 for p in self.phases if p.kind != "head")
+        return stages * self.stage_epochs + (self.head_epochs if self.phases[-1].kind == "head"
+                                             else 0)
+
+    def evaluate_epoch(self, epoch: int) -> bool:
+        """Test-set evaluation only in the task-head phase: before it the student's classifier
+        is untrained and the teacher's error is constant (the run's last epoch is always
+        evaluated by the trainer)."""
+        return self.phase.kind == "head"
+
+    @property
+    def student(self) -> MultiExitNetwork:
+        return self.networks[1]
+
+    def trainable_modules(self) -> list[nn.Module]:
+        """The modules trained in the current phase (the rest of the student is frozen)."""
+        ph, s = self.phase, self.student.backbone
+        if ph.kind == "stage":
+            return [*self.s_part.modules(ph.stage), self.adapters[ph.stage]]
+        if ph.kind == "stages":
+            return [m for i in range(len(self.s_part)) for m in self.s_part.modules(i)] + \
+                [self.adapters]
+        return [s.head] if self.head_mode == "separate" else [self.student]
+
+    def _enter(self) -> None:
+        """Trainable flags and a fresh optimiser for the current phase (also after a resume)."""
+        self.student.requires_grad_(False)
+        self.adapters.requires_grad_(False)
+        for m in self.trainable_modules():
+            m.requires_grad_(True)
+        self._optimizer = None
+        if self.training:
+            self._apply_modes()
+
+    def _begin_phase(self) -> None:
+        """State reset at the start of a phase (not on resume): schedule, distance, head init."""
+        self._done_epochs, self._dist_sum, self._dist_count = 0, 0.0, 0
+        self.plateau = PlateauSchedule(**self.plateau_options)
+        if self.phase.kind == "head":
+            reset_head(self.student.backbone)
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        if self._optimizer is None:
+            params = [p for p in self.parameters() if p.requires_grad]
+            if self.phase.kind == "head":
+                self._optimizer = torch.optim.SGD(params, lr=0.0, **self.head_options)
+            else:
+                self._optimizer = torch.optim.SGD(params, **self.stage_options)
+        return self._optimizer
+
+    def lr_at(self, epoch: float, run_schedule: RunSchedule) -> float:
+        e = epoch - self._start
+        if self.phase.kind == "head":
+            return run_schedule(e, self.head_epochs)
+        if self.schedule == "plateau":
+            return self.plateau.lr
+        whole = math.floor(e + 1e-9)
+        return self.stage_options["lr"] * self.gamma ** sum(1 for m in self.milestones
+                                                            if whole >= m)
+
+    def end_epoch(self, epoch: int) -> dict[str, Any]:
+        ph = self.phase
+        self._done_epochs += 1
+        record: dict[str, Any] = {"sskd/phase": ph.name}
+        done = False
+        if ph.kind == "head":
+            done = self._done_epochs >= self.head_epochs
+        else:
+            distance = self._dist_sum / max(self._dist_count, 1)
+            record["sskd/distance"] = distance
+            if self.schedule == "plateau":
+                self.plateau.step(distance)
+                record.update({"sskd/best": self.plateau.best,
+                               "sskd/next_lr": self.plateau.lr,
+                               "sskd/decays": self.plateau.decays})
+                done = self.plateau.done
+            done = done or self._done_epochs >= self.stage_epochs
+            self._dist_sum, self._dist_count = 0.0, 0
+        if done:
+            record["sskd/phase_done"] = ph.name
+            self._index += 1
+            self._start = epoch + 1
+            if not self.finished:
+                self._begin_phase()
+                self._enter()
+        return record
+
+    # -- checkpoint ------------------------------------------------------------------------
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"index": self._index, "start": self._start, "done_epochs": self._done_epochs,
+                "dist_sum": self._dist_sum, "dist_count": self._dist_count,
+                "plateau": self.plateau.state_dict()}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self._index, self._start = int(state["index"]), int(state["start"])
+        self._done_epochs = int(state["done_epochs"])
+        self._dist_sum, self._dist_count = float(state["dist_sum"]), int(state["dist_count"])
+        self.plateau = PlateauSchedule(**self.plateau_options)
+        self.plateau.load_state_dict(state["plateau"])
+        self._enter()
+
+    # -- modes -----------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> "SSKD":
+        super().train(mode)
+        if mode:
+            self._apply_modes()
+        return self
+
+    def _apply_modes(self) -> None:
+        """Only the modules trained in this phase are in training mode: frozen stages (and the
+        teacher) keep their BatchNorm statistics."""
+        self.student.eval()
+        self.adapters.eval()
+        for m in self.trainable_modules():
+            m.train()
+
+    # -- steps -----------------------------------------------------------------------------
+    def forward(self, images: torch.Tensor, targets: torch.Tensor) -> StepOutput:
+        ph = self.phase
+        if ph.kind == "head":
+            return self._head_step(images, targets)
+        if ph.kind == "stages":
+            with torch.no_grad():
+                t = self.t_part.run(images)
+            s = self.s_part.run(images)
+            losses = {f"net1/stage{i + 1}": hint_loss(a(si, ti.shape[-2:]), ti)
+                      for i, (a, si, ti) in enumerate(zip(self.adapters, s, t))}
+            return StepOutput(losses, [[], []])
+        i = ph.stage
+        with torch.no_grad():
+            t = self.t_part.run(images, stop=i + 1)[-1]
+            x = images
+            for j in range(i):
+                x = self.s_part.run_stage(j, x)
+        s = self.s_part.run_stage(i, x)
+        loss = hint_loss(self.adapters[i](s, t.shape[-2:]), t)   # Eq. 6, ψ = squared l2
+        return StepOutput({f"net1/stage{i + 1}": loss}, [[], []])
+
+    def _head_step(self, images: torch.Tensor, targets: torch.Tensor) -> StepOutput:
+        backbone = self.student.backbone
+        if self.head_mode == "separate":
+            with torch.no_grad():
+                feats = backbone.forward_features(images)
+            logits = backbone.forward_head(feats)
+        else:
+            logits = backbone(images)
+        ce = F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing)
+        return StepOutput({"net1/ce": ce}, [[], [logits]])   # Eq. 4
+
+    def training_step(self, images: torch.Tensor, targets: torch.Tensor,
+                      step) -> StepOutput:
+        out = self(images, targets)
+        total = out.total()
+        step(total, out.losses)
+        if self.phase.kind != "head":
+            self._dist_sum += float(total.detach()) * len(images)
+            self._dist_count += len(images)
+        return out
+
+
+class FixedBackbone(Method):
+    """Re-initialise a trained network's final classifier and train it alone with cross-entropy,
+    the backbone frozen (parameters and BN statistics): sskd-paper.md Table 1, "randomly
+    re-initialize the weights of the final fully-connected layer, and finally fix the backbone
+    and only train the fully-connected layer with cross-entropy loss" (Eq. 4).
+
+    The network's weights come from ``teacher_weights`` (a file or a run folder; ``sskd.source_net``
+    picks the network of that run, e.g. 1 for the student of a ``kd`` run). Trained with the
+    run's optimiser and schedule (the paper gives none for this step).
+    """
+
+    def __init__(self, network: MultiExitNetwork, label_smoothing: float = 0.0):
+        super().__init__()
+        if network.num_classifiers != 1:
+            raise ValueError("fixed_backbone trains the backbone's own classifier only")
+        self.networks = nn.ModuleList([network])
+        self.frozen = frozenset()
+        self.label_smoothing = label_smoothing
+        reset_head(network.backbone)
+        network.requires_grad_(False)
+        network.backbone.head.requires_grad_(True)
+        self.train()
+
+    def train(self, mode: bool = True) -> "FixedBackbone":
+        super().train(mode)
+        if mode:
+            self.networks[0].eval()
+            self.networks[0].backbone.head.train()
+        return self
+
+    def forward(self, images: torch.Tensor, targets: torch.Tensor) -> StepOutput:
+        backbone = self.networks[0].backbone
+        with torch.no_grad():
+            feats = backbone.forward_features(images)
+        logits = backbone.forward_head(feats)
+        ce = F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing)
+        return StepOutput({"net0/ce": ce}, [[logits]])
+
+
+__all__ = ["SSKD", "FixedBackbone", "Phase", "reset_head", "phase_epochs", "SCHEDULE_MODES",
+           "HEAD_MODES", "ADAPTER_MODES"]
