@@ -1,7 +1,10 @@
 """dcmkd: Dense Cross-layer Mutual-distillation, Stage-by-Stage KD and their baselines."""
 __version__ = "0.1.0"
 
-from dcmkd.heads import MultiExitNetwork, build_multi_exit  # noqa: E402
+from dcmkd.heads import (MultiExitNetwork, WrappedNetwork, build_multi_exit,  # noqa: E402
+                         wrap_model)
+from dcmkd.losses import dcm_loss, dml_loss  # noqa: E402
 from dcmkd.models import create_model, list_models  # noqa: E402
 
-__all__ = ["__version__", "create_model", "list_models", "build_multi_exit", "MultiExitNetwork"]
+__all__ = ["__version__", "create_model", "list_models", "build_multi_exit", "MultiExitNetwork",
+           "wrap_model", "WrappedNetwork", "dcm_loss", "dml_loss"]

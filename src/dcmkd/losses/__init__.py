@@ -9,6 +9,7 @@ from dcmkd.losses.features import (
     nst_loss,
     nst_loss_multi,
 )
+from dcmkd.losses.functional import dcm_loss, dml_loss
 from dcmkd.losses.mutual import LINK_PATTERNS, LinkMatrix, MutualLoss, mutual_distillation_loss
 from dcmkd.losses.soft_targets import hinton_kd_loss, kl_divergence, soft_cross_entropy
 
@@ -17,6 +18,8 @@ __all__ = [
     "LinkMatrix",
     "MutualLoss",
     "mutual_distillation_loss",
+    "dcm_loss",
+    "dml_loss",
     "soft_cross_entropy",
     "kl_divergence",
     "hinton_kd_loss",

@@ -24,6 +24,7 @@ from typing import Any, Sequence
 from torch import nn
 
 from dcmkd.heads import MultiExitNetwork, build_multi_exit
+from dcmkd.heads.wrap import wrap_model
 from dcmkd.methods.mutual import (UPDATE_MODES, Method, MutualMethod, StepOutput,
                                   bn_stats_frozen)
 from dcmkd.methods.builders import STAGE_METHODS, build_stage_method
@@ -76,7 +77,9 @@ def create_method(name: str, nets: Sequence[str | nn.Module], num_classes: int |
                   **loss_options: Any) -> Method:
     """Build a method from zoo names or modules.
 
-    ``nets``: model names, ``Backbone`` s or ready ``MultiExitNetwork`` s (used as given).
+    ``nets``: model names, ``Backbone`` s, ready ``MultiExitNetwork`` s (used as given, e.g.
+    from :func:`~dcmkd.heads.wrap.wrap_model`) or any other classifier ``nn.Module`` (wrapped
+    with ``wrap_model``; its ``model_options`` are ``wrap_model``'s, e.g. ``sample_input``).
     ``classifiers`` / ``kind``: the auxiliary classifiers of methods that have them (paper Tables
     3 and 4). ``model_options``: one dict for all networks or one per network (e.g. dropout).
     ``teacher_weights``: for ``kd``, a weights file for the first network (exported model or run
@@ -120,8 +123,11 @@ def create_method(name: str, nets: Sequence[str | nn.Module], num_classes: int |
                                    kind=kind, **opts)
         elif isinstance(net, Backbone):
             net = build_multi_exit(net, classifiers=classifiers if aux else "C1", kind=kind)
+        elif isinstance(net, nn.Module):  # the user's own classifier (options: of wrap_model)
+            net = wrap_model(net, num_classes, classifiers=classifiers if aux else "C1",
+                             kind=kind, **opts)
         else:
-            raise TypeError(f"network {i}: expected a model name, Backbone or MultiExitNetwork, "
+            raise TypeError(f"network {i}: expected a model name or an nn.Module, "
                             f"got {type(net).__name__}")
         networks.append(net)
     if teacher_weights is not None:
