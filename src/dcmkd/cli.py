@@ -1,4 +1,4 @@
-"""The ``dcmkd`` command line: models, describe, train, eval, export, demo.
+"""The ``dcmkd`` command line: models, describe, train, eval, export, reproduce, report, demo.
 
 Every sub-command turns its arguments into library calls; errors a user can cause (an unknown
 model, kind or classifier, a bad option) exit with status 2 and a one-line message that lists the
@@ -158,6 +158,39 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from dcmkd.recipes import list_experiments, load_experiment, reproduce
+
+    if args.list or args.experiment is None:
+        for name in list_experiments():
+            exp = load_experiment(name)
+            print(f"{name:14s} {len(exp.rows):2d} rows, {len(exp.cells):2d} runs/seed  {exp.title}")
+        return 0
+    exp = load_experiment(args.experiment)
+    overrides: list = list(args.overrides)
+    if args.data_dir:
+        overrides.append({"data": {"root": args.data_dir}})
+    if args.device:
+        overrides.append({"device": args.device})
+    overrides.append({"quiet": not args.progress})
+    rows = [r for spec in args.rows or [] for r in spec.split(",") if r] or None
+    paths = reproduce(exp, rows=rows, seeds=args.seeds, scale=args.scale, out=args.out,
+                      overrides=overrides, standins=args.standins, dry_run=args.dry_run)
+    if paths:
+        print(paths["table_md"].read_text())
+        print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from dcmkd.report import report_runs
+
+    paths = report_runs(args.runs, args.out)
+    print(paths["table_md"].read_text())
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from dcmkd import __version__
 
@@ -212,6 +245,34 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--to", help="folder (default: the run folder)")
     x.set_defaults(func=cmd_export)
 
+    r = sub.add_parser("reproduce", help="run a paper table (missing runs only) and write it",
+                       description="Train the runs of a paper table that are missing (finished "
+                       "runs are reused, interrupted ones resume), then write table.md, table.csv "
+                       "and test-error curves: mean(std) over seeds beside the paper's numbers. "
+                       "Without EXPERIMENT, list the experiments. Trailing key=value pairs "
+                       "override every run's config.")
+    r.add_argument("experiment", nargs="?", help="e.g. dcm-table1, or a YAML file of that schema")
+    r.add_argument("overrides", nargs="*", help="dotted overrides key=value for every run")
+    r.add_argument("--list", action="store_true", help="list the bundled experiments")
+    r.add_argument("--rows", action="append", help="row names, comma-separated (default: all)")
+    r.add_argument("--seeds", type=int, help="seeds 0..N-1 (default: the paper's run count; "
+                   "1 for smoke)")
+    r.add_argument("--scale", default="full", choices=("full", "quick", "smoke"),
+                   help="full: the paper's protocol; quick: the reduced one; smoke: 2 steps")
+    r.add_argument("--standins", action="store_true",
+                   help="smoke only: swap backbones over ~5M parameters for small ones")
+    r.add_argument("--out", default="runs/reproduce", help="root folder of the runs and tables")
+    r.add_argument("--data-dir", help="dataset folder for every run")
+    r.add_argument("--device", help="auto, cpu, cuda, cuda:N, mps")
+    r.add_argument("--progress", action="store_true", help="progress bars and epoch lines")
+    r.add_argument("--dry-run", action="store_true", help="list the runs, train nothing")
+    r.set_defaults(func=cmd_reproduce)
+
+    rep = sub.add_parser("report", help="the results table and curves of any run folders")
+    rep.add_argument("runs", nargs="+", help="run folders (seeds of a config are grouped)")
+    rep.add_argument("--out", default="runs/report", help="folder for table.md/csv and curves")
+    rep.set_defaults(func=cmd_report)
+
     demo = sub.add_parser("demo", help="ind vs DML vs DCM on the bundled digits (CPU minutes)")
     demo.add_argument("--nets", default="resnet20,resnet20")
     demo.add_argument("--epochs", type=int, default=12)
@@ -227,7 +288,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # `dcmkd train -q optim.lr=0.1`: overrides may follow flags
-        if args.command != "train" or not all("=" in e and not e.startswith("-") for e in extra):
+        if args.command not in ("train", "reproduce") or \
+                not all("=" in e and not e.startswith("-") for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     try:

@@ -189,8 +189,9 @@ def build_data(cfg: DataConfig | dict[str, Any], device: torch.device | str = "c
     if cfg.name == "synthetic":
         # uniform 0..255 pixels: mean 0.5, std 1/sqrt(12) on the 0..1 scale
         size, classes = cfg.image_size or 32, [str(i) for i in range(10)]
-        train = synthetic_split(cfg.train_subset or 512, size, 10, SUBSET_SEED)
-        test = synthetic_split(128, size, 10, SUBSET_SEED + 1)
+        n = cfg.train_subset or 512
+        train = synthetic_split(n, size, 10, SUBSET_SEED)
+        test = synthetic_split(min(128, n), size, 10, SUBSET_SEED + 1)  # no more than train
         return _in_memory(cfg, device, seed, train, test, classes,
                           aug.pad_crop_flip(max(1, size // 8)), (0.5,) * 3, (0.289,) * 3,
                           subset=False, **dist)

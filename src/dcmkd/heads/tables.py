@@ -81,12 +81,15 @@ def derived_branches(backbone: Backbone) -> dict[str, BranchSpec]:
     """Branches for a backbone without a published table (a reading of this library).
 
     The down-sampling stages are those whose spec has stride 2. Ck (k = 2, 3, 4) taps the stage
-    just before the (k-1)-th last down-sampling stage. C2 copies the last stage with its block
+    just before the (k-1)-th last down-sampling stage; when the first stage keeps the stem's
+    resolution, the stem is the earliest tap (as WRN-28-10's C4 taps conv1). C2 copies the last stage with its block
     count at twice its width; C3 and C4 copy every later stage with half its blocks (at least
     one) at the same width. This is exactly the ResNet-110 and ResNet-164 tables.
     """
     names = backbone.stage_names
     down = [i for i, n in enumerate(names) if i > 0 and backbone.stage_specs[n].stride > 1]
+    if len(names) > 1 and 1 not in down:  # the first stage keeps the stem's resolution:
+        down.insert(0, 1)                 # the stem is one more tap (WRN-28-10's C4, Table 3)
     out: dict[str, BranchSpec] = {}
     for k, first in enumerate(reversed(down)):
         cname = CLASSIFIER_NAMES[k + 1] if k + 1 < len(CLASSIFIER_NAMES) else None

@@ -1,0 +1,44 @@
+"""The papers' experiments as data: one YAML file per table (see :mod:`.experiment` for the schema).
+
+``load_experiment("dcm-table1")`` reads a bundled table; a path to a YAML file of the same schema
+works too, so a user's own study runs through ``dcmkd reproduce`` like the papers' tables.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from dcmkd.recipes.experiment import Cell, Experiment, PaperValue
+from dcmkd.recipes.runner import PlannedRun, cell_config, plan, reproduce
+from dcmkd.recipes.scales import SCALES, SMOKE_STANDINS, shorten
+from dcmkd.registry import UnknownNameError
+
+RECIPE_DIR = Path(__file__).parent
+
+
+def list_experiments() -> list[str]:
+    """Names of the bundled experiments, in file order (``dcm_table1.yaml`` → ``dcm-table1``)."""
+    return [p.stem.replace("_", "-") for p in sorted(RECIPE_DIR.glob("*.yaml"))]
+
+
+def load_experiment(name_or_path: str | Path) -> Experiment:
+    path = Path(name_or_path)
+    if not (path.suffix in (".yaml", ".yml") and path.is_file()):
+        names = list_experiments()
+        if str(name_or_path) not in names:
+            raise UnknownNameError("experiment", str(name_or_path), names)
+        path = RECIPE_DIR / f"{str(name_or_path).replace('-', '_')}.yaml"
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML: {e}") from None
+    exp = Experiment.from_dict(data, where=path.name)
+    if path.parent == RECIPE_DIR and exp.name != path.stem.replace("_", "-"):
+        raise ValueError(f"{path.name}: name '{exp.name}' should be "
+                         f"'{path.stem.replace('_', '-')}'")
+    return exp
+
+
+__all__ = ["Cell", "Experiment", "PaperValue", "PlannedRun", "SCALES", "SMOKE_STANDINS",
+           "cell_config", "list_experiments", "load_experiment", "plan", "reproduce", "shorten"]

@@ -1,0 +1,131 @@
+"""Run the missing runs of an experiment, then write its table: ``dcmkd reproduce``.
+
+Runs live in ``OUT/<experiment>/<scale>/<row>/<column>/s<seed>``. Each is an ordinary run folder
+(:mod:`dcmkd.engine.trainer`): a finished run is reused, an interrupted one resumes, so calling
+:func:`reproduce` again after a crash or with more seeds only trains what is missing. A cell whose
+``teacher_weights`` is ``"@ROW/COLUMN"`` gets the first exported network of that cell's run of
+the same seed, which is trained first.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from dcmkd.engine.config import merge, parse_override, resolve
+from dcmkd.recipes.experiment import Cell, Experiment, _deep_merge, teacher_reference
+from dcmkd.recipes.scales import SCALES, quick_overrides, shorten, smoke_overrides
+from dcmkd.registry import check_choice
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    cell: Cell
+    seed: int
+    run_dir: Path
+    config: dict[str, Any]
+
+    @property
+    def done(self) -> bool:
+        return (self.run_dir / "summary.json").is_file()
+
+
+def slug(text: str) -> str:
+    """A folder name for a row or column label (``"WRN-28-10 + ResNet-110"`` → ``wrn-28-10_resnet-110``)."""
+    s = text.lower().replace("×", "x").replace("→", "to").replace("+", "_")
+    s = re.sub(r"[^a-z0-9._-]+", "_", s)
+    return re.sub(r"_+", "_", s).strip("_") or "run"
+
+
+def _as_dict(overrides: Sequence[str | dict]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for o in overrides:
+        out = _deep_merge(out, parse_override(o) if isinstance(o, str) else o)
+    return out
+
+
+def cell_config(exp: Experiment, cell: Cell, seed: int, scale: str = "full",
+                overrides: Sequence[str | dict] = (), *, run_dir: Path | None = None,
+                standins: bool = False) -> dict[str, Any]:
+    """The resolved run config of ``cell`` at ``scale`` for ``seed``.
+
+    Layers, later winning: the paper recipe of the cell's backbones, the experiment's ``base``,
+    the row's and cell's ``config``, the scale, the user's ``overrides``, then seed and folder.
+    A change of ``epochs`` (by the scale or the user) shortens the schedule with it."""
+    check_choice("scale", scale, SCALES)
+    user = _as_dict(overrides)
+    full = resolve(_deep_merge(exp.base, cell.config))
+    if scale == "quick":
+        layer = quick_overrides(exp.scales, full["epochs"])
+    elif scale == "smoke":
+        layer = smoke_overrides(full["nets"], standins)
+    else:
+        layer = dict(exp.scales.get("full") or {})
+    layer = _deep_merge(layer, user)
+    epochs = layer.pop("epochs", full["epochs"])
+    cfg = merge(shorten(full, int(epochs)), layer)
+    cfg["seed"] = seed
+    cfg["out"] = str(run_dir) if run_dir is not None else None
+    return cfg
+
+
+def plan(exp: Experiment, *, rows: list[str] | None = None, seeds: int | Sequence[int] = 1,
+         scale: str = "full", out: str | Path = "runs/reproduce",
+         overrides: Sequence[str | dict] = (), standins: bool = False) -> list[PlannedRun]:
+    """Every run the chosen rows need (their teachers first), in the order they will be run."""
+    seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+    base_dir = Path(out) / exp.name / scale
+    runs: list[PlannedRun] = []
+    seen: set[tuple[str, int]] = set()
+
+    def add(cell: Cell, seed: int, chain: tuple[str, ...] = ()) -> PlannedRun:
+        if cell.key in chain:
+            raise ValueError(f"{exp.name}: circular teacher reference {' → '.join(chain)}")
+        run_dir = base_dir / slug(cell.row) / slug(cell.column) / f"s{seed}"
+        extra: list[dict] = []
+        ref = teacher_reference(cell.config)
+        if ref is not None:
+            teacher = add(exp.cell(ref), seed, (*chain, cell.key))
+            model = teacher.config["nets"][0]
+            extra.append({"teacher_weights": str(teacher.run_dir / f"net0_{model}.pt")})
+        cfg = cell_config(exp, cell, seed, scale, [*overrides, *extra], run_dir=run_dir,
+                          standins=standins)
+        run = PlannedRun(cell, seed, run_dir, cfg)
+        if (cell.key, seed) not in seen:
+            seen.add((cell.key, seed))
+            runs.append(run)
+        return run
+
+    for seed in seed_list:
+        for cell in exp.select_rows(rows):
+            add(cell, seed)
+    return runs
+
+
+def reproduce(exp: Experiment, *, rows: list[str] | None = None, seeds: int | None = None,
+              scale: str = "full", out: str | Path = "runs/reproduce",
+              overrides: Sequence[str | dict] = (), standins: bool = False, dry_run: bool = False,
+              log: Callable[[str], None] = print) -> dict[str, Path]:
+    """Train the missing runs, then write ``table.md``, ``table.csv`` and the curves.
+
+    ``seeds``: how many (seeds 0..N-1); default the paper's number of runs, 1 for ``smoke``.
+    Returns the paths written (``table_md``, ``table_csv``, ``curves``)."""
+    from dcmkd.engine.trainer import Trainer
+    from dcmkd.report import write_experiment_report
+
+    if seeds is None:
+        seeds = 1 if scale == "smoke" else exp.seeds
+    runs = plan(exp, rows=rows, seeds=seeds, scale=scale, out=out, overrides=overrides,
+                standins=standins)
+    todo = [r for r in runs if not r.done]
+    log(f"{exp.name} ({scale}): {len(runs)} runs, {len(runs) - len(todo)} finished, "
+        f"{len(todo)} to train")
+    for i, r in enumerate(todo, 1):
+        log(f"[{i}/{len(todo)}] {r.cell.key} seed {r.seed}: {r.config['method']} "
+            f"{'+'.join(r.config['nets'])}, {r.config['epochs']} epochs → {r.run_dir}")
+        if not dry_run:
+            Trainer(r.config, r.run_dir, log=log).fit()
+    if dry_run:
+        return {}
+    return write_experiment_report(exp, runs, Path(out) / exp.name / scale, scale=scale)

@@ -1,0 +1,90 @@
+"""Results of finished runs, aggregated per table cell: mean(std) over seeds beside the paper.
+
+The reported number is the **last-epoch** test error of the network's own classifier (C1), as in
+both papers (not the best epoch; ``summary.json`` keeps ``best_top1`` too, but tables never use
+it). The std is the sample standard deviation over seeds (ddof = 1; the papers do not say which).
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dcmkd.recipes.experiment import PaperValue
+
+
+@dataclass
+class RunResult:
+    """One finished (or partial) run folder."""
+
+    run_dir: Path
+    summary: dict[str, Any] | None
+    history: list[dict[str, Any]]
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> "RunResult":
+        run_dir = Path(run_dir)
+        s = run_dir / "summary.json"
+        m = run_dir / "metrics.jsonl"
+        summary = json.loads(s.read_text()) if s.is_file() else None
+        history = [json.loads(line) for line in m.read_text().splitlines() if line.strip()] \
+            if m.is_file() else []
+        return cls(run_dir, summary, history)
+
+    @property
+    def finished(self) -> bool:
+        return self.summary is not None
+
+    def final(self, net: int, metric: str = "top1") -> float | None:
+        if self.summary is None:
+            return None
+        values = self.summary.get(f"test_{metric}") or []
+        return float(values[net]) if net < len(values) else None
+
+    def curve(self, net: int, metric: str = "top1") -> list[float]:
+        key = f"test/net{net}/C1/{metric}"
+        return [r[key] for r in self.history if key in r]
+
+
+@dataclass
+class CellStats:
+    """One (row, column, network) entry of a table."""
+
+    row: str
+    column: str
+    network: str
+    model: str
+    paper: PaperValue
+    top1: list[float] = field(default_factory=list)
+    top5: list[float] = field(default_factory=list)
+    curves: list[list[float]] = field(default_factory=list)
+    planned: int = 0
+
+    @property
+    def runs(self) -> int:
+        return len(self.top1)
+
+    @property
+    def mean(self) -> float | None:
+        return statistics.fmean(self.top1) if self.top1 else None
+
+    @property
+    def std(self) -> float | None:
+        return statistics.stdev(self.top1) if len(self.top1) > 1 else None
+
+    @property
+    def mean_top5(self) -> float | None:
+        return statistics.fmean(self.top5) if self.top5 else None
+
+    @property
+    def diff(self) -> float | None:
+        if self.mean is None or self.paper.top1 is None:
+            return None
+        return self.mean - self.paper.top1
+
+
+def fmt(x: float | None, digits: int = 2) -> str:
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"

@@ -1,0 +1,138 @@
+"""Tables in the paper's layout (Markdown) and in long form (CSV)."""
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from dcmkd.recipes.experiment import Experiment
+from dcmkd.report.results import CellStats, RunResult, fmt
+
+
+def collect(exp: Experiment, runs: Iterable) -> list[CellStats]:
+    """Statistics of every visible (row, column, network) of ``exp`` from planned runs
+    (objects with ``cell``, ``seed``, ``run_dir`` and ``config``), in table order."""
+    stats: dict[tuple[str, str, int], CellStats] = {}
+    for cell in exp.cells:
+        if cell.hidden:
+            continue
+        for i, label in enumerate(exp.networks):
+            stats[(cell.row, cell.column, i)] = CellStats(cell.row, cell.column, label, "",
+                                                          cell.paper[i])
+    for run in runs:
+        if run.cell.hidden:
+            continue
+        result = RunResult.load(run.run_dir)
+        for i in range(len(exp.networks)):
+            s = stats[(run.cell.row, run.cell.column, i)]
+            j = run.cell.net[i]
+            nets = run.config["nets"]
+            s.model = nets[j] if j < len(nets) else "?"
+            s.planned += 1
+            value = result.final(j)
+            if value is None:
+                continue
+            s.top1.append(value)
+            top5 = result.final(j, "top5")
+            if top5 is not None:
+                s.top5.append(top5)
+            s.curves.append(result.curve(j))
+    return list(stats.values())
+
+
+def _entry(s: CellStats, with_top5: bool) -> str:
+    """``ours · paper · Δ``: ours is mean(std) over seeds (``[k/n runs]`` while incomplete)."""
+    if s.runs == 0:
+        ours = "—"
+    else:
+        ours = fmt(s.mean) + (f"({fmt(s.std)})" if s.std is not None else "")
+        if with_top5 and s.mean_top5 is not None:
+            ours += f"/{fmt(s.mean_top5)}"
+        if s.runs < s.planned:
+            ours += f" [{s.runs}/{s.planned} runs]"
+    if s.paper.top1 is None:
+        return ours
+    paper = fmt(s.paper.top1) + (f"({fmt(s.paper.std)})" if s.paper.std is not None else "")
+    if with_top5 and s.paper.top5 is not None:
+        paper += f"/{fmt(s.paper.top5)}"
+    diff = f" · {s.diff:+.2f}" if s.diff is not None else ""
+    return f"{ours} · {paper}{diff}"
+
+
+def markdown(exp: Experiment, stats: Sequence[CellStats], *, scale: str = "full",
+             seeds: int | None = None) -> str:
+    """The paper's layout: a line per row, a column per (method column, network)."""
+    with_top5 = any(s.paper.top5 is not None for s in stats)
+    has_paper = any(s.paper.top1 is not None for s in stats)
+    columns = [c for c in exp.columns if any(s.column == c for s in stats)]
+    heads = [f"{c} {n}" if len(exp.networks) > 1 else c for c in columns for n in exp.networks]
+    by_key = {(s.row, s.column, s.network): s for s in stats}
+    metric = "top-1" + ("/top-5" if with_top5 else "")
+    lines = [f"# {exp.title}", "",
+             f"Source: {exp.source}. Scale: **{scale}**"
+             + (f", {seeds} seed(s)" if seeds else "")
+             + f". Entries: test {metric} error (%) of each network's own classifier at the "
+             "last epoch, mean(std) over seeds"
+             + (" · the paper's number · the difference (ours − paper)." if has_paper else "."),
+             "", "| " + " | ".join(["", "networks run", *heads]) + " |",
+             "|" + "---|" * (len(heads) + 2)]
+    for row in exp.rows:
+        row_stats = [s for s in stats if s.row == row]
+        if not row_stats:
+            continue
+        models = " + ".join(next((s.model for s in row_stats if s.network == n and s.model), "?")
+                            for n in exp.networks)
+        entries = [(_entry(by_key[(row, c, n)], with_top5) if (row, c, n) in by_key else "")
+                   for c in columns for n in exp.networks]
+        lines.append("| " + " | ".join([row, models, *entries]) + " |")
+    if exp.notes:
+        lines += ["", exp.notes.strip()]
+    return "\n".join(lines) + "\n"
+
+
+CSV_FIELDS = ("experiment", "scale", "row", "column", "network", "model", "runs", "planned",
+              "mean_top1", "std_top1", "mean_top5", "paper_top1", "paper_std", "paper_top5",
+              "diff_top1", "values_top1")
+
+
+def to_csv(exp: Experiment, stats: Sequence[CellStats], scale: str = "full") -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(CSV_FIELDS)
+    for s in stats:
+        w.writerow([exp.name, scale, s.row, s.column, s.network, s.model, s.runs, s.planned,
+                    _num(s.mean), _num(s.std), _num(s.mean_top5), _num(s.paper.top1),
+                    _num(s.paper.std), _num(s.paper.top5), _num(s.diff),
+                    " ".join(f"{v:.4f}" for v in s.top1)])
+    return buf.getvalue()
+
+
+def _num(x: float | None) -> str:
+    return "" if x is None else f"{x:.4f}"
+
+
+def write_experiment_report(exp: Experiment, runs: Sequence, folder: str | Path, *,
+                            scale: str = "full") -> dict[str, Path]:
+    """``table.md``, ``table.csv`` and ``curves/<row>.png`` in ``folder``."""
+    from dcmkd.recipes.runner import slug
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    stats = collect(exp, runs)
+    seeds = len({r.seed for r in runs}) or None
+    paths = {"table_md": folder / "table.md", "table_csv": folder / "table.csv"}
+    paths["table_md"].write_text(markdown(exp, stats, scale=scale, seeds=seeds))
+    paths["table_csv"].write_text(to_csv(exp, stats, scale))
+    try:
+        from dcmkd.report.curves import plot_row_curves
+    except ImportError:  # matplotlib is an optional dependency
+        return paths
+    curves = folder / "curves"
+    for row in exp.rows:
+        row_stats = [s for s in stats if s.row == row and s.curves]
+        if row_stats:
+            path = curves / f"{slug(row)}.png"
+            plot_row_curves(row_stats, exp.networks, f"{exp.name}: {row} ({scale})", path)
+            paths[f"curves/{row}"] = path
+    return paths

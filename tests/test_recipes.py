@@ -1,0 +1,134 @@
+"""The papers' experiments as data: loading, paper numbers, config layering, scales, teachers."""
+from __future__ import annotations
+
+import pytest
+
+from dcmkd.recipes import (Experiment, PaperValue, cell_config, list_experiments,
+                           load_experiment, plan, shorten)
+from dcmkd.engine.config import resolve
+from dcmkd.registry import UnknownNameError
+
+#: SPEC.md §5 (DCM paper Table 1), copied by hand: pair → (Ind, DML, DCM) × (Net1, Net2)
+SPEC_TABLE1 = {
+    "ResNet-164 ×2": ((22.56, 22.56), (20.69, 20.72), (19.57, 19.59)),
+    "WRN-28-10 ×2": ((18.72, 18.72), (17.89, 17.95), (16.61, 16.65)),
+    "DenseNet-40-12 ×2": ((24.91, 24.91), (23.18, 23.15), (22.35, 22.41)),
+    "WRN-28-10 + ResNet-110": ((18.72, 26.55), (17.99, 24.42), (17.82, 22.99)),
+    "WRN-28-10 + WRN-28-4": ((18.72, 21.39), (17.80, 20.21), (16.84, 18.76)),
+    "WRN-28-10 + MobileNet": ((18.72, 26.30), (17.24, 23.91), (16.83, 21.43)),
+    "WRN-28-10(+) ×2": ((18.64, 18.64), (17.62, 17.61), (16.57, 16.59)),
+}
+
+
+def test_every_bundled_experiment_loads():
+    names = list_experiments()
+    assert {"dcm-table1", "dcm-table2", "dcm-table3", "dcm-table4", "dcm-table5", "dcm-table6",
+            "dcm-table7", "dcm-kd", "quick-cifar10"} <= set(names)
+    for name in names:
+        exp = load_experiment(name)
+        assert exp.name == name and exp.rows and exp.cells
+
+
+def test_table1_numbers_are_spec_section5():
+    exp = load_experiment("dcm-table1")
+    assert exp.rows == tuple(SPEC_TABLE1)
+    for row, values in SPEC_TABLE1.items():
+        for column, expected in zip(("Ind", "DML", "DCM"), values):
+            cell = exp.cell(f"{row}/{column}")
+            assert tuple(p.top1 for p in cell.paper) == expected, (row, column)
+
+
+@pytest.mark.parametrize("name,row,column,expected", [
+    ("dcm-table2", "ResNet-50 + ResNet-18", "DCM", ((24.92, 7.42), (27.93, 9.19))),
+    ("dcm-table3", "C1+C2C3C4", "Error", ((16.59, None), (16.73, None))),
+    ("dcm-table5", "DCM-2", "Error", ((22.43, None), (22.51, None))),
+    ("dcm-table7", "0.8", "DCM", ((31.26, None),)),
+])
+def test_other_tables_hold_the_papers_numbers(name, row, column, expected):
+    cell = load_experiment(name).cell(f"{row}/{column}")
+    assert tuple((p.top1, p.top5) for p in cell.paper) == expected
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("22.56(0.20)", PaperValue(22.56, 0.20)),
+    ("31.08/11.17", PaperValue(31.08, None, 11.17)),
+    ("acc:69.1", PaperValue(30.9)),
+    ("acc:69.1/89.0", PaperValue(30.9, None, 11.0)),
+    ("-", PaperValue()),
+    (26.66, PaperValue(26.66)),
+])
+def test_paper_value_notation(text, expected):
+    assert PaperValue.parse(text) == expected
+
+
+def test_bad_paper_value_and_bad_keys_are_named():
+    with pytest.raises(ValueError, match="22.56"):
+        PaperValue.parse("about 22")
+    base = {"name": "x", "title": "t", "columns": ["A"], "rows": [
+        {"name": "r", "cells": {"A": {"config": {"method": "ind"}}}}]}
+    Experiment.from_dict(base)
+    with pytest.raises(UnknownNameError, match="colums"):
+        Experiment.from_dict({**base, "colums": ["A"]})
+    with pytest.raises(UnknownNameError, match="'B'"):
+        Experiment.from_dict({**base, "rows": [{"name": "r", "cells": {"B": {}}}]})
+    with pytest.raises(UnknownNameError, match="teacher"):
+        Experiment.from_dict({**base, "rows": [{"name": "r", "cells": {
+            "A": {"config": {"teacher_weights": "@r/Nope"}}}}]})
+    with pytest.raises(UnknownNameError, match="dcm-table1"):
+        load_experiment("dcm-tabel1")
+
+
+def test_shorten_keeps_the_schedule_shape():
+    resnet = shorten(resolve("cifar_resnet"), 20)
+    assert resnet["epochs"] == 20 and resnet["schedule"]["step_size"] == 6
+    wrn = shorten(resolve("cifar_wrn"), 20)
+    assert wrn["schedule"]["milestones"] == [6, 12, 16]
+    dense = shorten(resolve("cifar_densenet"), 30)
+    assert dense["schedule"]["milestones"] == [0.5, 0.75]        # fractions stay
+    assert shorten(resolve("cifar_resnet"), 15)["schedule"]["step_size"] == 5  # 4.5 rounds up
+
+
+def test_cell_config_layers_recipe_row_cell_scale_and_user():
+    t1 = load_experiment("dcm-table1")
+    plus = cell_config(t1, t1.cell("WRN-28-10(+) ×2/DCM"), seed=3)
+    assert plus["recipe"] == "cifar_wrn" and plus["model_options"] == {"dropout": 0.3}
+    assert plus["method"] == "dcm" and plus["seed"] == 3 and plus["data"]["name"] == "cifar100"
+    mixed = cell_config(t1, t1.cell("WRN-28-10 + ResNet-110/Ind"), seed=0)
+    assert mixed["recipe"] == "cifar_wrn" and mixed["data"]["batch_size"] == 128
+    dense = cell_config(t1, t1.cell("DenseNet-40-12 ×2/DML"), seed=0)
+    assert dense["optim"]["nesterov"] and dense["epochs"] == 300
+    quick = cell_config(t1, t1.cell("DenseNet-40-12 ×2/DML"), 0, "quick", ["optim.lr=0.05"])
+    assert quick["epochs"] == 30 and quick["optim"]["lr"] == 0.05
+    t7 = load_experiment("dcm-table7")
+    noisy = cell_config(t7, t7.cell("0.5/DCM"), 0)
+    assert noisy["data"] == {**noisy["data"], "name": "cifar10", "label_noise": 0.5}
+    t3 = load_experiment("dcm-table3")
+    assert cell_config(t3, t3.cell("C1+C4/Error"), 0)["classifiers"] == "C1+C4"
+    user = cell_config(t1, t1.cell("ResNet-164 ×2/DCM"), 0, "quick", ["epochs=4"])
+    assert user["epochs"] == 4 and user["schedule"]["step_size"] == 1
+
+
+def test_quick_protocol_of_the_published_result():
+    exp = load_experiment("quick-cifar10")
+    cfg = cell_config(exp, exp.cell("ResNet-20 ×2/DCM"), 0, "quick")
+    assert cfg["epochs"] == 12 and cfg["schedule"]["step_size"] == 4
+    assert cfg["schedule"]["warmup_epochs"] == 1 and cfg["data"]["train_subset"] == 8000
+
+
+def test_teacher_runs_first_and_its_export_is_passed(tmp_path):
+    exp = load_experiment("dcm-kd")
+    runs = plan(exp, seeds=2, out=tmp_path, rows=None)
+    keys = [(r.cell.column, r.seed) for r in runs]
+    assert keys.index(("Teacher", 0)) < keys.index(("KD", 0))
+    assert keys.count(("Teacher", 0)) == 1 and len(runs) == 10
+    kd = next(r for r in runs if r.cell.column == "KD" and r.seed == 1)
+    teacher = next(r for r in runs if r.cell.column == "Teacher" and r.seed == 1)
+    assert kd.config["teacher_weights"] == str(teacher.run_dir / "net0_wrn28_10.pt")
+    assert kd.run_dir == tmp_path / "dcm-kd" / "full" / "wrn-28-10_to_resnet-110" / "kd" / "s1"
+
+
+def test_row_selection_and_unknown_row():
+    exp = load_experiment("dcm-table1")
+    assert len(plan(exp, rows=["WRN-28-10 ×2"], seeds=2)) == 6
+    with pytest.raises(UnknownNameError, match="WRN-28-10 ×2"):
+        plan(exp, rows=["WRN-28-10 x2"])

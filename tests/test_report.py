@@ -1,0 +1,105 @@
+"""Tables from run folders: mean(std) over seeds beside the paper, CSV, curves, `dcmkd report`,
+and `dcmkd reproduce` end to end at the smoke scale on every row of every bundled table."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+
+import pytest
+
+from dcmkd.cli import main
+from dcmkd.engine.config import dump
+from dcmkd.recipes import list_experiments, load_experiment, plan, reproduce
+from dcmkd.report import collect, markdown, report_runs, to_csv
+
+
+def fake_run(run, top1: list[float], top5: list[float] | None = None, epochs: int = 3) -> None:
+    """A finished run folder for ``run`` (a PlannedRun) with the given last-epoch errors."""
+    d = run.run_dir
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "config.yaml").write_text(dump(run.config))
+    top5 = top5 or [t / 3 for t in top1]
+    history = [{"epoch": e + 1, **{f"test/net{n}/C1/top1": t + 10 * (epochs - 1 - e)
+                                   for n, t in enumerate(top1)}} for e in range(epochs)]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+    (d / "summary.json").write_text(json.dumps({"test_top1": top1, "test_top5": top5}))
+
+
+def test_mean_std_and_paper_difference(tmp_path):
+    exp = load_experiment("dcm-table1")
+    runs = plan(exp, rows=["ResNet-164 ×2"], seeds=3, out=tmp_path)
+    values = {"Ind": [[22.0], [23.0], [24.5]], "DML": [[20.0, 21.0], [21.0, 21.5], [22.0, 20.5]],
+              "DCM": [[19.0, 19.5], [19.2, 19.1], [19.4, 19.6]]}
+    for r in runs:
+        fake_run(r, values[r.cell.column][r.seed])
+    stats = {(s.column, s.network): s for s in collect(exp, runs)}
+    ind2 = stats[("Ind", "Net2")]                      # an ind run serves both networks
+    assert ind2.top1 == [22.0, 23.0, 24.5] and ind2.model == "resnet164"
+    dml1 = stats[("DML", "Net1")]
+    assert dml1.mean == pytest.approx(21.0)
+    assert dml1.std == pytest.approx(statistics.stdev([20.0, 21.0, 22.0]))   # ddof = 1: 1.0
+    assert dml1.diff == pytest.approx(21.0 - 20.69)
+    md = markdown(exp, list(stats.values()), scale="full", seeds=3)
+    assert "| ResNet-164 ×2 | resnet164 + resnet164 |" in md
+    assert "21.00(1.00) · 20.69(0.25) · +0.31" in md
+    rows = list(csv.DictReader(io.StringIO(to_csv(exp, list(stats.values())))))
+    dcm2 = next(r for r in rows if r["column"] == "DCM" and r["network"] == "Net2")
+    assert float(dcm2["mean_top1"]) == pytest.approx(statistics.fmean([19.5, 19.1, 19.6]))
+    assert dcm2["values_top1"] == "19.5000 19.1000 19.6000" and dcm2["paper_top1"] == "19.5900"
+
+
+def test_incomplete_cells_say_so(tmp_path):
+    exp = load_experiment("dcm-table1")
+    runs = plan(exp, rows=["ResNet-164 ×2"], seeds=2, out=tmp_path)
+    fake_run(next(r for r in runs if r.cell.column == "DML"), [20.0, 20.0])
+    md = markdown(exp, collect(exp, runs))
+    assert "20.00 [1/2 runs] · 20.69(0.25)" in md
+    assert "— · 22.56(0.20)" in md                     # no Ind run finished
+
+
+def test_report_groups_arbitrary_runs_by_config(tmp_path):
+    exp = load_experiment("dcm-table7")
+    runs = plan(exp, rows=["0.2", "0.5"], seeds=2, out=tmp_path)
+    runs = [r for r in runs if r.cell.column in ("DML", "DCM")]
+    for r in runs:
+        fake_run(r, [10.0 + r.seed, 11.0 + r.seed])
+    paths = report_runs([r.run_dir for r in runs], tmp_path / "report")
+    md = paths["table_md"].read_text()
+    assert "data.label_noise=0.2" in md and "data.label_noise=0.5" in md
+    assert md.count("10.50(0.71)") == 4               # 2 rows × (dml, dcm), Net1 over 2 seeds
+    assert (tmp_path / "report" / "table.csv").is_file()
+    assert any(k.startswith("curves/") and v.is_file() for k, v in paths.items())
+
+
+@pytest.mark.parametrize("name", list_experiments())
+def test_every_row_runs_end_to_end_at_smoke_scale(name, tmp_path):
+    exp = load_experiment(name)
+    logs: list[str] = []
+    paths = reproduce(exp, scale="smoke", standins=True, out=tmp_path, log=logs.append)
+    md = paths["table_md"].read_text()
+    for row in exp.rows:
+        assert f"| {row} |" in md
+    assert "—" not in md.split("|---|")[-1].split("\n\n")[0]     # every cell has a result
+    again: list[str] = []
+    reproduce(exp, scale="smoke", standins=True, out=tmp_path, log=again.append)
+    assert "0 to train" in again[0]                  # finished runs are reused
+
+
+def test_cli_reproduce_and_report(tmp_path, capsys):
+    assert main(["reproduce", "--list"]) == 0
+    assert "dcm-table5" in capsys.readouterr().out
+    assert main(["reproduce", "dcm-tabel5"]) == 2
+    assert "did you mean" in capsys.readouterr().err
+    out = tmp_path / "r"
+    assert main(["reproduce", "dcm-table5", "--scale", "smoke", "--rows", "DML,DCM",
+                 "--out", str(out), "loss.gamma=0.5"]) == 0
+    printed = capsys.readouterr().out
+    assert "| DCM |" in printed and "| baseline |" not in printed
+    dcm_run = out / "dcm-table5" / "smoke" / "dcm" / "error" / "s0"
+    assert "gamma: 0.5" in (dcm_run / "config.yaml").read_text()
+    assert main(["report", str(dcm_run), str(out / "dcm-table5" / "smoke" / "dml" / "error" / "s0"),
+                 "--out", str(tmp_path / "rep")]) == 0
+    md = (tmp_path / "rep" / "table.md").read_text()
+    assert "| dcm Net1 | dcm Net2 | dml Net1 | dml Net2 |" in md.replace("|  | networks run ", "")
