@@ -13,9 +13,11 @@ from dcmkd.report.results import CellStats, RunResult, fmt
 def collect(exp: Experiment, runs: Iterable) -> list[CellStats]:
     """Statistics of every visible (row, column, network) of ``exp`` from planned runs
     (objects with ``cell``, ``seed``, ``run_dir`` and ``config``), in table order."""
+    runs = list(runs)
+    keys = {r.cell.key for r in runs}
     stats: dict[tuple[str, str, int], CellStats] = {}
     for cell in exp.cells:
-        if cell.hidden:
+        if cell.hidden or cell.key not in keys:
             continue
         for i, label in enumerate(exp.networks):
             stats[(cell.row, cell.column, i)] = CellStats(cell.row, cell.column, label, "",
