@@ -191,6 +191,16 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tsne(args: argparse.Namespace) -> int:
+    from dcmkd.report.tsne import tsne_plot
+
+    path = tsne_plot(args.run, stage=args.stage, net=args.net, classes=args.classes,
+                     samples=args.samples, out=args.out, seed=args.seed, pool=args.pool,
+                     device=args.device)
+    print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from dcmkd import __version__
 
@@ -272,6 +282,19 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("runs", nargs="+", help="run folders (seeds of a config are grouped)")
     rep.add_argument("--out", default="runs/report", help="folder for table.md/csv and curves")
     rep.set_defaults(func=cmd_report)
+
+    ts = sub.add_parser("tsne", help="t-SNE of a stage's features of a finished run (SSKD Fig. 4)")
+    ts.add_argument("run", help="a finished run folder")
+    ts.add_argument("--stage", default=None, help="stage1..stageK of the SSKD partition (default "
+                    "the last) or a unit name such as conv3_x")
+    ts.add_argument("--net", type=int, default=None, help="exported network (default: the last)")
+    ts.add_argument("--classes", type=int, default=10, help="random test classes (default 10)")
+    ts.add_argument("--samples", type=int, default=50, help="test images per class (default 50)")
+    ts.add_argument("--out", default=None, help="PNG file (default RUN/tsne_<stage>.png)")
+    ts.add_argument("--seed", type=int, default=0, help="class choice and t-SNE seed")
+    ts.add_argument("--pool", action="store_true", help="average over positions, not flatten")
+    ts.add_argument("--device", default="cpu")
+    ts.set_defaults(func=cmd_tsne)
 
     demo = sub.add_parser("demo", help="ind vs DML vs DCM on the bundled digits (CPU minutes)")
     demo.add_argument("--nets", default="resnet20,resnet20")

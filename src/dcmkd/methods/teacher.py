@@ -3,7 +3,8 @@
 ``teacher_weights`` may name
 
 - a weights file: an exported network (``net0_resnet56.pt``), a plain ``state_dict`` or a
-  checkpoint holding ``{"state_dict": …}`` / ``{"model": …}`` (:func:`dcmkd.weights.load_backbone_weights`);
+  checkpoint holding ``{"state_dict": …}`` / ``{"model": …}``
+  (:func:`dcmkd.weights.load_backbone_weights`);
 - a finished run folder: its exported first network (``summary.json``'s ``exported[0]``).
 
 ``network = n`` picks network ``n`` of the run instead: of the folder given, or of the folder
