@@ -91,6 +91,12 @@ def test_finer_partitions_halve_the_earliest_stages_and_coarser_merge_them():
         partition_stages(m, 9)
     with pytest.raises(ValueError, match="single layer"):
         partition_stages(create_model("densenet40_12", CLASSES), 5)
+    with pytest.raises(TypeError, match="zoo Backbone"):
+        partition_stages(torch.nn.Conv2d(3, 3, 1))
+    with pytest.raises(ValueError, match="ending with the last unit"):
+        partition_stages(m, ["conv2_x", "conv3_x"])
+    assert partition_stages(m, ["conv2_x", "conv4_x"]).names == ["conv1+conv2_x",
+                                                                 "conv3_x+conv4_x"]
 
 
 @pytest.mark.parametrize("name,k", [("resnet20", 8), ("resnet20", 3), ("resnet18", 8),

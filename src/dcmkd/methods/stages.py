@@ -101,6 +101,9 @@ class StagePartition:
     """
 
     def __init__(self, backbone: Backbone, stages: int | Sequence[str] = DEFAULT_STAGES):
+        if not isinstance(backbone, Backbone):
+            raise TypeError(f"stage partitions need a zoo Backbone (declared stem and stages), "
+                            f"got {type(backbone).__name__}")
         self.backbone = backbone
         unit_names = backbone.stage_names
         unit_paths = ["stem", *[f"stages.{n}" for n in backbone.stages.keys()]]
