@@ -175,7 +175,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     overrides.append({"quiet": not args.progress})
     rows = [r for spec in args.rows or [] for r in spec.split(",") if r] or None
     paths = reproduce(exp, rows=rows, seeds=args.seeds, scale=args.scale, out=args.out,
-                      overrides=overrides, standins=args.standins, dry_run=args.dry_run)
+                      overrides=overrides, standins=args.standins, dry_run=args.dry_run,
+                      jobs=args.jobs, devices=[d for d in (args.devices or "").split(",") if d])
     if paths:
         print(paths["table_md"].read_text())
         print("wrote " + ", ".join(str(p) for p in paths.values()))
@@ -275,6 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--data-dir", help="dataset folder for every run")
     r.add_argument("--device", help="auto, cpu, cuda, cuda:N, mps")
     r.add_argument("--progress", action="store_true", help="progress bars and epoch lines")
+    r.add_argument("-j", "--jobs", type=int, default=None,
+                   help="runs trained at once in worker processes (CPU cores are split "
+                   "between them); default: one per --devices entry, else 1")
+    r.add_argument("--devices", help="comma-separated devices for the workers, e.g. "
+                   "cuda:0,cuda:1 (worker i takes device i mod N)")
     r.add_argument("--dry-run", action="store_true", help="list the runs, train nothing")
     r.set_defaults(func=cmd_reproduce)
 

@@ -5,10 +5,19 @@ Runs live in ``OUT/<experiment>/<scale>/<row>/<column>/s<seed>``. Each is an ord
 :func:`reproduce` again after a crash or with more seeds only trains what is missing. A cell whose
 ``teacher_weights`` is ``"@ROW/COLUMN"`` gets the first exported network of that cell's run of
 the same seed, which is trained first.
+
+With ``jobs > 1`` the missing runs train in that many worker processes at once, each run as soon
+as its teacher has finished: on a CPU the cores are split between the workers (several small
+runs use a many-core CPU better than one), on a machine with several GPUs each worker takes one
+of ``devices``.
 """
 from __future__ import annotations
 
+import multiprocessing as mp
+import os
 import re
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -25,6 +34,7 @@ class PlannedRun:
     seed: int
     run_dir: Path
     config: dict[str, Any]
+    teachers: tuple[Path, ...] = ()   # run folders that must finish first
 
     @property
     def done(self) -> bool:
@@ -84,14 +94,16 @@ def plan(exp: Experiment, *, rows: list[str] | None = None, seeds: int | Sequenc
             raise ValueError(f"{exp.name}: circular teacher reference {' → '.join(chain)}")
         run_dir = base_dir / slug(cell.row) / slug(cell.column) / f"s{seed}"
         extra: list[dict] = []
+        teachers: tuple[Path, ...] = ()
         ref = teacher_reference(cell.config)
         if ref is not None:
             teacher = add(exp.cell(ref), seed, (*chain, cell.key))
             model = teacher.config["nets"][0]
             extra.append({"teacher_weights": str(teacher.run_dir / f"net0_{model}.pt")})
+            teachers = (teacher.run_dir,)
         cfg = cell_config(exp, cell, seed, scale, [*overrides, *extra], run_dir=run_dir,
                           standins=standins)
-        run = PlannedRun(cell, seed, run_dir, cfg)
+        run = PlannedRun(cell, seed, run_dir, cfg, teachers)
         if (cell.key, seed) not in seen:
             seen.add((cell.key, seed))
             runs.append(run)
@@ -103,16 +115,92 @@ def plan(exp: Experiment, *, rows: list[str] | None = None, seeds: int | Sequenc
     return runs
 
 
+# ----------------------------------------------------------------------------- parallel runs
+
+_WORKER_DEVICE: str | None = None
+
+
+def _init_worker(devices: "mp.Queue[str | None]", threads: int) -> None:
+    """Worker start-up: take a device from the queue and this worker's share of the CPU."""
+    global _WORKER_DEVICE
+    import torch
+
+    _WORKER_DEVICE = devices.get()
+    torch.set_num_threads(threads)
+
+
+def _train_in_worker(config: dict[str, Any], run_dir: str) -> float:
+    from dcmkd.engine.trainer import Trainer
+
+    t0 = time.perf_counter()
+    cfg = dict(config, quiet=True)  # progress bars of several processes would interleave
+    if _WORKER_DEVICE is not None:
+        cfg["device"] = _WORKER_DEVICE
+    Trainer(cfg, run_dir).fit()
+    return time.perf_counter() - t0
+
+
+def run_parallel(todo: Sequence[PlannedRun], jobs: int, devices: Sequence[str] = (),
+                 log: Callable[[str], None] = print) -> None:
+    """Train ``todo`` in ``jobs`` worker processes, each run once its teachers are finished.
+
+    Worker ``i`` uses ``devices[i % len(devices)]`` (default: each run's own ``device``) and
+    ``cpu_count // jobs`` threads. A failed run is reported and its dependants skipped; the
+    others go on, and a :class:`RuntimeError` naming every failure is raised at the end."""
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    ctx = mp.get_context("spawn")  # no fork of a process that may hold CUDA or OpenMP state
+    queue = ctx.Queue()
+    for i in range(jobs):
+        queue.put(devices[i % len(devices)] if devices else None)
+    waiting = list(todo)
+    pending: set[Path] = {r.run_dir for r in todo}
+    running: dict[Future, PlannedRun] = {}
+    failed: dict[Path, str] = {}
+    with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker,
+                             initargs=(queue, threads)) as pool:
+        while waiting or running:
+            for r in list(waiting):
+                if any(t in failed for t in r.teachers):
+                    failed[r.run_dir] = "its teacher failed"
+                    waiting.remove(r)
+                elif not any(t in pending for t in r.teachers) and len(running) < jobs:
+                    waiting.remove(r)
+                    log(f"start {r.cell.key} seed {r.seed}: {r.config['method']} "
+                        f"{'+'.join(r.config['nets'])} → {r.run_dir}")
+                    running[pool.submit(_train_in_worker, r.config, str(r.run_dir))] = r
+            if not running:
+                break
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                r = running.pop(future)
+                pending.discard(r.run_dir)
+                try:
+                    log(f"done  {r.cell.key} seed {r.seed} in {future.result():.0f}s")
+                except Exception as e:  # noqa: BLE001 - reported with the run, raised below
+                    failed[r.run_dir] = f"{type(e).__name__}: {e}"
+                    log(f"FAILED {r.cell.key} seed {r.seed}: {failed[r.run_dir]}")
+    if failed:
+        raise RuntimeError(f"{len(failed)} run(s) failed: " +
+                           "; ".join(f"{d}: {why}" for d, why in failed.items()))
+
+
 def reproduce(exp: Experiment, *, rows: list[str] | None = None, seeds: int | None = None,
               scale: str = "full", out: str | Path = "runs/reproduce",
               overrides: Sequence[str | dict] = (), standins: bool = False, dry_run: bool = False,
+              jobs: int | None = None, devices: Sequence[str] = (),
               log: Callable[[str], None] = print) -> dict[str, Path]:
     """Train the missing runs, then write ``table.md``, ``table.csv`` and the curves.
 
     ``seeds``: how many (seeds 0..N-1); default the paper's number of runs, 1 for ``smoke``.
+    ``jobs``/``devices``: train that many runs at once (:func:`run_parallel`); default one job
+    per device of ``devices``, else 1.
     Returns the paths written (``table_md``, ``table_csv``, ``curves``)."""
     from dcmkd.engine.trainer import Trainer
     from dcmkd.report import write_experiment_report
+
+    jobs = jobs if jobs is not None else max(1, len(devices))
+    if jobs < 1:
+        raise ValueError(f"jobs must be at least 1, got {jobs}")
 
     if seeds is None:
         seeds = 1 if scale == "smoke" else exp.seeds
@@ -121,11 +209,14 @@ def reproduce(exp: Experiment, *, rows: list[str] | None = None, seeds: int | No
     todo = [r for r in runs if not r.done]
     log(f"{exp.name} ({scale}): {len(runs)} runs, {len(runs) - len(todo)} finished, "
         f"{len(todo)} to train")
-    for i, r in enumerate(todo, 1):
-        log(f"[{i}/{len(todo)}] {r.cell.key} seed {r.seed}: {r.config['method']} "
-            f"{'+'.join(r.config['nets'])}, {r.config['epochs']} epochs → {r.run_dir}")
-        if not dry_run:
-            Trainer(r.config, r.run_dir, log=log).fit()
+    if dry_run or jobs == 1:
+        for i, r in enumerate(todo, 1):
+            log(f"[{i}/{len(todo)}] {r.cell.key} seed {r.seed}: {r.config['method']} "
+                f"{'+'.join(r.config['nets'])}, {r.config['epochs']} epochs → {r.run_dir}")
+            if not dry_run:
+                Trainer(r.config, r.run_dir, log=log).fit()
+    elif todo:
+        run_parallel(todo, min(jobs, len(todo)), devices, log)
     if dry_run:
         return {}
     return write_experiment_report(exp, runs, Path(out) / exp.name / scale, scale=scale)
