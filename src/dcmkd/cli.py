@@ -324,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except RuntimeError as e:
-        if type(e).__name__ != "TrainingDiverged":
+        if type(e).__name__ not in ("TrainingDiverged", "RunsFailed"):
             raise
         print(f"dcmkd: error: {e}", file=sys.stderr)
         return 3

@@ -117,6 +117,10 @@ def plan(exp: Experiment, *, rows: list[str] | None = None, seeds: int | Sequenc
 
 # ----------------------------------------------------------------------------- parallel runs
 
+class RunsFailed(RuntimeError):
+    """Runs of a parallel reproduction failed (each named with its error)."""
+
+
 _WORKER_DEVICE: str | None = None
 
 
@@ -145,43 +149,42 @@ def run_parallel(todo: Sequence[PlannedRun], jobs: int, devices: Sequence[str] =
     """Train ``todo`` in ``jobs`` worker processes, each run once its teachers are finished.
 
     Worker ``i`` uses ``devices[i % len(devices)]`` (default: each run's own ``device``) and
-    ``cpu_count // jobs`` threads. A failed run is reported and its dependants skipped; the
-    others go on, and a :class:`RuntimeError` naming every failure is raised at the end."""
+    ``cpu_count // jobs`` threads. As in a sequential reproduction, a failed run stops the
+    launching of new runs; those already running finish (an interrupted one would resume
+    anyway), then :class:`RunsFailed` names the failures."""
     threads = max(1, (os.cpu_count() or 1) // jobs)
     ctx = mp.get_context("spawn")  # no fork of a process that may hold CUDA or OpenMP state
     queue = ctx.Queue()
     for i in range(jobs):
         queue.put(devices[i % len(devices)] if devices else None)
     waiting = list(todo)
-    pending: set[Path] = {r.run_dir for r in todo}
+    unfinished: set[Path] = {r.run_dir for r in todo}
     running: dict[Future, PlannedRun] = {}
-    failed: dict[Path, str] = {}
+    failures: list[str] = []
     with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker,
                              initargs=(queue, threads)) as pool:
-        while waiting or running:
-            for r in list(waiting):
-                if any(t in failed for t in r.teachers):
-                    failed[r.run_dir] = "its teacher failed"
-                    waiting.remove(r)
-                elif not any(t in pending for t in r.teachers) and len(running) < jobs:
-                    waiting.remove(r)
-                    log(f"start {r.cell.key} seed {r.seed}: {r.config['method']} "
-                        f"{'+'.join(r.config['nets'])} → {r.run_dir}")
-                    running[pool.submit(_train_in_worker, r.config, str(r.run_dir))] = r
-            if not running:
-                break
+        while running or (waiting and not failures):
+            for r in [r for r in waiting if not unfinished.intersection(r.teachers)]:
+                if len(running) == jobs or failures:
+                    break
+                waiting.remove(r)
+                log(f"start {r.cell.key} seed {r.seed}: {r.config['method']} "
+                    f"{'+'.join(r.config['nets'])} → {r.run_dir}")
+                running[pool.submit(_train_in_worker, r.config, str(r.run_dir))] = r
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
                 r = running.pop(future)
-                pending.discard(r.run_dir)
                 try:
-                    log(f"done  {r.cell.key} seed {r.seed} in {future.result():.0f}s")
-                except Exception as e:  # noqa: BLE001 - reported with the run, raised below
-                    failed[r.run_dir] = f"{type(e).__name__}: {e}"
-                    log(f"FAILED {r.cell.key} seed {r.seed}: {failed[r.run_dir]}")
-    if failed:
-        raise RuntimeError(f"{len(failed)} run(s) failed: " +
-                           "; ".join(f"{d}: {why}" for d, why in failed.items()))
+                    seconds = future.result()
+                except Exception as e:  # noqa: BLE001 - reported with its run, raised below
+                    failures.append(f"{r.run_dir}: {type(e).__name__}: {e}")
+                    log(f"FAILED {r.cell.key} seed {r.seed}: {type(e).__name__}: {e}")
+                else:
+                    unfinished.discard(r.run_dir)
+                    log(f"done  {r.cell.key} seed {r.seed} in {seconds:.0f}s")
+    if failures:
+        raise RunsFailed(f"{len(failures)} run(s) failed, {len(waiting)} not started: "
+                           + "; ".join(failures))
 
 
 def reproduce(exp: Experiment, *, rows: list[str] | None = None, seeds: int | None = None,
