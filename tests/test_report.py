@@ -103,3 +103,35 @@ def test_cli_reproduce_and_report(tmp_path, capsys):
                  "--out", str(tmp_path / "rep")]) == 0
     md = (tmp_path / "rep" / "table.md").read_text()
     assert "| dcm Net1 | dcm Net2 | dml Net1 | dml Net2 |" in md.replace("|  | networks run ", "")
+
+
+def test_parallel_jobs_train_teachers_first_and_equal_the_sequential_runs(tmp_path):
+    exp = load_experiment("dcm-kd")
+    logs: list[str] = []
+    paths = reproduce(exp, scale="smoke", standins=True, out=tmp_path / "par", jobs=2,
+                      log=logs.append)
+    def line(prefix: str) -> int:
+        return next(i for i, text in enumerate(logs) if text.startswith(prefix))
+
+    assert sum(text.startswith("start ") for text in logs) == 5
+    assert sum(text.startswith("done ") for text in logs) == 5
+    assert line("done  WRN-28-10 → ResNet-110/Teacher seed 0") < \
+        line("start WRN-28-10 → ResNet-110/KD seed 0")
+    # a run in a worker is the run a sequential reproduction makes (same seed, same numbers)
+    reproduce(exp, scale="smoke", standins=True, out=tmp_path / "seq", log=lambda s: None)
+    run = "dcm-kd/smoke/wrn-28-10_to_resnet-110/kd/s0/summary.json"
+    par, seq = (json.loads((tmp_path / d / run).read_text()) for d in ("par", "seq"))
+    assert par["test_top1"] == seq["test_top1"]
+    assert "—" not in paths["table_md"].read_text().split("|---|")[-1].split("\n\n")[0]
+
+
+def test_parallel_failure_stops_new_runs_and_names_the_run(tmp_path):
+    from dcmkd.recipes.runner import RunsFailed
+
+    exp = load_experiment("dcm-table5")
+    with pytest.raises(RunsFailed, match=r"run\(s\) failed, \d+ not started: .*dml.*"
+                                         r"FileNotFoundError"):
+        reproduce(exp, scale="smoke", standins=True, out=tmp_path, jobs=2,
+                  overrides=["data.name=folder", f"data.root={tmp_path / 'missing'}"],
+                  log=lambda s: None)
+    assert not list(tmp_path.rglob("summary.json"))
