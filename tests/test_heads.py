@@ -166,3 +166,24 @@ def test_output_order_and_export_without_auxiliary_weights():
     fresh = create_model("resnet20", 10)
     fresh.load_state_dict(plain.state_dict())
     assert torch.allclose(fresh.eval()(x), outs[0])
+
+
+@pytest.mark.parametrize("name,kind", [("resnet20", "default"), ("resnet110", "default"),
+                                       ("wrn16_2", "narrow"), ("resnet110", "apfc")])
+def test_branches_start_like_the_backbone(name, kind):
+    """Branches get the backbone's own init (He fan-out convs, N(0, 0.01) linear, zero biases,
+    unit BN), not PyTorch's defaults (whose conv std here is about half of He's)."""
+    torch.manual_seed(0)
+    net = build_multi_exit(name, num_classes=100, kind=kind)
+    for branch in net.branches.values():
+        convs = [m for m in branch.modules() if isinstance(m, nn.Conv2d)]
+        for conv in convs:
+            fan_out = conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1] // conv.groups
+            if conv.weight.numel() >= 4096:  # enough samples for a 10% tolerance
+                assert conv.weight.std().item() == pytest.approx((2 / fan_out) ** 0.5, rel=0.1)
+        for bn in (m for m in branch.modules() if isinstance(m, nn.BatchNorm2d)):
+            assert torch.all(bn.weight == 1) and torch.all(bn.bias == 0)
+        fc = [m for m in branch.modules() if isinstance(m, nn.Linear)][-1]
+        assert fc.weight.std().item() == pytest.approx(0.01, rel=0.1)
+        assert torch.all(fc.bias == 0)
+        assert convs or kind == "apfc"

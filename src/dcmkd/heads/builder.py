@@ -53,8 +53,10 @@ def build_branch(backbone: Backbone, name: str, spec: BranchSpec, num_classes: i
     check_choice("auxiliary classifier kind", kind, AUX_KINDS)
     cin = backbone.stage(spec.tap).channels
     if kind == "apfc":
-        return AuxiliaryClassifier(name, spec.tap, kind, None, nn.Sequential(),
-                                   APFCHead(cin, num_classes))
+        branch = AuxiliaryClassifier(name, spec.tap, kind, None, nn.Sequential(),
+                                     APFCHead(cin, num_classes))
+        backbone.initialize(branch)
+        return branch
     if kind == "narrow":
         spec = spec.scaled(0.5)
     stages = []
@@ -62,7 +64,9 @@ def build_branch(backbone: Backbone, name: str, spec: BranchSpec, num_classes: i
         stage, cin = backbone.make_stage(cin, stage_spec)
         stages.append(stage)
     head = backbone.make_head(cin, num_classes, spec.head_width)
-    return AuxiliaryClassifier(name, spec.tap, kind, spec, nn.Sequential(*stages), head)
+    branch = AuxiliaryClassifier(name, spec.tap, kind, spec, nn.Sequential(*stages), head)
+    backbone.initialize(branch)  # the backbone's own init (He fan-out convs, N(0, 0.01) FC)
+    return branch
 
 
 def parse_classifiers(selection: str | Iterable[str] | None) -> tuple[str, ...]:

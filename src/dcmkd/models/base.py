@@ -176,6 +176,11 @@ class Backbone(nn.Module):
         """A new classifier head like this backbone's own (``width``: MobileNetV2's 1×1 conv)."""
         return ClassifierHead(in_channels, num_classes)
 
+    def initialize(self, module: nn.Module) -> None:
+        """Initialise ``module`` (e.g. a new auxiliary branch) as this family initialises its own
+        layers, so a branch built from the backbone's blocks also starts like them."""
+        init_weights(module)
+
     def export(self) -> "Backbone":
         """A deep copy (for symmetry with :class:`dcmkd.heads.MultiExitNetwork.export`)."""
         return copy.deepcopy(self)
