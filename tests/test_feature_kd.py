@@ -55,37 +55,44 @@ def mmd2(s, t):
     return (k(t, t) + k(s, s) - 2 * k(s, t)).mean()
 
 
-def test_attention_transfer_term_is_lambda_times_the_mean_over_the_four_stages():
+def test_attention_transfer_term_is_beta_half_times_the_sum_over_the_four_stages():
+    """AT's β/2 · Σ_j mean((Q_S − Q_T)²) with β = the SSKD loss weight."""
     method = make("at", beta=50.0)
     x, y = batch()
     method.eval()
     out = method(x, y)
     t, s = stage_features(method, x)
-    hand = sum((attention(a) - attention(b)).pow(2).mean() for a, b in zip(s, t)) / 4
-    assert torch.allclose(out.losses["net1/at"], 50.0 * hand, rtol=1e-5)
+    hand = sum((attention(a) - attention(b)).pow(2).mean() for a, b in zip(s, t))
+    assert torch.allclose(out.losses["net1/at"], 50.0 / 2 * hand, rtol=1e-5)
     z = method.networks[1](x)[0]
     assert torch.allclose(out.losses["net1/ce"], F.cross_entropy(z, y), rtol=1e-5)
 
 
-def test_nst_term_is_lambda_times_the_mean_mmd_over_the_four_stages():
+def test_nst_term_is_lambda_half_times_the_sum_of_mmd_over_the_four_stages():
+    """NST's λ/2 · L_MMD², summed over the 4 stage pairs; ``reduction=mean`` averages them."""
     method = make("nst", beta=1000.0)
     x, y = batch()
     method.eval()
     t, s = stage_features(method, x)
-    hand = sum(mmd2(a, b) for a, b in zip(s, t)) / 4
-    assert torch.allclose(method(x, y).losses["net1/nst"], 1000.0 * hand, rtol=1e-4)
+    hand = sum(mmd2(a, b) for a, b in zip(s, t))
+    assert torch.allclose(method(x, y).losses["net1/nst"], 1000.0 / 2 * hand, rtol=1e-4)
+    method.reduction = "mean"
+    assert torch.allclose(method(x, y).losses["net1/nst"], 1000.0 / 2 * hand / 4, rtol=1e-4)
 
 
-def test_fitnets_term_uses_the_regressed_second_stage():
-    method = make("fitnets", nets=("wrn16_2", "resnet20"), beta=100.0)   # 32 vs 16 channels
+def test_fitnets_term_uses_the_regressed_middle_residual_group():
+    """The hint is conv3_x (the middle residual group, as the 28×28 hint is on ImageNet)."""
+    method = make("fitnets", nets=("wrn16_2", "resnet20"), beta=100.0)   # 64 vs 32 channels
     x, y = batch()
     method.eval()
     with torch.no_grad():
-        _, ft = method.networks[0].backbone.forward_intermediates(x, ["conv2_x"])
-        _, fs = method.networks[1].backbone.forward_intermediates(x, ["conv2_x"])
-        hand = (method.regressor(fs["conv2_x"]) - ft["conv2_x"]).pow(2).mean()
+        _, ft = method.networks[0].backbone.forward_intermediates(x, ["conv3_x"])
+        _, fs = method.networks[1].backbone.forward_intermediates(x, ["conv3_x"])
+        hand = (method.regressor(fs["conv3_x"]) - ft["conv3_x"]).pow(2).mean()
         assert torch.allclose(method(x, y).losses["net1/fitnets"], 100.0 * hand, rtol=1e-5)
-    assert method.regressor.teacher_channels == 32 and method.regressor.student_channels == 16
+    assert method.regressor.teacher_channels == 64 and method.regressor.student_channels == 32
+    other = FeatureKD(*method.networks, "fitnets", 1.0, hint="conv2_x")
+    assert other.hint == 1 and other.regressor.teacher_channels == 32
 
 
 def test_fitnets_hint_on_imagenet_resnets_is_the_28x28_stage():

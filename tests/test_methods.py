@@ -235,7 +235,7 @@ def test_three_networks_train_together():
     losses = method(x, y).losses
     assert {k.split("/")[0] for k in losses} == {"net0", "net1", "net2"}
     assert method.links.count() == {"same": 18, "cross": 36}
-    first, last = train_steps(method)
+    first, last = train_steps(method, steps=20)   # 9 classifiers, each pulled by 6 peers
     assert last < 0.8 * first
 
 
@@ -246,5 +246,9 @@ def test_bad_method_options_name_the_valid_choices():
         make("dcm", temprature=2.0)
     with pytest.raises(ValueError, match="at least 2"):
         make("dml", nets=("resnet20",))
+    with pytest.raises(ValueError, match="takes 2 networks"):   # KD: a teacher and ONE student
+        make("kd", nets=("resnet20",) * 3)
+    with pytest.raises(ValueError, match="model_options go with a model name"):
+        create_method("ind", [create_model("resnet20", 10)], 10, model_options={"dropout": 0.3})
     with pytest.raises(UnknownNameError, match="alternating"):
         make("dml", update="interleaved")

@@ -67,13 +67,22 @@ def test_unknown_model_and_option_errors_list_choices():
         create_model("wrn28_10", droput=0.3)
 
 
-def test_wrn_dropout_is_after_first_conv_of_every_block():
+def test_wrn_dropout_is_between_the_two_convolutions_of_every_block():
+    """WRN's placement: dropout acts on relu(bn2(conv1(.))), the input of conv2."""
     model = create_model("wrn16_2", 10, dropout=0.3)
     drops = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
     assert len(drops) == 6 and all(d.p == 0.3 for d in drops)
+    seen: dict[str, torch.Tensor] = {}
     block = model.stages["conv2_x"][0]
-    names = [n for n, _ in block.named_children()]
-    assert names.index("dropout") == names.index("conv1") + 1
+    block.dropout.register_forward_hook(lambda m, i, o: seen.update(drop_in=i[0], drop_out=o))
+    block.conv2.register_forward_hook(lambda m, i, o: seen.update(conv2_in=i[0]))
+    block.bn2.register_forward_hook(lambda m, i, o: seen.update(bn2_out=o))
+    model.train()
+    model(torch.randn(4, 3, 32, 32))
+    assert torch.equal(seen["drop_in"], torch.relu(seen["bn2_out"]))   # after BN-ReLU
+    assert seen["conv2_in"] is seen["drop_out"]                         # right before conv2
+    dropped = (seen["drop_out"] == 0) & (seen["drop_in"] > 0)
+    assert 0.2 < dropped.sum() / (seen["drop_in"] > 0).sum() < 0.4      # p = 0.3 in training
     assert not any(isinstance(m, torch.nn.Dropout) for m in create_model("wrn16_2").modules())
 
 

@@ -35,6 +35,8 @@ def test_baseline_loss_weights_are_the_papers(name, weights):
         cfg = cell_config(exp, exp.cell(f"{row}/{column}"), 0)
         assert cfg["loss"]["beta"] == lam
         assert cfg["loss"]["temperature"] == (4 if column == "KD" else 1)
+        assert cfg["loss"]["t2_scaling"] == (column == "KD")          # λ·T²·KL (Hinton)
+        assert cfg["feature"]["reduction"] == "sum" and cfg["feature"]["hint"] == "auto"
     sskd = cell_config(exp, exp.cell(f"{row}/SSKD"), 0)
     assert sskd["sskd"]["schedule"] == ("plateau" if name == "sskd-table5" else "epochs")
     if name == "sskd-table6":

@@ -38,7 +38,7 @@ DEFAULTS: dict[str, Any] = {
              "min_lr": 1.0e-5, "stage_epochs": None, "milestones": [0.3, 0.6, 0.9],
              "gamma": 0.1, "multi_loss": False, "head": "separate", "head_epochs": None,
              "adapter": "auto"},
-    "feature": {"stages": 4, "hint": 2, "reduction": "mean", "p": 2.0, "degree": 2, "c": 0.0},
+    "feature": {"stages": 4, "hint": "auto", "reduction": "sum", "p": 2.0, "degree": 2, "c": 0.0},
     "epochs": 200,
     "seed": 0,
     "device": "auto",               # auto | cpu | cuda | cuda:1 | mps

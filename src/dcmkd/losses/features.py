@@ -173,16 +173,17 @@ def attention_transfer_loss(
     student_feats: Sequence[Tensor],
     teacher_feats: Sequence[Tensor],
     p: float = 2,
-    reduction: str = "mean",
+    reduction: str = "sum",
 ) -> Tensor:
     """Attention-transfer loss (Zagoruyko & Komodakis 2017, §3.1).
 
     The paper's term is ``β/2 Σ_j ‖Q_S^j − Q_T^j‖`` over layer pairs ``j`` with normalised
-    attention maps ``Q`` (:func:`attention_map`). **Reading**: per pair we use the official code's
-    normalisation ``mean((Q_S − Q_T)²)`` (squared difference averaged over ``N·H·W``), and pairs
-    are averaged (``reduction="mean"``; ``"sum"`` gives the official code's sum over groups, to be
-    weighted by β/2 = 500 there). SSKD's λ multiplies the returned value. Maps of different
-    spatial size are pooled to the smaller one before the attention is computed (module note).
+    attention maps ``Q`` (:func:`attention_map`), "β = 10³ divided by the number of elements in
+    the attention map and batch size". Per pair this returns ``mean((Q_S − Q_T)²)`` (squared
+    difference averaged over ``N·H·W``: the division of β), summed over pairs (``"mean"``
+    averages them); the caller multiplies by β/2 (:class:`dcmkd.methods.feature_kd.FeatureKD`:
+    β = the SSKD loss weight λ). Maps of different spatial size are pooled to the smaller one
+    before the attention is computed (module note).
     """
     losses = []
     for s, t in _pairs(student_feats, teacher_feats):
@@ -217,7 +218,8 @@ def nst_loss(student_feat: Tensor, teacher_feat: Tensor, degree: int = 2, c: flo
     with the polynomial kernel ``k(x, y) = (xᵀy + c)^d``, ``d = 2``, ``c = 0`` (the paper's
     "NST (poly)" setting used by the SSKD baseline). **Readings**: MMD² is computed per sample and
     averaged over the batch; the teacher-only term is kept (it is constant for the student, so
-    the value reads 0 on a perfect match); the paper's ``λ/2`` factor is left to the caller's λ.
+    the value reads 0 on a perfect match). The paper's ``λ/2`` factor is applied by the caller
+    (:class:`dcmkd.methods.feature_kd.FeatureKD`).
     Channel counts may differ; spatial sizes are matched by pooling (module note).
     """
     s, t = _match_spatial(student_feat, teacher_feat.detach())
@@ -235,12 +237,9 @@ def nst_loss_multi(
     teacher_feats: Sequence[Tensor],
     degree: int = 2,
     c: float = 0.0,
-    reduction: str = "mean",
+    reduction: str = "sum",
 ) -> Tensor:
-    """:func:`nst_loss` over several (student, teacher) stage pairs (SSKD: the 4 stage outputs).
-
-    **Reading**: pairs are averaged (``reduction="mean"``, consistent with
-    :func:`attention_transfer_loss`); ``"sum"`` gives the sum used by public re-implementations.
-    """
+    """:func:`nst_loss` over several (student, teacher) stage pairs (SSKD: the 4 stage outputs),
+    summed (the multi-layer NST loss; ``reduction="mean"`` averages them)."""
     losses = [nst_loss(s, t, degree=degree, c=c) for s, t in _pairs(student_feats, teacher_feats)]
     return _reduce(losses, reduction)

@@ -42,6 +42,7 @@ class MethodPreset:
     pattern: str
     min_networks: int
     frozen_teacher: bool = False
+    max_networks: int | None = None
     term_names: tuple[tuple[str, str], ...] = ()
     summary: str = ""
 
@@ -50,7 +51,10 @@ METHODS: Registry[MethodPreset] = Registry("method")
 for _p in (
     MethodPreset("ind", False, "none", 1, summary="independent training"),
     MethodPreset("ds", True, "none", 1, summary="deep supervision"),
-    MethodPreset("kd", False, "final", 2, frozen_teacher=True, term_names=(("dcm1", "kd"),),
+    # exactly teacher + student: with more students, "final" links would also couple the
+    # students to each other (DML among them), which is not KD
+    MethodPreset("kd", False, "final", 2, frozen_teacher=True, max_networks=2,
+                 term_names=(("dcm1", "kd"),),
                  summary="knowledge distillation from a frozen teacher (first network)"),
     MethodPreset("dml", False, "final", 2, term_names=(("dcm1", "dml"),),
                  summary="deep mutual learning"),
@@ -107,6 +111,9 @@ def create_method(name: str, nets: Sequence[str | nn.Module], num_classes: int |
     if len(nets) < preset.min_networks:
         raise ValueError(f"method '{name}' needs at least {preset.min_networks} networks, "
                          f"got {len(nets)}")
+    if preset.max_networks is not None and len(nets) > preset.max_networks:
+        raise ValueError(f"method '{name}' takes {preset.max_networks} networks (teacher, "
+                         f"student), got {len(nets)}; train one run per student")
     if isinstance(model_options, dict) or model_options is None:
         model_options = [dict(model_options or {}) for _ in nets]
     if len(model_options) != len(nets):
@@ -122,6 +129,9 @@ def create_method(name: str, nets: Sequence[str | nn.Module], num_classes: int |
             net = build_multi_exit(net, num_classes, classifiers=classifiers if aux else "C1",
                                    kind=kind, **opts)
         elif isinstance(net, Backbone):
+            if opts:
+                raise ValueError(f"network {i}: model_options go with a model name, not a "
+                                 f"built {type(net).__name__}")
             net = build_multi_exit(net, classifiers=classifiers if aux else "C1", kind=kind)
         elif isinstance(net, nn.Module):  # the user's own classifier (options: of wrap_model)
             net = wrap_model(net, num_classes, classifiers=classifiers if aux else "C1",

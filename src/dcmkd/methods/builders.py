@@ -56,8 +56,9 @@ SSKD_OPTIONS: dict[str, Any] = {
 #: the ``feature`` config section (FitNets / AT / NST)
 FEATURE_OPTIONS: dict[str, Any] = {
     "stages": 4,               # stage outputs compared by AT and NST
-    "hint": 2,                 # FitNets: 1-based stage of that partition (28×28 on ImageNet)
-    "reduction": "mean",       # AT/NST over stages: mean | sum
+    "hint": "auto",            # FitNets: auto (the stage ending at conv3_x, else the 2nd) |
+                               # 1-based stage of that partition | a unit name
+    "reduction": "sum",        # AT/NST over stages: sum (the originals') | mean
     "p": 2.0,                  # AT exponent
     "degree": 2, "c": 0.0,     # NST polynomial kernel
 }

@@ -12,17 +12,30 @@ at         attention transfer (Zagoruyko & Komodakis)        λ = 50      λ = 1
 nst        MMD², polynomial kernel (Huang & Wang)            λ = 1000    λ = 100
 =========  ================================================  ==========  =========
 
-(KD with T = 4, λ = 10 / 15 is the ``kd`` preset with ``loss.temperature=4``,
-``loss.t2_scaling=true`` and ``loss.beta=λ``: ``CE + λ·T²·KL``, the reading of
-:func:`dcmkd.losses.soft_targets.hinton_kd_loss`.)
+Each transfer term is the one its own paper writes, with the SSKD λ in the place of that paper's
+weight (**readings**; the SSKD paper names the weights "α in KD, λ in FitNets and NST, and the
+divisor of β in AT" and nothing more):
+
+- FitNets: ``λ · mean((r(f_S) − f_T)²)`` (:func:`~dcmkd.losses.features.hint_loss`);
+- AT (Zagoruyko & Komodakis §3.1): ``β/2 · Σ_j ‖Q_S^j − Q_T^j‖²`` where "β = 10³ divided by the
+  number of elements in the attention map and the batch size"; the SSKD loss weight takes the
+  place of that 10³, so the term is ``λ/2 · Σ_j mean((Q_S^j − Q_T^j)²)`` over the 4 stages;
+- NST (Huang & Wang, Eq. 2 ``H + λ/2 · L_MMD²``): ``λ/2 · Σ_j MMD²_j`` over the 4 stages;
+- KD with T = 4, λ = 10 / 15 is the ``kd`` preset with ``loss.temperature=4``,
+  ``loss.t2_scaling=true`` and ``loss.beta=λ``: ``CE + λ·T²·KL``
+  (:func:`dcmkd.losses.soft_targets.hinton_kd_loss`; the SSKD footnote "α = 0.2 ≡ λ = 4" fixes
+  only the ratio of the two terms, and T²·KL is Hinton et al.'s term).
+
+``feature.reduction=mean`` averages over the stages instead of summing (4× weaker).
 
 Which features ("Settings for Competitors"): "For AT and NST, we compute the transfer loss with
 four output features from down-sampling layers, which is the same as SSKD" — the outputs of the
 SSKD 4-stage partition (:mod:`dcmkd.methods.stages`) of teacher and student. "For FitNets, we use
 the features with resolution 28×28 as the intermediate hint layer" — on ImageNet ResNets the
-output of the 2nd of those 4 stages (``conv3_x``, 28×28 at 224 px). **Reading** for CIFAR (the
-paper is silent): the same position, the 2nd of the 4 stages (``conv2_x`` of the CIFAR ResNets,
-32×32); ``feature.hint`` picks another. FitNets is trained in one phase with the loss weight (as
+output of ``conv3_x`` (28×28 at 224 px), the middle one of ResNet's residual groups
+(``hint="auto"``: the stage that ends at ``conv3_x``, else the 2nd stage). **Reading** for CIFAR
+(the paper is silent): the same unit, ``conv3_x`` (16×16), again the middle residual group, as
+FitNets' hint is a middle layer; ``feature.hint`` picks another stage (1-based) or unit. FitNets is trained in one phase with the loss weight (as
 the SSKD paper's description of it as a λ-weighted method implies), not with Romero et al.'s
 separate hint pre-training. The regressor is :class:`~dcmkd.losses.features.HintRegressor`
 (1×1 conv + BN, the student map resized to the teacher's), discarded at export.
@@ -41,24 +54,44 @@ from dcmkd.heads import MultiExitNetwork
 from dcmkd.losses.features import (HintRegressor, attention_transfer_loss, hint_loss,
                                    nst_loss_multi)
 from dcmkd.methods.mutual import Method, StepOutput
-from dcmkd.methods.stages import partition_stages
+from dcmkd.methods.stages import StagePartition, partition_stages
+from dcmkd.registry import UnknownNameError
 
 FEATURE_METHODS = ("fitnets", "at", "nst")
 
+#: the constant each original paper puts before its weight: AT's β/2, NST's λ/2, FitNets' λ
+WEIGHT_FACTOR = {"fitnets": 1.0, "at": 0.5, "nst": 0.5}
+
+
+def hint_stage(partition: StagePartition, hint: int | str) -> int:
+    """0-based index of FitNets' hint stage: ``"auto"`` (the stage ending at ``conv3_x``, else
+    the 2nd), a 1-based stage number, or the unit name a stage ends at."""
+    ends = [seg.name.split("+")[-1] for seg in partition.segments]
+    if hint == "auto":
+        return ends.index("conv3_x") if "conv3_x" in ends else min(1, len(ends) - 1)
+    if isinstance(hint, str):
+        if hint not in ends:
+            raise UnknownNameError("hint stage", hint, ends)
+        return ends.index(hint)
+    if not 1 <= hint <= len(ends):
+        raise ValueError(f"hint stage must be 1..{len(ends)}, got {hint}")
+    return hint - 1
+
 
 class FeatureKD(Method):
-    """``CE + λ · L_feat`` from a frozen teacher (first network) to a student (second).
+    """``CE + λ · c · L_feat`` from a frozen teacher (first network) to a student (second),
+    ``c`` the original paper's constant (:data:`WEIGHT_FACTOR`).
 
     ``kind``: ``fitnets``, ``at`` or ``nst``; ``weight``: λ; ``stages``: the partition whose
-    outputs AT and NST compare (4, the paper's); ``hint``: 1-based stage of that partition used
-    as FitNets' hint (teacher) and guided (student) layer; ``reduction``: how AT/NST combine the
-    stages (``mean``, this library's reading, or ``sum``); ``p``: AT's exponent; ``degree`` and
-    ``c``: NST's polynomial kernel.
+    outputs AT and NST compare (4, the paper's); ``hint``: FitNets' hint (teacher) and guided
+    (student) stage (:func:`hint_stage`); ``reduction``: how AT/NST combine the stages (``sum``,
+    the originals', or ``mean``); ``p``: AT's exponent; ``degree`` and ``c``: NST's polynomial
+    kernel.
     """
 
     def __init__(self, teacher: MultiExitNetwork, student: MultiExitNetwork, kind: str,
-                 weight: float, *, stages: int | Sequence[str] = 4, hint: int = 2,
-                 reduction: str = "mean", p: float = 2.0, degree: int = 2, c: float = 0.0,
+                 weight: float, *, stages: int | Sequence[str] = 4, hint: int | str = "auto",
+                 reduction: str = "sum", p: float = 2.0, degree: int = 2, c: float = 0.0,
                  label_smoothing: float = 0.0):
         super().__init__()
         if kind not in FEATURE_METHODS:
@@ -74,9 +107,7 @@ class FeatureKD(Method):
         if len(self.t_part) != len(self.s_part):
             raise ValueError(f"teacher and student have {len(self.t_part)} and "
                              f"{len(self.s_part)} stages")
-        if not 1 <= hint <= len(self.s_part):
-            raise ValueError(f"hint stage must be 1..{len(self.s_part)}, got {hint}")
-        self.hint = hint - 1
+        self.hint = hint_stage(self.s_part, hint)
         self.reduction = reduction
         self.loss_options = dict(p=p) if kind == "at" else dict(degree=degree, c=c)
         self.label_smoothing = label_smoothing
@@ -106,8 +137,8 @@ class FeatureKD(Method):
         feats = self.s_part.run(images)
         logits = student.forward_head(feats[-1])
         ce = F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing)
-        loss = self.weight * self.transfer_loss(images, feats)
+        loss = self.weight * WEIGHT_FACTOR[self.kind] * self.transfer_loss(images, feats)
         return StepOutput({"net1/ce": ce, f"net1/{self.kind}": loss}, [[], [logits]])
 
 
-__all__ = ["FeatureKD", "FEATURE_METHODS"]
+__all__ = ["FeatureKD", "FEATURE_METHODS", "WEIGHT_FACTOR", "hint_stage"]

@@ -42,6 +42,7 @@ Readings and choices where the paper is silent (all documented in docs/drafts/is
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -131,7 +132,9 @@ class SSKD(PhasedMethod):
         self.plateau_options = dict(lr=lr, factor=factor, patience=patience,
                                     threshold=threshold, min_lr=min_lr)
         self.stage_epochs, self.gamma = int(stage_epochs), gamma
-        self.milestones = [m * stage_epochs if m <= 1 else m for m in milestones]
+        # floats in (0, 1] are fractions of the stage, ints epochs (as phase_epochs reads them)
+        self.milestones = [m * stage_epochs if isinstance(m, float) and m <= 1 else m
+                           for m in milestones]
         self.head_epochs = int(head_epochs)
         self.head_options = dict(momentum=head_momentum, nesterov=head_nesterov,
                                  weight_decay=head_weight_decay)
@@ -244,6 +247,17 @@ class SSKD(PhasedMethod):
             self._dist_sum, self._dist_count = 0.0, 0
         if done:
             record["sskd/phase_done"] = ph.name
+            if ph.kind != "head":
+                # why the stage ended: the plateau schedule reached min_lr, or the epoch cap
+                plateau_done = self.schedule == "plateau" and self.plateau.done
+                record["sskd/phase_end"] = "min_lr" if plateau_done else "epoch_cap"
+                if self.schedule == "plateau" and not plateau_done:
+                    warnings.warn(
+                        f"SSKD {ph.name}: the stage hit its cap of {self.stage_epochs} epochs "
+                        f"with lr {self.plateau.lr:.3g} still above min_lr {self.plateau.min_lr:g} "
+                        f"({self.plateau.decays} decays): the feature distance kept improving; "
+                        "raise sskd.stage_epochs or sskd.threshold for a full anneal",
+                        stacklevel=2)
             self._index += 1
             self._start = epoch + 1
             if not self.finished:
@@ -330,7 +344,7 @@ class FixedBackbone(Method):
     re-initialize the weights of the final fully-connected layer, and finally fix the backbone
     and only train the fully-connected layer with cross-entropy loss" (Eq. 4).
 
-    The network's weights come from ``teacher_weights`` (a file or a run folder; ``sskd.source_net``
+    The network's weights come from ``teacher_weights`` (a file or a run folder; ``teacher_net``
     picks the network of that run, e.g. 1 for the student of a ``kd`` run). Trained with the
     run's optimiser and schedule (the paper gives none for this step).
     """

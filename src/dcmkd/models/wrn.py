@@ -1,9 +1,11 @@
 """Wide ResNets (Zagoruyko & Komodakis 2016), WRN-d-k for CIFAR.
 
-Pre-activation basic blocks (BN-ReLU-conv3×3 [dropout] BN-ReLU-conv3×3), ``(d-4)/6`` per stage,
+Pre-activation basic blocks (BN-ReLU-conv3×3-BN-ReLU [dropout] conv3×3), ``(d-4)/6`` per stage,
 widths 16k/32k/64k; 1×1 projection shortcut from the pre-activated input where the shape changes,
-as in the WRN and official DCM code. ``dropout`` is the paper's WRN-28-10(+): p = 0.3 after the
-first layer of every block (DCM Table 1, SPEC.md §3). Branches built from this family inherit it.
+as in the WRN and official DCM code. ``dropout`` is the paper's WRN-28-10(+): p = 0.3 "after the
+first layer of every block" (DCM §4.4, SPEC.md §3), placed as in WRN's own code, which the DCM
+paper follows: on the activation that feeds the second convolution, between the two
+convolutions. Branches built from this family inherit it.
 """
 from __future__ import annotations
 
@@ -20,15 +22,15 @@ class WideBasic(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int = 1, dropout: float = 0.0):
         super().__init__()
         self.bn1, self.conv1 = nn.BatchNorm2d(cin), conv3x3(cin, cout, stride)
+        self.bn2 = nn.BatchNorm2d(cout)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.bn2, self.conv2 = nn.BatchNorm2d(cout), conv3x3(cout, cout)
+        self.conv2 = conv3x3(cout, cout)
         self.shortcut = (nn.Conv2d(cin, cout, 1, stride, bias=False)
                          if stride != 1 or cin != cout else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pre = F.relu(self.bn1(x))
-        out = self.dropout(self.conv1(pre))
-        out = self.conv2(F.relu(self.bn2(out)))
+        out = self.conv2(self.dropout(F.relu(self.bn2(self.conv1(pre)))))
         return out + (self.shortcut(pre) if self.shortcut is not None else x)
 
 
