@@ -38,7 +38,7 @@ STAGE_METHODS: dict[str, tuple[int, str]] = {
     "fixed_backbone": (1, "re-initialised head trained alone on a frozen trained backbone"),
 }
 
-#: the ``sskd`` config section (see :mod:`dcmkd.methods.sskd` and docs/drafts/issue-6.md)
+#: the ``sskd`` config section (see :mod:`dcmkd.methods.sskd` and the README)
 SSKD_OPTIONS: dict[str, Any] = {
     "stages": 4,               # 1–8 stages, or the unit names at which stages end
     "schedule": "plateau",     # plateau (lr ×factor when the distance stops decreasing) | epochs

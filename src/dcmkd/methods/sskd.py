@@ -20,7 +20,7 @@ feature distance stops decreasing, next stage when the lr reaches 1e-5
 schedule, a fixed number of epochs per stage with ×0.1 at given epochs (60 epochs, 18/36/54:
 ``schedule="epochs"``, ``stage_epochs=60``, ``milestones=(18, 36, 54)`` or ``(0.3, 0.6, 0.9)``).
 
-Readings and choices where the paper is silent (all documented in docs/drafts/issue-6.md):
+Readings and choices where the paper is silent (all documented in the README notes):
 
 - ψ is averaged over batch, channels and positions (:func:`~dcmkd.losses.features.hint_loss`),
   not summed: the paper gives no normaliser, and the mean keeps lr 0.01 usable whatever the
