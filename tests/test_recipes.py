@@ -111,7 +111,8 @@ def test_cell_config_layers_recipe_row_cell_scale_and_user():
 def test_quick_protocol_of_the_published_result():
     exp = load_experiment("quick-cifar10")
     cfg = cell_config(exp, exp.cell("ResNet-20 ×2/DCM"), 0, "quick")
-    assert cfg["epochs"] == 10 and cfg["schedule"]["step_size"] == 3   # 60 × 10/200
+    assert cfg["epochs"] == 8 and cfg["schedule"]["name"] == "multistep"
+    assert cfg["schedule"]["milestones"] == [0.5, 0.75]
     assert cfg["schedule"]["warmup_epochs"] == 1 and cfg["data"]["train_subset"] == 5000
     assert cfg["data"]["batch_size"] == 64 and cfg["optim"]["weight_decay"] == 1e-4
 

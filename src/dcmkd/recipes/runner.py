@@ -144,12 +144,23 @@ def _train_in_worker(config: dict[str, Any], run_dir: str) -> float:
     return time.perf_counter() - t0
 
 
+def relative_cost(run: PlannedRun) -> float:
+    """A rough relative training cost (networks × classifiers × epochs) to start the longest
+    runs first, so that no long run is left running alone at the end of a parallel pass."""
+    from dcmkd.methods import METHODS
+
+    cfg = run.config
+    aux = cfg["method"] in METHODS and METHODS.get(cfg["method"]).aux
+    return len(cfg["nets"]) * (3 if aux else 1) * cfg["epochs"]
+
+
 def run_parallel(todo: Sequence[PlannedRun], jobs: int, devices: Sequence[str] = (),
                  log: Callable[[str], None] = print) -> None:
     """Train ``todo`` in ``jobs`` worker processes, each run once its teachers are finished.
 
     Worker ``i`` uses ``devices[i % len(devices)]`` (default: each run's own ``device``) and
-    ``cpu_count // jobs`` threads. As in a sequential reproduction, a failed run stops the
+    ``cpu_count // jobs`` threads. The costliest runs (:func:`relative_cost`) start first. As in
+    a sequential reproduction, a failed run stops the
     launching of new runs; those already running finish (an interrupted one would resume
     anyway), then :class:`RunsFailed` names the failures."""
     threads = max(1, (os.cpu_count() or 1) // jobs)
@@ -157,7 +168,7 @@ def run_parallel(todo: Sequence[PlannedRun], jobs: int, devices: Sequence[str] =
     queue = ctx.Queue()
     for i in range(jobs):
         queue.put(devices[i % len(devices)] if devices else None)
-    waiting = list(todo)
+    waiting = sorted(todo, key=relative_cost, reverse=True)
     unfinished: set[Path] = {r.run_dir for r in todo}
     running: dict[Future, PlannedRun] = {}
     failures: list[str] = []
