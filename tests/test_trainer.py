@@ -182,6 +182,17 @@ def test_cli_train_eval_export(tmp_path, capsys):
     assert result["test/net0/C1/top1"] == pytest.approx(summary["test_top1"][0])
     assert main(["export", str(out), "--to", str(tmp_path / "exp")]) == 0
     assert (tmp_path / "exp" / "net1_resnet20.pt").is_file()
+    assert str(tmp_path / "exp" / "net1_resnet20.pt") in capsys.readouterr().out
+    # an exported network: the data of its run folder, or flags when the file stands alone
+    assert main(["eval", str(out / "net1_resnet20.pt"), "--json"]) == 0
+    single = json.loads(capsys.readouterr().out)
+    assert single == {"test/net0/C1/top1": pytest.approx(summary["test_top1"][1]),
+                      "test/net0/C1/top5": pytest.approx(summary["test_top5"][1])}
+    assert main(["eval", str(tmp_path / "exp" / "net1_resnet20.pt"), "--json", "-d", "synthetic",
+                 "data.image_size=8", "data.train_subset=32", "device=cpu"]) == 0
+    assert json.loads(capsys.readouterr().out) == single
+    assert main(["eval", str(tmp_path / "exp" / "nope.pt")]) == 2
+    assert "no run folder or weights file" in capsys.readouterr().err
     assert main(["train", "optim.lrr=1", "-o", str(tmp_path / "x")]) == 2
     assert "optim.lr" in capsys.readouterr().err
 

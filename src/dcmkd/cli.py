@@ -115,8 +115,45 @@ def _run_trainer(run_dir: str):
     return trainer
 
 
+def _weights_trainer(path, args: argparse.Namespace):
+    """A trainer holding one network loaded from an exported weights file, for evaluation.
+
+    The model name comes from ``--model`` or the exported file's name (``net{n}_{model}.pt``);
+    the data from the run folder holding the file (its ``config.yaml``), then the flags."""
+    import re
+
+    from dcmkd.engine.config import load_yaml, resolve
+    from dcmkd.engine.trainer import Trainer
+    from dcmkd.methods.teacher import load_pretrained
+
+    match = re.fullmatch(r"net\d+_(.+)\.pt", path.name)
+    model = args.model or (match.group(1) if match else None)
+    if model is None:
+        raise ValueError(f"cannot tell the model of {path.name}: pass --model NAME")
+    run_cfg = path.parent / "config.yaml"
+    base = {"data": load_yaml(run_cfg)["data"]} if run_cfg.is_file() else {}
+    if "data" in base:
+        base["num_classes"] = load_yaml(run_cfg).get("num_classes")
+    over: list = [{"method": "ind", "nets": [model], "quiet": True}]
+    if args.dataset:
+        over.append({"data": {"name": args.dataset}})
+    if args.data_dir:
+        over.append({"data": {"root": args.data_dir}})
+    if args.device:
+        over.append({"device": args.device})
+    trainer = Trainer(resolve(base, [*over, *args.overrides]), path.parent)
+    trainer.build()
+    load_pretrained(trainer.method.networks[0].backbone, path)
+    return trainer
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
-    trainer = _run_trainer(args.run)
+    from pathlib import Path
+
+    path = Path(args.run)
+    if not path.exists():
+        raise FileNotFoundError(f"no run folder or weights file at {path}")
+    trainer = _run_trainer(args.run) if path.is_dir() else _weights_trainer(path, args)
     result = trainer.evaluate()
     if args.json:
         print(json.dumps(result, indent=2))
@@ -246,8 +283,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("eval", help="evaluate every classifier of a run folder")
-    e.add_argument("run")
+    e = sub.add_parser("eval", help="evaluate every classifier of a run folder, or an exported "
+                       "network", description="Top-1/top-5 test error of every classifier of a "
+                       "run folder's networks, or of one exported weights file (net0_resnet20.pt; "
+                       "its run folder's data, else -d/--data-dir and key=value overrides).")
+    e.add_argument("run", help="a run folder or an exported weights file")
+    e.add_argument("overrides", nargs="*", help="dotted overrides for a weights file, "
+                   "e.g. data.test_batch_size=256")
+    e.add_argument("--model", help="the weights file's model (default: from net<N>_<model>.pt)")
+    e.add_argument("-d", "--dataset", help="dataset for a weights file")
+    e.add_argument("--data-dir", help="dataset folder for a weights file")
+    e.add_argument("--device", help="auto, cpu, cuda, cuda:N, mps")
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_eval)
 
@@ -317,7 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # `dcmkd train -q optim.lr=0.1`: overrides may follow flags
-        if args.command not in ("train", "reproduce") or \
+        if args.command not in ("train", "reproduce", "eval") or \
                 not all("=" in e and not e.startswith("-") for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
