@@ -31,8 +31,34 @@ def sync(device: torch.device) -> None:
 
 
 def max_rss_mib() -> float:
-    """Peak resident set size of this process (Linux reports KiB)."""
+    """Peak resident set size of this process (Linux reports KiB). Note: on Linux a process
+    started by fork + exec inherits its parent's peak at the fork; see :func:`reset_peak_rss`."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _proc_status_mib(field: str) -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> float:
+    """Reset this process's peak RSS to its current RSS (Linux: ``clear_refs`` 5) and return the
+    current RSS in MiB; elsewhere return the peak so far (growth is then measured from it)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return _proc_status_mib("VmRSS") or max_rss_mib()
+    except OSError:
+        return max_rss_mib()
+
+
+def peak_rss_mib() -> float:
+    """This process's peak RSS since :func:`reset_peak_rss` (Linux ``VmHWM``), in MiB."""
+    return _proc_status_mib("VmHWM") or max_rss_mib()
 
 
 def environment(device: torch.device) -> dict:

@@ -17,7 +17,7 @@ what the targets are about, stay meaningful.
 
 Figures per configuration: images/s, forward+backward FLOPs per image (torch's
 ``FlopCounterMode`` around one step), achieved GFLOP/s, and peak memory of a separate process
-that builds only that method and runs two steps (CPU: growth of the process's max RSS; CUDA:
+that builds only that method and runs two steps (CPU: growth of the process's peak RSS; CUDA:
 ``torch.cuda.max_memory_allocated``), so each figure is that method's own.
 
 Derived figures, each with its target (the issue's) and pass/fail:
@@ -46,7 +46,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, max_rss_mib, md_table, pick_device, sync, write_results  # noqa: E402
+from _common import (environment, md_table, peak_rss_mib, pick_device, reset_peak_rss,  # noqa: E402
+                     sync, write_results)
 
 from dcmkd.methods import create_method  # noqa: E402
 
@@ -96,7 +97,7 @@ def peak_memory_mib(method_name: str, arch: str, layout: str, batch: int,
 def _memory_child(spec: str) -> None:
     method_name, arch, layout, batch, device = json.loads(spec)
     device = torch.device(device)
-    before = max_rss_mib()
+    before = reset_peak_rss()
     method, step, x, y = build(method_name, arch, layout, batch, device)
     for _ in range(2):
         method.training_step(x, y, step)
@@ -104,7 +105,7 @@ def _memory_child(spec: str) -> None:
     if device.type == "cuda":
         print(torch.cuda.max_memory_allocated(device) / 2**20)
     else:
-        print(max_rss_mib() - before)
+        print(peak_rss_mib() - before)
 
 
 def measure(arch: str, layout: str, methods: list[str], batch: int, rounds: int, warmup: int,
@@ -196,8 +197,8 @@ def main(argv=None) -> dict:
                       f"peak {r['peak_memory_mib']:.0f} MiB", flush=True)
     derived = derive(rows)
     memory_note = ("torch.cuda.max_memory_allocated" if device.type == "cuda" else
-                   "growth of the max RSS of a process that builds only that method and runs "
-                   "two steps")
+                   "growth of the peak RSS (VmHWM, reset after the imports) of a process that "
+                   "builds only that method and runs two steps")
     result = {**environment(device), "fp32": True, "batch": args.batch, "archs": archs,
               "timing": f"median of {args.rounds} interleaved rounds after {args.warmup}",
               "memory_note": memory_note, "rows": rows, "derived": derived,
