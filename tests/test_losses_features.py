@@ -120,8 +120,9 @@ def test_attention_transfer_identical_is_zero_and_reductions():
     s, t = _map([A]), torch.ones(1, 1, 2, 2)
     hand = _at_hand_loss()
     pairs_s, pairs_t = [s, f[:1]], [t, f[:1].clone()]
-    assert attention_transfer_loss(pairs_s, pairs_t).item() == pytest.approx(hand / 2, abs=1e-7)
-    assert attention_transfer_loss(pairs_s, pairs_t, reduction="sum").item() == pytest.approx(hand, abs=1e-7)
+    assert attention_transfer_loss(pairs_s, pairs_t).item() == pytest.approx(hand, abs=1e-7)  # sum
+    assert attention_transfer_loss(pairs_s, pairs_t, reduction="mean").item() == \
+        pytest.approx(hand / 2, abs=1e-7)
     with pytest.raises(ValueError):
         attention_transfer_loss([s, s], [t])
 
@@ -189,8 +190,9 @@ def test_nst_multi_and_gradients():
     s, t = _nst_pair()
     f = torch.randn(2, 3, 2, 2)
     both = (NST_0 + NST_1) / 2
-    assert nst_loss_multi([s, f], [t, f.clone()]).item() == pytest.approx(both / 2, abs=1e-5)
-    assert nst_loss_multi([s, f], [t, f.clone()], reduction="sum").item() == pytest.approx(both, abs=1e-5)
+    assert nst_loss_multi([s, f], [t, f.clone()]).item() == pytest.approx(both, abs=1e-5)  # sum
+    assert nst_loss_multi([s, f], [t, f.clone()], reduction="mean").item() == \
+        pytest.approx(both / 2, abs=1e-5)
     sg = torch.randn(2, 3, 4, 4, requires_grad=True)
     tg = torch.randn(2, 5, 4, 4, requires_grad=True)
     nst_loss_multi([sg], [tg]).backward()

@@ -5,7 +5,8 @@
   shortens ``epochs`` shortens the schedule with it (:func:`shorten`): step sizes, milestones and
   warm-up scale by the same factor, so the schedule keeps its shape (this library's choice).
 - ``smoke``: two steps on 8 synthetic images at the smallest input size the backbones accept, one
-  epoch, one seed: proves that a row builds and runs end to end, says nothing about accuracy.
+  epoch, one seed, lr 0.01: proves that a row builds and runs end to end, says nothing about
+  accuracy.
   ``standins=True`` additionally swaps backbones of more than ~5M parameters for the smallest
   model of their family (:data:`SMOKE_STANDINS`), so the test suite can run every row of every
   table on 2 CPU cores; the full-size backbones and their classifier tables are checked by the
@@ -77,6 +78,9 @@ def smoke_overrides(nets: list[str], standins: bool) -> dict[str, Any]:
     nets = [SMOKE_STANDINS.get(n, n) for n in nets] if standins else list(nets)
     out: dict[str, Any] = {
         "epochs": 1, "quiet": True,
+        # two steps on batches of 4 random images with BN statistics that have seen two batches:
+        # a recipe's lr 0.1 with a heavy loss weight (KD's λ·T² = 240) can overflow there
+        "optim": {"lr": 0.01},
         "data": {"name": "synthetic", "root": None, "train_subset": 8, "batch_size": 4,
                  "test_batch_size": 8, "image_size": smoke_image_size(nets)},
     }
