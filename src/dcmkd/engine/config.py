@@ -24,12 +24,13 @@ DEFAULTS: dict[str, Any] = {
     "teacher_weights": None,        # kd, sskd, fitnets…: first network (file or run folder)
     "teacher_net": None,            # which network of that run folder (default 0 / the file given)
     "loss": {"alpha": 1.0, "beta": 1.0, "gamma": 1.0, "temperature": 1.0, "divergence": "kl",
-             "t2_scaling": False, "label_smoothing": 0.0, "update": "simultaneous"},
+             "t2_scaling": False, "label_smoothing": 0.0, "update": "simultaneous",
+             "reduction": "sum", "rampup": 0.0, "rampup_shape": "sigmoid"},
     "data": {"name": "digits", "root": None, "batch_size": 64, "test_batch_size": 512,
              "label_noise": 0.0, "noise_seed": 0, "train_subset": None, "download": False,
              "workers": 4, "image_size": None, "cache_dir": None},
     "optim": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": False,
-              "weight_decay": 1e-4},
+              "weight_decay": 1e-4, "clip_grad_norm": None},
     "schedule": {"name": "step", "step_size": 60, "milestones": [], "gamma": 0.1,
                  "warmup_epochs": 0},
     # stage-wise feature methods (dcmkd.methods.builders; docs in dcmkd.methods.sskd)
@@ -46,6 +47,7 @@ DEFAULTS: dict[str, Any] = {
     "channels_last": False,
     "deterministic": False,
     "checkpoint_every_steps": 0,    # 0: at the end of every epoch only
+    "eval_every": 1,                # evaluate every N epochs (the last one always)
     "quiet": False,
     "tensorboard": False,
     "out": None,                    # run folder; default runs/<method>-<nets>-s<seed>

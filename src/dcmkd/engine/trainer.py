@@ -203,7 +203,10 @@ class Trainer:
         while not self.finished(epoch):
             record = self.train_epoch(epoch, start_batch, history)
             start_batch = 0
-            if not self.phased or self.method.evaluate_epoch(epoch):
+            every = max(1, int(self.cfg["eval_every"]))
+            last = not self.phased and epoch + 1 >= self.cfg["epochs"]
+            if (not self.phased or self.method.evaluate_epoch(epoch)) and \
+                    ((epoch + 1) % every == 0 or last):
                 record.update(self.evaluate())
             if self.phased:
                 record.update(self.method.end_epoch(epoch))
@@ -229,9 +232,16 @@ class Trainer:
         bar = self._progress(steps, start_batch, epoch)
         every = self.cfg["checkpoint_every_steps"]
 
+        clip = self.cfg["optim"]["clip_grad_norm"]
+        progress = getattr(method, "set_progress", None)
+
         def step(loss: torch.Tensor) -> None:
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
+            if clip:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(
+                    [p for g in self.optimizer.param_groups for p in g["params"]], clip)
             self.scaler.step(self.optimizer)
             self.scaler.update()
 
@@ -239,6 +249,8 @@ class Trainer:
             lr = self.lr(epoch + i / steps)
             for g in self.optimizer.param_groups:
                 g["lr"] = lr
+            if progress is not None:
+                progress(epoch + i / steps)
             if self.cfg["channels_last"]:
                 x = x.contiguous(memory_format=torch.channels_last)
             with self.autocast():

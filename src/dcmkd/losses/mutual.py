@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from dcmkd.registry import check_choice
 
 LINK_PATTERNS = ("none", "final", "same", "cross", "dense")
+REDUCTIONS = ("sum", "mean")
 
 
 @dataclass(frozen=True)
@@ -97,13 +98,21 @@ def mutual_distillation_loss(logits: Sequence[Sequence[torch.Tensor]], targets: 
                              links: LinkMatrix, alpha: float = 1.0, beta: float = 1.0,
                              gamma: float = 1.0, temperature: float = 1.0,
                              divergence: str = "kl", t2_scaling: bool = False,
-                             label_smoothing: float = 0.0) -> MutualLoss:
+                             label_smoothing: float = 0.0,
+                             reduction: str = "sum") -> MutualLoss:
     """DCM Eq. 6–9 for ``logits[n][c]`` (network n, classifier c; [B, classes] each).
 
     Defaults are the paper's: α = β = γ = T = 1, plain sums, no T² scaling. Computation is in
     float32 whatever the logits' dtype.
+
+    ``reduction="mean"`` (beyond the paper) averages the distillation terms each classifier
+    receives over its sources instead of summing them: in DCM of two networks with three
+    classifiers each, a classifier then gets CE + the mean of its 3 KL terms (the CE : KL balance
+    of DML) instead of CE + their sum (Eq. 8 and 9 as printed). DML and KD, with one source per
+    classifier, are unchanged.
     """
     check_choice("divergence", divergence, ("kl", "ce"))
+    check_choice("distillation reduction", reduction, REDUCTIONS)
     if tuple(len(z) for z in logits) != links.num_classifiers:
         raise ValueError(f"logits have {[len(z) for z in logits]} classifiers per network, "
                          f"the link matrix {list(links.num_classifiers)}")
@@ -144,6 +153,8 @@ def mutual_distillation_loss(logits: Sequence[Sequence[torch.Tensor]], targets: 
                 cross = cross * temperature ** 2
             block = torch.where(incoming, cross, torch.zeros_like(cross))
             pairwise[:, idx] = block.detach()
+            if reduction == "mean":  # each classifier's sources averaged, not summed
+                block = block / incoming.sum(0).clamp_min(1)
             same = same_stage[:, idx]
             if (incoming & same).any():
                 terms["dcm1"] = beta * (block * same).sum()

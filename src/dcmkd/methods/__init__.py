@@ -69,7 +69,7 @@ for _p in (
 
 #: keyword options of :class:`MutualMethod` a user may set
 LOSS_OPTIONS = ("alpha", "beta", "gamma", "temperature", "divergence", "t2_scaling",
-                "label_smoothing", "update")
+                "label_smoothing", "update", "reduction", "rampup", "rampup_shape")
 
 
 def create_method(name: str, nets: Sequence[str | nn.Module], num_classes: int | None = None,

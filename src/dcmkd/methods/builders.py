@@ -65,7 +65,8 @@ FEATURE_OPTIONS: dict[str, Any] = {
 
 #: loss options of the logit methods that these methods do not use, at their defaults
 _UNUSED_LOSS_OPTIONS = {"alpha": 1.0, "gamma": 1.0, "temperature": 1.0, "divergence": "kl",
-                        "t2_scaling": False, "update": "simultaneous"}
+                        "t2_scaling": False, "update": "simultaneous", "reduction": "sum",
+                        "rampup": 0.0, "rampup_shape": "sigmoid"}
 
 
 def _options(defaults: dict[str, Any], given: dict[str, Any] | None, what: str) -> dict[str, Any]:

@@ -12,6 +12,7 @@ pattern, which networks are frozen and how loss terms are named in logs (SPEC.md
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
@@ -23,6 +24,23 @@ from dcmkd.losses.mutual import LinkMatrix, MutualLoss, mutual_distillation_loss
 from dcmkd.registry import check_choice
 
 UPDATE_MODES = ("simultaneous", "alternating")
+RAMPUP_SHAPES = ("sigmoid", "linear")
+
+
+def rampup_factor(epoch: float, length: float, shape: str = "sigmoid") -> float:
+    """Weight in [0, 1] of the distillation terms at (fractional) ``epoch`` of a ramp-up of
+    ``length`` epochs (``length = 0``: always 1, the paper's constant weights).
+
+    - ``sigmoid``: ``exp(-5 (1 - t)²)`` with ``t = epoch / length`` clipped to [0, 1], the
+      ramp-up of the consistency weight of Laine & Aila (2017, "Temporal ensembling") that the
+      online-distillation methods ONE (Lan et al. 2018), OKDDip (Chen et al. 2020) and PCL (Wu &
+      Gong 2021) use for their distillation weight; it starts at e⁻⁵ ≈ 0.0067.
+    - ``linear``: ``t``, exactly 0 at the first step.
+    """
+    if length <= 0:
+        return 1.0
+    t = min(max(epoch / length, 0.0), 1.0)
+    return math.exp(-5.0 * (1.0 - t) ** 2) if shape == "sigmoid" else t
 
 
 @dataclass
@@ -100,9 +118,13 @@ class MutualMethod(Method):
                  frozen: Sequence[int] = (), alpha: float = 1.0, beta: float = 1.0,
                  gamma: float = 1.0, temperature: float = 1.0, divergence: str = "kl",
                  t2_scaling: bool = False, label_smoothing: float = 0.0,
-                 update: str = "simultaneous", term_names: dict[str, str] | None = None):
+                 update: str = "simultaneous", reduction: str = "sum", rampup: float = 0.0,
+                 rampup_shape: str = "sigmoid", term_names: dict[str, str] | None = None):
         super().__init__()
         check_choice("update mode", update, UPDATE_MODES)
+        check_choice("ramp-up shape", rampup_shape, RAMPUP_SHAPES)
+        if rampup < 0:
+            raise ValueError(f"loss.rampup is a number of epochs ≥ 0, got {rampup}")
         self.networks = nn.ModuleList(networks)
         self.frozen = frozenset(frozen)
         for n in self.frozen:
@@ -112,9 +134,16 @@ class MutualMethod(Method):
         self.pattern, self.update = pattern, update
         self.loss_options = dict(alpha=alpha, beta=beta, gamma=gamma, temperature=temperature,
                                  divergence=divergence, t2_scaling=t2_scaling,
-                                 label_smoothing=label_smoothing)
+                                 label_smoothing=label_smoothing, reduction=reduction)
+        self.rampup, self.rampup_shape = float(rampup), rampup_shape
+        self.distill_scale = rampup_factor(0.0, self.rampup, rampup_shape)
         self.term_names = term_names or {}
         self.train()
+
+    def set_progress(self, epoch: float) -> None:
+        """Tell the method where training is (fractional epoch): sets the ramp-up factor of
+        the distillation weights β and γ (DML's and KD's weight is β)."""
+        self.distill_scale = rampup_factor(epoch, self.rampup, self.rampup_shape)
 
     def _logits(self, images: torch.Tensor) -> list[list[torch.Tensor]]:
         out = []
@@ -131,7 +160,10 @@ class MutualMethod(Method):
                 for n in networks for t, v in loss.per_network[n].items()}
 
     def loss(self, logits: list[list[torch.Tensor]], targets: torch.Tensor) -> MutualLoss:
-        return mutual_distillation_loss(logits, targets, self.links, **self.loss_options)
+        o = self.loss_options
+        w = self.distill_scale
+        return mutual_distillation_loss(logits, targets, self.links,
+                                        **{**o, "beta": o["beta"] * w, "gamma": o["gamma"] * w})
 
     def forward(self, images: torch.Tensor, targets: torch.Tensor) -> StepOutput:
         logits = self._logits(images)
