@@ -9,8 +9,14 @@ channels_last) it builds, with ``dcmkd.methods.create_method(name, nets, num_cla
   every classifier and *no* links between them: DCM's networks without its coupling;
 - ``dcm``: the same networks with the dense two-way links (DCM Eq. 6-9).
 
-Each runs ``method.training_step(x, y, step)`` with an SGD ``step`` (zero_grad, backward,
-opt.step) on random fp32 CIFAR-sized batches. The methods are timed **interleaved**: every round
+Each runs the library's own training step, as :func:`dcmkd.fit` does: ``method.begin_step``,
+``method.training_step(x, y, step, autocast)`` with the loop's :class:`~dcmkd.engine.loop.Step`
+(zero_grad, backward outside autocast, SGD step) and the loop's device-side
+:class:`~dcmkd.engine.loop.Meter` accumulating every loss and accuracy, on random CIFAR-sized
+batches. ``--compile`` adds a ``+compile`` row for ``ind``, ``dml`` and ``dcm``: the same step
+with the networks through ``torch.compile`` (``compile=true``), with its one-off compile time.
+``host reads/step`` counts ``item``/``tolist``/``float``/``int``/``bool`` calls on tensors
+during the timed steps (the loop reads once per ``log_every`` steps, outside this count). The methods are timed **interleaved**: every round
 runs one step of each, and a method's time is the median over rounds. A shared or noisy machine
 (a 2-core VM, a GPU with neighbours) then slows all methods alike, and the ratios, which are
 what the targets are about, stay meaningful.
@@ -27,7 +33,8 @@ Derived figures, each with its target (the issue's) and pass/fail:
   DML. Below 0.9 means DCM's extra FLOPs (wide auxiliary branches) run at a higher FLOP rate
   than the backbones, not that something is wrong; the next figure isolates the coupling;
 - ``dcm / ds`` step time <= 1.1: the dense links cost nothing beyond the networks they link;
-- ``channels_last / default`` speed >= 1.
+- ``channels_last / default`` speed >= 1;
+- ``compiled / eager`` speed of a ``dcm`` step >= 1.15 (with ``--compile``).
 
     python benchmarks/bench_step.py --device cpu --batch 128 --rounds 10
     python benchmarks/bench_step.py --device cuda --batch 128 --rounds 50
@@ -49,58 +56,97 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (environment, md_table, peak_rss_mib, pick_device, reset_peak_rss,  # noqa: E402
                      sync, write_results)
 
-from dcmkd.methods import create_method  # noqa: E402
+from dcmkd.engine.device import Precision, compile_networks  # noqa: E402
+from dcmkd.engine.loop import Meter, Step  # noqa: E402
+from dcmkd.methods import Schedule, SGDSettings, create_method  # noqa: E402
 
 METHODS = ("ind", "dml", "ds", "dcm")
+COMPILED = ("ind", "dml", "dcm")   # the methods timed with compile=true too
+READS = ("item", "tolist", "__float__", "__int__", "__bool__")
 LAYOUTS = {"default": torch.contiguous_format, "channels_last": torch.channels_last}
 NUM_CLASSES = 100
 
 
-def build(method_name: str, arch: str, layout: str, batch: int, device: torch.device):
-    """The method (on ``device``, in ``layout``), its step function and one input batch."""
-    torch.manual_seed(0)
-    fmt = LAYOUTS[layout]
-    nets = [arch] if method_name == "ind" else [arch, arch]
-    method = create_method(method_name, nets, num_classes=NUM_CLASSES).to(device)
-    if fmt is not torch.contiguous_format:
-        method = method.to(memory_format=fmt)
-    method.train()
-    opt = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.05,
-                          momentum=0.9, weight_decay=5e-4)
+class Built:
+    """A method on ``device`` in ``layout``, with the loop's step and meter and one batch."""
 
-    def step(loss, terms=None):
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    def __init__(self, name: str, arch: str, layout: str, batch: int, device: torch.device,
+                 precision: str = "fp32"):
+        torch.manual_seed(0)
+        base, compiled = name.removesuffix("+compile"), name.endswith("+compile")
+        fmt = LAYOUTS[layout]
+        nets = [arch] if base == "ind" else [arch, arch]
+        self.method = create_method(base, nets, num_classes=NUM_CLASSES).to(device)
+        if fmt is not torch.contiguous_format:
+            self.method = self.method.to(memory_format=fmt)
+        self.method.train()
+        self.method.configure_optimization(SGDSettings(weight_decay=5e-4),
+                                           Schedule("constant", lr=0.05, epochs=1))
+        self.precision = Precision(precision, device)
+        self.step = Step(self.method, self.precision, None)
+        self.meter = Meter(device, [n.classifier_names for n in self.method.networks], 0)
+        if compiled:
+            compile_networks(self.method.networks, print)
+        self.x = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=fmt)
+        self.y = torch.randint(0, NUM_CLASSES, (batch,), device=device)
 
-    x = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=fmt)
-    y = torch.randint(0, NUM_CLASSES, (batch,), device=device)
-    return method, step, x, y
+    def __call__(self) -> None:
+        """One training step, as the loop runs it."""
+        self.method.begin_step(0.0)
+        out = self.method.training_step(self.x, self.y, self.step, self.precision.autocast)
+        self.meter.add(out, self.y)
 
 
-def flops_per_step(method, step, x, y) -> int:
+def build(method_name: str, arch: str, layout: str, batch: int, device: torch.device,
+          precision: str = "fp32") -> Built:
+    return Built(method_name, arch, layout, batch, device, precision)
+
+
+def flops_per_step(built: Built) -> int:
     counter = FlopCounterMode(display=False)
     with counter:
-        method.training_step(x, y, step)
+        built()
     return counter.get_total_flops()
 
 
+def host_reads(built: Built, steps: int = 3) -> float:
+    """Host reads of tensor values per step (``item``, ``tolist``, ``float``…)."""
+    count = [0]
+    originals = {n: getattr(torch.Tensor, n) for n in READS}
+
+    def counting(name):
+        def wrapper(self, *a, **k):
+            count[0] += 1
+            return originals[name](self, *a, **k)
+        return wrapper
+
+    try:
+        for n in READS:
+            setattr(torch.Tensor, n, counting(n))
+        for _ in range(steps):
+            built()
+    finally:
+        for n, f in originals.items():
+            setattr(torch.Tensor, n, f)
+    return count[0] / steps
+
+
 def peak_memory_mib(method_name: str, arch: str, layout: str, batch: int,
-                    device: torch.device) -> float:
+                    device: torch.device, precision: str) -> float:
     """Peak memory of building ``method_name`` and running two steps, in a fresh process."""
     out = subprocess.run([sys.executable, __file__, "--memory-of",
-                          json.dumps([method_name, arch, layout, batch, str(device)])],
+                          json.dumps([method_name, arch, layout, batch, str(device), precision])],
                          capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
 
 def _memory_child(spec: str) -> None:
-    method_name, arch, layout, batch, device = json.loads(spec)
+    method_name, arch, layout, batch, device, precision = json.loads(spec)
     device = torch.device(device)
     before = reset_peak_rss()
-    method, step, x, y = build(method_name, arch, layout, batch, device)
+    built = build(method_name, arch, layout, batch, device, precision)
     for _ in range(2):
-        method.training_step(x, y, step)
+        built()
     sync(device)
     if device.type == "cuda":
         print(torch.cuda.max_memory_allocated(device) / 2**20)
@@ -109,28 +155,36 @@ def _memory_child(spec: str) -> None:
 
 
 def measure(arch: str, layout: str, methods: list[str], batch: int, rounds: int, warmup: int,
-            device: torch.device) -> list[dict]:
-    """Interleaved timing of ``methods`` on one (arch, layout): median step time over rounds."""
-    built = {m: build(m, arch, layout, batch, device) for m in methods}
+            device: torch.device, precision: str = "fp32", memory: bool = True) -> list[dict]:
+    """Interleaved timing of ``methods`` on one (arch, layout): median step time over rounds.
+    The first step of a ``+compile`` method (tracing and compiling) is timed on its own."""
+    built = {m: build(m, arch, layout, batch, device, precision) for m in methods}
     times: dict[str, list[float]] = {m: [] for m in methods}
+    first: dict[str, float] = {}
     for r in range(warmup + rounds):
-        for m, (method, step, x, y) in built.items():
+        for m, b in built.items():
             sync(device)
             t0 = time.perf_counter()
-            method.training_step(x, y, step)
+            b()
             sync(device)
+            if r == 0:
+                first[m] = time.perf_counter() - t0
             if r >= warmup:
                 times[m].append(time.perf_counter() - t0)
     rows = []
-    for m, (method, step, x, y) in built.items():
+    for m, b in built.items():
         step_s = statistics.median(times[m])
-        flops = flops_per_step(method, step, x, y)
+        flops = flops_per_step(build(m.removesuffix("+compile"), arch, layout, batch, device,
+                                     precision))
         rows.append({
-            "method": m, "arch": arch, "layout": layout, "networks": len(method.networks),
-            "batch": batch, "rounds": rounds, "warmup": warmup, "step_seconds": step_s,
-            "step_seconds_all": times[m], "images_per_s": batch / step_s,
-            "flops_per_image": flops / batch, "gflops_per_s": flops / step_s / 1e9,
-            "peak_memory_mib": peak_memory_mib(m, arch, layout, batch, device),
+            "method": m, "arch": arch, "layout": layout, "precision": precision,
+            "networks": len(b.method.networks), "batch": batch, "rounds": rounds,
+            "warmup": warmup, "step_seconds": step_s, "step_seconds_all": times[m],
+            "images_per_s": batch / step_s, "flops_per_image": flops / batch,
+            "gflops_per_s": flops / step_s / 1e9, "host_reads_per_step": host_reads(b),
+            "compile_seconds": first[m] - step_s if m.endswith("+compile") else None,
+            "peak_memory_mib": peak_memory_mib(m, arch, layout, batch, device, precision)
+            if memory else None,
         })
     return rows
 
@@ -163,6 +217,13 @@ def derive(rows: list[dict]) -> list[dict]:
             if d and c:
                 v = c["images_per_s"] / d["images_per_s"]
                 add(f"channels_last / default speed ({m})", arch, "both", v, ">= 1", v >= 1.0)
+        for layout in LAYOUTS:
+            for m in COMPILED:
+                e, c = by.get((arch, layout, m)), by.get((arch, layout, f"{m}+compile"))
+                if e and c:
+                    v = c["images_per_s"] / e["images_per_s"]
+                    add(f"compiled / eager speed ({m})", arch, layout, v,
+                        ">= 1.15" if m == "dcm" else "(none)", v >= 1.15 if m == "dcm" else True)
     return out
 
 
@@ -175,6 +236,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--layouts", default=",".join(LAYOUTS))
+    ap.add_argument("--compile", action="store_true",
+                    help="also time ind, dml and dcm with compile=true")
+    ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
+    ap.add_argument("--name", default="bench_step", help="results file name")
     ap.add_argument("--memory-of", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.memory_of:
@@ -184,38 +250,46 @@ def main(argv=None) -> dict:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     archs, methods = args.archs.split(","), args.methods.split(",")
+    if args.compile:
+        methods += [f"{m}+compile" for m in COMPILED if m in methods]
 
     rows = []
     for arch in archs:
         for layout in args.layouts.split(","):
             for r in measure(arch, layout, methods, args.batch, args.rounds, args.warmup,
-                             device):
+                             device, args.precision, not args.no_memory):
                 rows.append(r)
-                print(f"{arch:10s} {layout:13s} {r['method']:4s} {r['images_per_s']:9.1f} img/s "
+                print(f"{arch:10s} {layout:13s} {r['method']:12s} {r['images_per_s']:9.1f} img/s "
                       f"{r['step_seconds'] * 1e3:8.1f} ms/step {r['flops_per_image'] / 1e6:8.1f} "
                       f"MFLOP/img {r['gflops_per_s']:7.1f} GFLOP/s "
-                      f"peak {r['peak_memory_mib']:.0f} MiB", flush=True)
+                      f"{r['host_reads_per_step']:.0f} reads/step"
+                      + (f" compile {r['compile_seconds']:.0f}s" if r["compile_seconds"] else "")
+                      + (f" peak {r['peak_memory_mib']:.0f} MiB" if r["peak_memory_mib"] else ""),
+                      flush=True)
     derived = derive(rows)
     memory_note = ("torch.cuda.max_memory_allocated" if device.type == "cuda" else
                    "growth of the peak RSS (VmHWM, reset after the imports) of a process that "
                    "builds only that method and runs two steps")
-    result = {**environment(device), "fp32": True, "batch": args.batch, "archs": archs,
+    result = {**environment(device), "precision": args.precision, "batch": args.batch,
+              "archs": archs,
               "timing": f"median of {args.rounds} interleaved rounds after {args.warmup}",
               "memory_note": memory_note, "rows": rows, "derived": derived,
               "all_pass": all(d["pass"] for d in derived)}
-    md = (f"# bench_step\n\nDevice: {result['device_name']} ({device}); torch {torch.__version__}; "
-          f"fp32; batch {args.batch}; step time = {result['timing']} (methods interleaved).\n\n"
+    md = (f"# {args.name}\n\nDevice: {result['device_name']} ({device}); torch "
+          f"{torch.__version__}; {args.precision}; batch {args.batch}; step time = "
+          f"{result['timing']} (methods interleaved).\n\n"
           + md_table(["arch", "layout", "method", "images/s", "ms/step", "MFLOP/img (fwd+bwd)",
-                      "GFLOP/s", "peak MiB"],
+                      "GFLOP/s", "host reads/step", "compile s", "peak MiB"],
                      [[r["arch"], r["layout"], r["method"], r["images_per_s"],
                        r["step_seconds"] * 1e3, r["flops_per_image"] / 1e6, r["gflops_per_s"],
-                       r["peak_memory_mib"]] for r in rows])
+                       r["host_reads_per_step"], r["compile_seconds"] or "",
+                       r["peak_memory_mib"] or ""] for r in rows])
           + f"\nPeak memory: {memory_note}.\n\n"
           + md_table(["figure", "arch", "layout", "value", "target", "pass"],
                      [[d["figure"], d["arch"], d["layout"], round(d["value"], 3), d["target"],
                        "PASS" if d["pass"] else "FAIL"] for d in derived])
           + f"\nCommand: `{result['command']}`\n")
-    jpath, mpath = write_results("bench_step", result, md)
+    jpath, mpath = write_results(args.name, result, md)
     print(md)
     print(f"wrote {jpath} and {mpath}")
     return result

@@ -148,4 +148,4 @@ def test_options_that_do_not_apply_are_refused():
     with pytest.raises(ValueError, match="loss.beta does not apply to 'sskd'"):
         create_method("sskd", ["resnet20", "resnet20"], CLASSES, beta=10.0)
     with pytest.raises(ValueError, match="hint stage must be 1..4"):
-        make("fitnets", run_config={"feature": {"hint": 5}})
+        make("fitnets", feature={"hint": 5})

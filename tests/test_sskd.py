@@ -14,7 +14,7 @@ from dcmkd.engine.config import DEFAULTS, resolve
 from dcmkd.engine.trainer import Trainer
 from dcmkd.methods import create_method
 from dcmkd.methods.builders import FEATURE_OPTIONS, SSKD_OPTIONS
-from dcmkd.methods.control import PlateauSchedule
+from dcmkd.methods.optimization import PlateauSchedule, Schedule, SGDSettings
 from dcmkd.methods.sskd import SSKD, FixedBackbone
 from dcmkd.methods.stages import partition_stages
 from dcmkd.models import create_model
@@ -42,7 +42,10 @@ def sskd(nets=("resnet20", "resnet20"), seed=0, **options) -> SSKD:
     torch.manual_seed(seed)
     opts = {"schedule": "epochs", "stage_epochs": 1, "head_epochs": 1, **options}
     with pytest.warns(UserWarning, match="untrained"):
-        return create_method("sskd", list(nets), CLASSES, run_config={"sskd": opts})
+        method = create_method("sskd", list(nets), CLASSES, sskd=opts)
+    # the run's SGD and schedule (the task head follows it): a 0.1 cosine
+    method.configure_optimization(SGDSettings(), Schedule("cosine", lr=0.1, epochs=1))
+    return method
 
 
 def train_steps(method, steps=2, lr=0.05, x=None):
@@ -201,12 +204,12 @@ def test_sskd_moves_to_the_next_stage_when_the_lr_reaches_1e_5():
     lrs, epochs = [], 0
     while method.phase.name == "stage1":
         method._dist_sum, method._dist_count = 2.0, 1   # a distance that never decreases
-        lrs.append(method.lr_at(epochs, lambda e, n: 0.0))
+        lrs.append(method.lr_at(epochs))
         record = method.end_epoch(epochs)
         epochs += 1
     assert epochs == 67 and record["sskd/phase_end"] == "min_lr"
     assert lrs[0] == 0.01 and math.isclose(lrs[-1], 0.01 * 0.9 ** 65) and lrs[-1] > 1e-5
-    assert method.phase.name == "stage2" and method.lr_at(epochs, lambda e, n: 0.0) == 0.01
+    assert method.phase.name == "stage2" and method.lr_at(epochs) == 0.01
     capped = sskd(schedule="plateau", stage_epochs=3)
     with pytest.warns(UserWarning, match="cap of 3 epochs with lr 0.01 still above min_lr"):
         for e in range(3):
@@ -217,12 +220,11 @@ def test_sskd_moves_to_the_next_stage_when_the_lr_reaches_1e_5():
 
 def test_epoch_schedule_of_imagenet():
     method = sskd(schedule="epochs", stage_epochs=60)
-    run = lambda e, n: 0.0  # noqa: E731
-    assert [round(method.lr_at(e, run), 8) for e in (0, 17.9, 18, 36, 54, 59.99)] == \
+    assert [round(method.lr_at(e), 8) for e in (0, 17.9, 18, 36, 54, 59.99)] == \
         [0.01, 0.01, 0.001, 0.0001, 1e-05, 1e-05]
     for e in range(60):
         method.end_epoch(e)
-    assert method.phase.name == "stage2" and method.lr_at(60.5, run) == 0.01
+    assert method.phase.name == "stage2" and method.lr_at(60.5) == 0.01
     assert method.planned_epochs == 4 * 60 + 1
 
 
@@ -245,7 +247,7 @@ def test_task_head_phase_reinitialises_and_trains_only_the_head():
     assert [len(z) for z in outs[0].logits] == [0, 1]
     for k, v in student.state_dict().items():
         assert torch.equal(v, s0[k]) == (not k.startswith("head.")), k
-    assert method.lr_at(4.5, lambda e, n: 0.1 * (n - e)) == pytest.approx(0.1 * 0.5)
+    assert method.lr_at(4.5) == pytest.approx(0.1 * 0.5)   # the run's cosine, half-way
     advance(method)
     assert method.finished
 
@@ -373,19 +375,19 @@ def test_interrupted_sskd_run_resumes_to_the_uninterrupted_result(tmp_path, monk
 
     with pytest.warns(UserWarning):
         ref = Trainer(cfg("ref")).fit()
-    original = Trainer._checked
+    original = SSKD.begin_step
 
-    def dying(self, step, epoch, b):
-        if epoch == 1 and b == 1:
+    def dying(self, epoch):
+        if epoch == 1.5:   # epoch 2, batch 2 of 2
             raise Interrupt
-        return original(self, step, epoch, b)
+        return original(self, epoch)
 
-    monkeypatch.setattr(Trainer, "_checked", dying)
+    monkeypatch.setattr(SSKD, "begin_step", dying)
     with pytest.raises(Interrupt), pytest.warns(UserWarning):
         Trainer(cfg("cut")).fit()
     assert (load_file(tmp_path / "cut" / "checkpoint.pt")["epoch"],
             load_file(tmp_path / "cut" / "checkpoint.pt")["batch"]) == (1, 1)
-    monkeypatch.setattr(Trainer, "_checked", original)
+    monkeypatch.setattr(SSKD, "begin_step", original)
     with pytest.warns(UserWarning):
         resumed = Trainer(cfg("cut")).fit()
     assert resumed["test_top1"] == ref["test_top1"] and resumed["epochs"] == 3

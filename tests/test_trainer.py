@@ -9,8 +9,10 @@ import torch
 
 from dcmkd.cli import main
 from dcmkd.engine.config import resolve
-from dcmkd.engine.schedule import lr_at
+from dcmkd.engine import trainer as trainer_mod
+from dcmkd.engine.settings import TrainSettings
 from dcmkd.engine.trainer import Trainer, TrainingDiverged
+from dcmkd.methods.mutual import MutualMethod
 from dcmkd.models import create_model
 from dcmkd.registry import UnknownNameError
 from dcmkd.weights import atomic_save, load_file
@@ -18,6 +20,10 @@ from dcmkd.weights import atomic_save, load_file
 TINY = ["data.name=synthetic", "data.image_size=8", "data.train_subset=48",
         "data.batch_size=16", "data.test_batch_size=32", "epochs=2", "quiet=true",
         "deterministic=true", "device=cpu", "schedule.name=cosine", "optim.lr=0.05"]
+
+
+def lr_at(cfg, epoch):
+    return TrainSettings.from_config(cfg).schedule(epoch)
 
 
 def tiny(tmp_path, *extra, method="dcm", name="run"):
@@ -49,7 +55,7 @@ def test_run_folder_contents(tmp_path):
 def test_finished_run_is_not_redone(tmp_path, monkeypatch):
     cfg = tiny(tmp_path, "epochs=1")
     first = Trainer(cfg).fit()
-    monkeypatch.setattr(Trainer, "build", lambda self: pytest.fail("rebuilt a finished run"))
+    monkeypatch.setattr(trainer_mod, "build", lambda cfg: pytest.fail("rebuilt a finished run"))
     assert Trainer(cfg).fit() == first
 
 
@@ -63,19 +69,19 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypat
     last checkpoint (epoch end, or every 2 steps) and ends with identical weights."""
     ref = Trainer(tiny(tmp_path, "data.label_noise=0.25", name="ref")).fit()
     cfg = tiny(tmp_path, "data.label_noise=0.25", f"checkpoint_every_steps={every}", name="cut")
-    original = Trainer._checked
+    original = MutualMethod.begin_step
 
-    def dying(self, step, epoch, batch):
-        if epoch == 1 and batch == 2:
+    def dying(self, epoch):
+        if abs(epoch - (1 + 2 / 3)) < 1e-9:   # epoch 2, batch 2 of 3
             raise Interrupt
-        return original(self, step, epoch, batch)
+        return original(self, epoch)
 
-    monkeypatch.setattr(Trainer, "_checked", dying)
+    monkeypatch.setattr(MutualMethod, "begin_step", dying)
     with pytest.raises(Interrupt):
         Trainer(cfg).fit()
     ckpt = load_file(tmp_path / "cut" / "checkpoint.pt")
     assert (ckpt["epoch"], ckpt["batch"]) == ((1, 2) if every else (1, 0))
-    monkeypatch.setattr(Trainer, "_checked", original)
+    monkeypatch.setattr(MutualMethod, "begin_step", original)
     resumed = Trainer(cfg).fit()
     assert resumed["test_top1"] == ref["test_top1"]
     for n in range(2):
@@ -87,8 +93,6 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypat
 
 
 def test_nan_stops_the_run_naming_step_and_term(tmp_path, monkeypatch):
-    from dcmkd.methods.mutual import MutualMethod
-
     cfg = tiny(tmp_path)
     forward = MutualMethod.forward
     calls = {"n": 0}

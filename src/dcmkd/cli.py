@@ -9,7 +9,22 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Sequence
+from pathlib import Path
+from typing import Any, Sequence
+
+from dcmkd import __version__
+from dcmkd.engine.build import Built, build, evaluate_built, load_run
+from dcmkd.engine.config import resolve
+from dcmkd.engine.loop import TrainingDiverged
+from dcmkd.engine.trainer import Trainer
+from dcmkd.heads.describe import describe_model, model_rows
+from dcmkd.methods.teacher import load_pretrained
+from dcmkd.recipes import list_experiments, load_experiment, reproduce
+from dcmkd.recipes.runner import RunsFailed
+from dcmkd.registry import UnknownNameError
+from dcmkd.report import report_runs
+from dcmkd.report.tsne import tsne_plot
+from dcmkd.run_folder import RunFolder, model_name, parse_network_file
 
 
 def _millions(n: int) -> str:
@@ -21,8 +36,6 @@ def _giga(n: int) -> str:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from dcmkd.heads.describe import model_rows
-
     rows = model_rows(args.num_classes)
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -36,8 +49,6 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_describe(args: argparse.Namespace) -> int:
-    from dcmkd.heads.describe import describe_model
-
     d = describe_model(args.model, kind=args.aux, classifiers=args.classifiers,
                        num_classes=args.num_classes)
     if args.json:
@@ -73,24 +84,35 @@ def cmd_describe(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_config(args: argparse.Namespace) -> dict:
-    from dcmkd.engine.config import resolve
+#: CLI flags → the config key each one sets (the one translation of flags, for every command)
+FLAG_KEYS = {"method": "method", "nets": "nets", "dataset": "data.name", "data_dir": "data.root",
+             "epochs": "epochs", "seed": "seed", "out": "out", "device": "device",
+             "precision": "precision"}
 
-    short = {"method": args.method, "nets": args.nets, "data.name": args.dataset,
-             "data.root": args.data_dir, "epochs": args.epochs, "seed": args.seed,
-             "out": args.out, "device": args.device, "precision": args.precision,
-             "quiet": True if args.quiet else None}
-    overrides = [{k: v} if "." not in k else {k.split(".")[0]: {k.split(".")[1]: v}}
-                 for k, v in short.items() if v is not None]
+
+def flag_overrides(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The config overrides of the flags a command was given (``--data-dir d`` →
+    ``{"data": {"root": "d"}}``)."""
+    out: list[dict[str, Any]] = []
+    for attr, key in FLAG_KEYS.items():
+        value = getattr(args, attr, None)
+        if value is not None:
+            for part in reversed(key.split(".")):
+                value = {part: value}
+            out.append(value)
+    if getattr(args, "quiet", False):
+        out.append({"quiet": True})
+    return out
+
+
+def _train_config(args: argparse.Namespace) -> dict:
     config, extra = args.config, list(args.overrides)
     if config is not None and "=" in config:  # `dcmkd train optim.lr=0.05` has no config
         config, extra = None, [config, *extra]
-    return resolve(config, [*overrides, *extra])
+    return resolve(config, [*flag_overrides(args), *extra])
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from dcmkd.engine.trainer import Trainer
-
     cfg = _train_config(args)
     trainer = Trainer(cfg)
     summary = trainer.fit()
@@ -99,62 +121,33 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_trainer(run_dir: str):
-    from pathlib import Path
-
-    from dcmkd.engine.config import resolve
-    from dcmkd.engine.trainer import Trainer
-
-    path = Path(run_dir)
-    if not (path / "config.yaml").is_file():
-        raise FileNotFoundError(f"{path} is not a run folder (no config.yaml)")
-    trainer = Trainer(resolve(path / "config.yaml", ["quiet=true"]), path)
-    trainer.build()
-    if (path / "checkpoint.pt").is_file():
-        trainer.load_checkpoint()
-    return trainer
-
-
-def _weights_trainer(path, args: argparse.Namespace):
-    """A trainer holding one network loaded from an exported weights file, for evaluation.
-
-    The model name comes from ``--model`` or the exported file's name (``net{n}_{model}.pt``);
-    the data from the run folder holding the file (its ``config.yaml``), then the flags."""
-    import re
-
-    from dcmkd.engine.config import load_yaml, resolve
-    from dcmkd.engine.trainer import Trainer
-    from dcmkd.methods.teacher import load_pretrained
-
-    match = re.fullmatch(r"net\d+_(.+)\.pt", path.name)
-    model = args.model or (match.group(1) if match else None)
+def _weights_file(path: Path, args: argparse.Namespace) -> Built:
+    """One network loaded from an exported weights file, for evaluation. The model comes from
+    ``--model`` or the file's name (``net{n}_{model}.pt``); the data from the run folder holding
+    the file (its config), then the flags."""
+    parsed = parse_network_file(path.name)
+    model = args.model or (parsed[1] if parsed else None)
     if model is None:
         raise ValueError(f"cannot tell the model of {path.name}: pass --model NAME")
-    run_cfg = path.parent / "config.yaml"
-    base = {"data": load_yaml(run_cfg)["data"]} if run_cfg.is_file() else {}
-    if "data" in base:
-        base["num_classes"] = load_yaml(run_cfg).get("num_classes")
-    over: list = [{"method": "ind", "nets": [model], "quiet": True}]
-    if args.dataset:
-        over.append({"data": {"name": args.dataset}})
-    if args.data_dir:
-        over.append({"data": {"root": args.data_dir}})
-    if args.device:
-        over.append({"device": args.device})
-    trainer = Trainer(resolve(base, [*over, *args.overrides]), path.parent)
-    trainer.build()
-    load_pretrained(trainer.method.networks[0].backbone, path)
-    return trainer
+    saved = RunFolder(path.parent).read_config() or {}
+    base = {"data": saved["data"], "num_classes": saved.get("num_classes")} \
+        if "data" in saved else {}
+    cfg = resolve(base, [{"method": "ind", "nets": [model], "quiet": True},
+                         *flag_overrides(args), *args.overrides])
+    built = build(cfg)
+    load_pretrained(built.method.networks[0].backbone, path)
+    return built
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     path = Path(args.run)
     if not path.exists():
         raise FileNotFoundError(f"no run folder or weights file at {path}")
-    trainer = _run_trainer(args.run) if path.is_dir() else _weights_trainer(path, args)
-    result = trainer.evaluate()
+    if path.is_dir():
+        built = load_run(path, **({"device": args.device} if args.device else {}))
+    else:
+        built = _weights_file(path, args)
+    result = evaluate_built(built)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -164,22 +157,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from dcmkd.weights import atomic_save
-
-    trainer = _run_trainer(args.run)
-    out = Path(args.to or args.run)
-    for n, (net, name) in enumerate(zip(trainer.method.export(), trainer.cfg["nets"])):
-        atomic_save(net.state_dict(), out / f"net{n}_{name}.pt")
-        print(out / f"net{n}_{name}.pt")
+    run = RunFolder(args.run)
+    built = load_run(run)
+    models = [model_name(net) for net in built.method.networks]
+    for path in run.export_networks(built.method.export(), models, to=args.to):
+        print(path)
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from dcmkd.engine.config import resolve
-    from dcmkd.engine.trainer import Trainer
-
     rows = []
     for method in ("ind", "dml", "dcm"):
         cfg = resolve("demo", [f"method={method}", f"nets={args.nets}", f"epochs={args.epochs}",
@@ -196,22 +182,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from dcmkd.recipes import list_experiments, load_experiment, reproduce
-
     if args.list or args.experiment is None:
         for name in list_experiments():
             exp = load_experiment(name)
             print(f"{name:14s} {len(exp.rows):2d} rows, {len(exp.cells):2d} runs/seed  {exp.title}")
         return 0
     exp = load_experiment(args.experiment)
-    overrides: list = list(args.overrides)
-    if args.data_dir:
-        overrides.append({"data": {"root": args.data_dir}})
-    if args.device:
-        overrides.append({"device": args.device})
-    overrides.append({"quiet": not args.progress})
+    overrides: list = [*flag_overrides(args), *args.overrides, {"quiet": not args.progress}]
     rows = [r for spec in args.rows or [] for r in spec.split(",") if r] or None
-    paths = reproduce(exp, rows=rows, seeds=args.seeds, scale=args.scale, out=args.out,
+    paths = reproduce(exp, rows=rows, seeds=args.seeds, scale=args.scale, out=args.root,
                       overrides=overrides, standins=args.standins, dry_run=args.dry_run,
                       jobs=args.jobs, devices=[d for d in (args.devices or "").split(",") if d])
     if paths:
@@ -221,8 +200,6 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from dcmkd.report import report_runs
-
     paths = report_runs(args.runs, args.out)
     print(paths["table_md"].read_text())
     print("wrote " + ", ".join(str(p) for p in paths.values()))
@@ -230,8 +207,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_tsne(args: argparse.Namespace) -> int:
-    from dcmkd.report.tsne import tsne_plot
-
     path = tsne_plot(args.run, stage=args.stage, net=args.net, classes=args.classes,
                      samples=args.samples, out=args.out, seed=args.seed, pool=args.pool,
                      device=args.device)
@@ -240,8 +215,6 @@ def cmd_tsne(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dcmkd import __version__
-
     p = argparse.ArgumentParser(prog="dcmkd", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"dcmkd {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
@@ -318,7 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="full: the paper's protocol; quick: the reduced one; smoke: 2 steps")
     r.add_argument("--standins", action="store_true",
                    help="smoke only: swap backbones over ~5M parameters for small ones")
-    r.add_argument("--out", default="runs/reproduce", help="root folder of the runs and tables")
+    r.add_argument("--out", dest="root", default="runs/reproduce",
+                   help="root folder of the runs and tables")
     r.add_argument("--data-dir", help="dataset folder for every run")
     r.add_argument("--device", help="auto, cpu, cuda, cuda:N, mps")
     r.add_argument("--progress", action="store_true", help="progress bars and epoch lines")
@@ -358,8 +332,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from dcmkd.registry import UnknownNameError
-
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # `dcmkd train -q optim.lr=0.1`: overrides may follow flags
@@ -369,9 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     try:
         return args.func(args)
-    except RuntimeError as e:
-        if type(e).__name__ not in ("TrainingDiverged", "RunsFailed"):
-            raise
+    except (TrainingDiverged, RunsFailed) as e:
         print(f"dcmkd: error: {e}", file=sys.stderr)
         return 3
     except (UnknownNameError, ValueError, FileNotFoundError) as e:

@@ -1,57 +1,54 @@
 """Run configuration: a nested dict with a fixed schema, defaults, recipes and dotted overrides.
 
-Only this module and the CLI know about YAML. A wrong key anywhere (file or override) raises
-:class:`~dcmkd.registry.UnknownNameError` naming the key and the closest valid ones.
+A wrong key anywhere (file or override) raises :class:`~dcmkd.registry.UnknownNameError` naming
+the key and the closest valid ones. :func:`dcmkd.engine.build.build` turns a resolved config
+into the method, the data and the settings.
 """
 from __future__ import annotations
 
 import copy
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from dcmkd import yamlio
+from dcmkd.data.build import DataConfig
+from dcmkd.engine.settings import TrainSettings
+from dcmkd.methods import FEATURE_OPTIONS, SSKD_OPTIONS, LossOptions, Schedule, SGDSettings
 from dcmkd.registry import UnknownNameError
 
+def _defaults() -> dict[str, Any]:
+    """Every key a run config may hold, with its default, taken from the one owner of each
+    group: the method options (:class:`LossOptions`, ``SSKD_OPTIONS``, ``FEATURE_OPTIONS``), the
+    data options (:class:`DataConfig`), the optimiser and schedule (:class:`SGDSettings`,
+    :class:`Schedule`) and the loop's settings (:class:`TrainSettings`)."""
+    schedule, settings = asdict(Schedule()), TrainSettings()
+    loop = {f.name: getattr(settings, f.name) for f in fields(TrainSettings)
+            if f.name not in ("optim", "schedule", "clip_grad_norm")}
+    return {
+        "method": "dcm",
+        "nets": ["resnet20", "resnet20"],
+        "num_classes": None,            # default: the dataset's
+        "classifiers": None,            # auxiliary classifiers, e.g. "C2,C3" (paper default)
+        "aux_kind": "default",          # default | apfc | narrow
+        "model_options": {},            # e.g. {dropout: 0.3}
+        "teacher_weights": None,        # kd, sskd, fitnets…: first network (file or run folder)
+        "teacher_net": None,            # which network of that run folder (default 0)
+        "loss": asdict(LossOptions()),
+        "data": asdict(DataConfig()),
+        "optim": {"name": "sgd", "lr": schedule.pop("lr"), **asdict(SGDSettings()),
+                  "clip_grad_norm": settings.clip_grad_norm},
+        "epochs": schedule.pop("epochs"),
+        "schedule": {**schedule, "milestones": list(schedule["milestones"])},
+        "sskd": dict(SSKD_OPTIONS),     # stage-wise feature methods (dcmkd.methods.builders)
+        "feature": dict(FEATURE_OPTIONS),
+        **loop,
+        "out": None,                    # run folder; default runs/<method>-<nets>-<data>-s<seed>
+    }
+
+
 #: every key a run config may hold, with its default
-DEFAULTS: dict[str, Any] = {
-    "method": "dcm",
-    "nets": ["resnet20", "resnet20"],
-    "num_classes": None,            # default: the dataset's
-    "classifiers": None,            # auxiliary classifiers, e.g. "C2,C3" (paper default)
-    "aux_kind": "default",          # default | apfc | narrow
-    "model_options": {},            # e.g. {dropout: 0.3}
-    "teacher_weights": None,        # kd, sskd, fitnets…: first network (file or run folder)
-    "teacher_net": None,            # which network of that run folder (default 0 / the file given)
-    "loss": {"alpha": 1.0, "beta": 1.0, "gamma": 1.0, "temperature": 1.0, "divergence": "kl",
-             "t2_scaling": False, "label_smoothing": 0.0, "update": "simultaneous",
-             "reduction": "sum", "rampup": 0.0, "rampup_shape": "sigmoid"},
-    "data": {"name": "digits", "root": None, "batch_size": 64, "test_batch_size": 512,
-             "label_noise": 0.0, "noise_seed": 0, "train_subset": None, "download": False,
-             "workers": 4, "image_size": None, "cache_dir": None},
-    "optim": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": False,
-              "weight_decay": 1e-4, "clip_grad_norm": None},
-    "schedule": {"name": "step", "step_size": 60, "milestones": [], "gamma": 0.1,
-                 "warmup_epochs": 0},
-    # stage-wise feature methods (dcmkd.methods.builders; docs in dcmkd.methods.sskd)
-    "sskd": {"stages": 4, "schedule": "plateau", "lr": 0.01, "momentum": 0.9,
-             "weight_decay": None, "factor": 0.9, "patience": 0, "threshold": 0.0,
-             "min_lr": 1.0e-5, "stage_epochs": None, "milestones": [0.3, 0.6, 0.9],
-             "gamma": 0.1, "multi_loss": False, "head": "separate", "head_epochs": None,
-             "adapter": "auto"},
-    "feature": {"stages": 4, "hint": "auto", "reduction": "sum", "p": 2.0, "degree": 2, "c": 0.0},
-    "epochs": 200,
-    "seed": 0,
-    "device": "auto",               # auto | cpu | cuda | cuda:1 | mps
-    "precision": "fp32",            # fp32 | bf16 | fp16
-    "channels_last": False,
-    "deterministic": False,
-    "checkpoint_every_steps": 0,    # 0: at the end of every epoch only
-    "eval_every": 1,                # evaluate every N epochs (the last one always)
-    "quiet": False,
-    "tensorboard": False,
-    "out": None,                    # run folder; default runs/<method>-<nets>-s<seed>
-}
+DEFAULTS: dict[str, Any] = _defaults()
 
 #: the papers' optimisers and schedules (DCM supplementary §1, SPEC.md §3)
 RECIPES: dict[str, dict[str, Any]] = {
@@ -125,7 +122,7 @@ def parse_override(text: str) -> dict:
     if "=" not in text:
         raise ValueError(f"override '{text}' is not of the form key=value")
     key, value = text.split("=", 1)
-    parsed: Any = yaml.safe_load(value) if value != "" else None
+    parsed: Any = yamlio.loads(value, f"override '{text}'") if value != "" else None
     for part in reversed(key.strip().split(".")):
         parsed = {part: parsed}
     return parsed
@@ -135,7 +132,7 @@ def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no config file at {path}")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = yamlio.load(path) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a config file holds a mapping of keys")
     return data
@@ -178,4 +175,4 @@ def _deep_update(a: dict, b: dict) -> dict:
 
 
 def dump(cfg: dict) -> str:
-    return yaml.safe_dump(cfg, sort_keys=False)
+    return yamlio.dumps(cfg)

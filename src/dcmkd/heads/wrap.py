@@ -46,6 +46,7 @@ from torch import nn
 from dcmkd.heads.builder import AUX_KINDS, APFCHead, AuxiliaryClassifier, MultiExitNetwork
 from dcmkd.heads.builder import parse_classifiers
 from dcmkd.heads.tables import CLASSIFIER_NAMES
+from dcmkd.models import mobilenet, resnet_cifar, resnet_imagenet, wrn
 from dcmkd.models.base import ClassifierHead
 from dcmkd.registry import UnknownNameError, check_choice
 
@@ -234,8 +235,6 @@ def _keep_blocks(n: int, blocks: int | str | None) -> int:
 def zoo_block_factory(block: nn.Module) -> BlockFactory | None:
     """The constructor of a dcmkd zoo block as ``factory(in_ch, out_ch, stride)``, keeping the
     block's own options (shortcut type, dropout, expansion); None for other modules."""
-    from dcmkd.models import mobilenet, resnet_cifar, resnet_imagenet, wrn
-
     if isinstance(block, resnet_cifar.BasicBlock):
         shortcut = "B" if isinstance(block.shortcut, nn.Sequential) else "A"
         return lambda cin, cout, s: resnet_cifar.BasicBlock(cin, cout, s, shortcut)

@@ -20,6 +20,7 @@ cost does not grow with Python loops over the (N·K)² pairs.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -66,13 +67,50 @@ class LinkMatrix:
                     continue
                 links[a, b] = {"none": False, "final": i == 0 and j == 0, "same": i == j,
                                "cross": i != j, "dense": True}[pattern]
-        return cls(tuple(num_classifiers), links)
+        matrix = cls(tuple(num_classifiers), links)
+        matrix.blocks  # noqa: B018 - computed once here, never inside a training step
+        return matrix
+
+    @functools.cached_property
+    def blocks(self) -> list[NetworkLinks]:
+        """Per receiving network: its node indices and which kinds of links reach it, as
+        Python values (so the loss makes no host read of a device tensor)."""
+        nodes, links = self.nodes, self.links.tolist()
+        out = []
+        for n in range(len(self.num_classifiers)):
+            idx = [b for b, (m, _) in enumerate(nodes) if m == n]
+            pairs = [(a, b) for a in range(len(nodes)) for b in idx if links[a][b]]
+            out.append(NetworkLinks(
+                tuple(idx), bool(pairs),
+                any(nodes[a][1] == nodes[b][1] for a, b in pairs),
+                any(nodes[a][1] != nodes[b][1] for a, b in pairs)))
+        return out
+
+    def masks(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(links, same_stage)`` as bool tensors on ``device`` (copied there once)."""
+        cache = self.__dict__.setdefault("_masks", {})
+        if device not in cache:
+            nodes = self.nodes
+            same = torch.tensor([[i == j for (_, j) in nodes] for (_, i) in nodes])
+            cache[device] = (self.links.to(device), same.to(device))
+        return cache[device]
 
     def count(self) -> dict[str, int]:
         """Number of same-staged and different-staged links."""
         nodes = self.nodes
         same = sum(1 for a, b in self.links.nonzero().tolist() if nodes[a][1] == nodes[b][1])
         return {"same": same, "cross": int(self.links.sum()) - same}
+
+
+@dataclass(frozen=True)
+class NetworkLinks:
+    """The links that reach one network: its node indices and whether any, any same-staged and
+    any different-staged link arrive."""
+
+    nodes: tuple[int, ...]
+    any: bool
+    same: bool
+    cross: bool
 
 
 @dataclass
@@ -126,23 +164,21 @@ def mutual_distillation_loss(logits: Sequence[Sequence[torch.Tensor]], targets: 
                   for zs in own]
     ce = torch.stack([c.detach() for cs in ce_per_net for c in cs])
 
-    links_dev = links.links.to(flat.device)
-    same_stage = torch.tensor([[i == j for (_, j) in nodes] for (_, i) in nodes],
-                              device=flat.device)
-    any_link = bool(links_dev.any())
-    if any_link:
+    links_dev, same_stage = links.masks(flat.device)
+    blocks = links.blocks
+    if any(b.any for b in blocks):
         log_p = F.log_softmax(flat / temperature, dim=-1)   # targets, detached (Eq. 3)
         p = log_p.exp()
         entropy = -(p * log_p).sum(-1).mean(-1)                       # Eq. 5 = Eq. 2 − H(p)
     pairwise = torch.zeros(len(nodes), len(nodes), device=flat.device)
     per_network: list[dict[str, torch.Tensor]] = []
-    for n in range(len(logits)):
-        idx = [b for b, (m, _) in enumerate(nodes) if m == n]
+    for n, net_links in enumerate(blocks):
+        idx = list(net_links.nodes)
         terms = {"ce": ce_per_net[n][0]}
         if len(idx) > 1:
             terms["ds"] = alpha * torch.stack(ce_per_net[n][1:]).sum()
-        incoming = links_dev[:, idx]
-        if any_link and incoming.any():
+        if net_links.any:
+            incoming = links_dev[:, idx]
             # Only network n's own log-probabilities enter its block, so no gradient (not even
             # a zero one) reaches a peer: cross[a, j] = -(1/B) Σ_x Σ_m p_a log q_j  (Eq. 2)
             log_q = F.log_softmax(own[n] / temperature, dim=-1)
@@ -156,9 +192,9 @@ def mutual_distillation_loss(logits: Sequence[Sequence[torch.Tensor]], targets: 
             if reduction == "mean":  # each classifier's sources averaged, not summed
                 block = block / incoming.sum(0).clamp_min(1)
             same = same_stage[:, idx]
-            if (incoming & same).any():
+            if net_links.same:
                 terms["dcm1"] = beta * (block * same).sum()
-            if (incoming & ~same).any():
+            if net_links.cross:
                 terms["dcm2"] = gamma * (block * ~same).sum()
         per_network.append(terms)
     return MutualLoss(per_network, pairwise, ce, links)

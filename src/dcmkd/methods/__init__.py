@@ -25,10 +25,11 @@ from torch import nn
 
 from dcmkd.heads import MultiExitNetwork, build_multi_exit
 from dcmkd.heads.wrap import wrap_model
-from dcmkd.methods.mutual import (UPDATE_MODES, Method, MutualMethod, StepOutput,
-                                  bn_stats_frozen)
-from dcmkd.methods.builders import STAGE_METHODS, build_stage_method
-from dcmkd.methods.control import PhasedMethod
+from dcmkd.methods.base import Method, StepOutput
+from dcmkd.methods.builders import FEATURE_OPTIONS, SSKD_OPTIONS, STAGE_METHODS, \
+    build_stage_method
+from dcmkd.methods.mutual import UPDATE_MODES, LossOptions, MutualMethod, bn_stats_frozen
+from dcmkd.methods.optimization import Schedule, SGDSettings
 from dcmkd.methods.teacher import load_pretrained
 from dcmkd.models.base import Backbone
 from dcmkd.registry import Registry, UnknownNameError
@@ -67,17 +68,12 @@ for _p in (
     METHODS.register(_p.name)(_p)
 
 
-#: keyword options of :class:`MutualMethod` a user may set
-LOSS_OPTIONS = ("alpha", "beta", "gamma", "temperature", "divergence", "t2_scaling",
-                "label_smoothing", "update", "reduction", "rampup", "rampup_shape")
-
-
 def create_method(name: str, nets: Sequence[str | nn.Module], num_classes: int | None = None,
                   *, classifiers: str | Sequence[str] | None = None, kind: str = "default",
                   model_options: Sequence[dict[str, Any]] | dict[str, Any] | None = None,
                   teacher_weights: str | os.PathLike | None = None,
                   teacher_net: int | None = None,
-                  run_config: dict[str, Any] | None = None,
+                  sskd: dict[str, Any] | None = None, feature: dict[str, Any] | None = None,
                   **loss_options: Any) -> Method:
     """Build a method from zoo names or modules.
 
@@ -87,27 +83,36 @@ def create_method(name: str, nets: Sequence[str | nn.Module], num_classes: int |
     ``classifiers`` / ``kind``: the auxiliary classifiers of methods that have them (paper Tables
     3 and 4). ``model_options``: one dict for all networks or one per network (e.g. dropout).
     ``teacher_weights``: for ``kd``, a weights file for the first network (exported model or run
-    checkpoint, loaded with ``weights_only=True``). ``loss_options``: ``alpha``, ``beta``,
-    ``gamma``, ``temperature``, ``divergence``, ``t2_scaling``, ``label_smoothing``, ``update``.
+    checkpoint, loaded with ``weights_only=True``). ``loss_options``: the fields of
+    :class:`~dcmkd.methods.mutual.LossOptions` (``alpha``, ``beta``, ``gamma``, ``temperature``,
+    …).
 
     Stage-wise feature methods (``sskd``, ``fitnets``, ``at``, ``nst``, ``fixed_backbone``:
-    :mod:`dcmkd.methods.builders`) take the same networks (without auxiliary classifiers);
-    ``teacher_weights`` may be a file or a run folder for every method, ``teacher_net`` picks a
-    network of that run, and ``run_config`` (a resolved run config) gives the stage-wise
-    methods their ``sskd`` / ``feature`` options, ``optim`` and ``epochs``.
+    :mod:`dcmkd.methods.builders`) take the same networks (without auxiliary classifiers) and
+    their options in ``sskd`` / ``feature`` (:data:`SSKD_OPTIONS`, :data:`FEATURE_OPTIONS`);
+    ``teacher_weights`` may be a file or a run folder for every method, and ``teacher_net``
+    picks a network of that run.
     """
     if name in STAGE_METHODS:
         networks = list(create_method("ind", nets, num_classes,
                                       model_options=model_options).networks)
-        return build_stage_method(name, networks, teacher_weights=teacher_weights,
-                                  teacher_net=teacher_net, run_config=run_config,
-                                  **loss_options)
+        method = build_stage_method(name, networks, teacher_weights=teacher_weights,
+                                    teacher_net=teacher_net, sskd=sskd, feature=feature,
+                                    **loss_options)
+        method.name = name
+        return method
+    for section, given, defaults in (("sskd", sskd, SSKD_OPTIONS),
+                                     ("feature", feature, FEATURE_OPTIONS)):
+        changed = [k for k, v in (given or {}).items() if defaults.get(k, object()) != v]
+        if changed:
+            raise ValueError(f"{section}.{changed[0]} is an option of the stage-wise methods "
+                             f"({', '.join(STAGE_METHODS)}), not of '{name}'")
     if name not in METHODS:
         raise UnknownNameError("method", name, [*METHODS.names(), *STAGE_METHODS])
     preset = METHODS.get(name)
-    for key in loss_options:
-        if key not in LOSS_OPTIONS:
-            raise UnknownNameError(f"option of method '{name}'", key, LOSS_OPTIONS)
+    options = LossOptions.from_dict(loss_options, f"option of method '{name}'")
+    if preset.frozen_teacher and options.update != "simultaneous":
+        raise ValueError(f"'{name}' has a single trainable network; loss.update does not apply")
     if len(nets) < preset.min_networks:
         raise ValueError(f"method '{name}' needs at least {preset.min_networks} networks, "
                          f"got {len(nets)}")
@@ -144,11 +149,12 @@ def create_method(name: str, nets: Sequence[str | nn.Module], num_classes: int |
         if not preset.frozen_teacher:
             raise ValueError(f"teacher_weights is for 'kd', not '{name}'")
         load_pretrained(networks[0].backbone, teacher_weights, teacher_net)
-    if preset.frozen_teacher and "update" in loss_options:
-        raise ValueError("'kd' has a single trainable network; 'update' does not apply")
-    return MutualMethod(networks, preset.pattern, frozen=(0,) if preset.frozen_teacher else (),
-                        term_names=dict(preset.term_names), **loss_options)
+    method = MutualMethod(networks, preset.pattern, frozen=(0,) if preset.frozen_teacher else (),
+                          options=options, term_names=dict(preset.term_names))
+    method.name = name
+    return method
 
 
 __all__ = ["METHODS", "MethodPreset", "Method", "MutualMethod", "StepOutput", "create_method",
-           "bn_stats_frozen", "UPDATE_MODES", "STAGE_METHODS", "PhasedMethod"]
+           "bn_stats_frozen", "UPDATE_MODES", "STAGE_METHODS", "LossOptions", "SSKD_OPTIONS",
+           "FEATURE_OPTIONS", "SGDSettings", "Schedule"]

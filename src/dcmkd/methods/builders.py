@@ -11,21 +11,24 @@ fixed_backbone            1         the re-initialised head of a trained network
 
 The first network is the teacher (frozen; weights from ``teacher_weights``, a file or a run
 folder, network ``teacher_net`` of that run). Options come from the run config's ``sskd`` and
-``feature`` sections (:data:`SSKD_OPTIONS`, :data:`FEATURE_OPTIONS`: their defaults, equal to
-those of :data:`dcmkd.engine.config.DEFAULTS`) and, for the task head, its ``optim`` and
-``epochs``; the loss weight λ of FitNets/AT/NST is ``loss.beta``.
+``feature`` sections (:data:`SSKD_OPTIONS`, :data:`FEATURE_OPTIONS`: the one list of their names
+and defaults, from which :data:`dcmkd.engine.config.DEFAULTS` takes them); the loss weight λ of
+FitNets/AT/NST is ``loss.beta``. The run's epochs and SGD settings reach SSKD through
+``configure_optimization``.
 """
 from __future__ import annotations
 
 import os
 import warnings
+from dataclasses import asdict
 from typing import Any, Sequence
 
 from torch import nn
 
+from dcmkd.methods.base import Method
 from dcmkd.methods.feature_kd import FEATURE_METHODS, FeatureKD
-from dcmkd.methods.mutual import Method
-from dcmkd.methods.sskd import SSKD, FixedBackbone, phase_epochs
+from dcmkd.methods.mutual import LossOptions
+from dcmkd.methods.sskd import SSKD, FixedBackbone
 from dcmkd.methods.teacher import load_pretrained
 from dcmkd.registry import UnknownNameError
 
@@ -63,10 +66,9 @@ FEATURE_OPTIONS: dict[str, Any] = {
     "degree": 2, "c": 0.0,     # NST polynomial kernel
 }
 
-#: loss options of the logit methods that these methods do not use, at their defaults
-_UNUSED_LOSS_OPTIONS = {"alpha": 1.0, "gamma": 1.0, "temperature": 1.0, "divergence": "kl",
-                        "t2_scaling": False, "update": "simultaneous", "reduction": "sum",
-                        "rampup": 0.0, "rampup_shape": "sigmoid"}
+#: the logit methods' loss options these methods use (λ = ``beta``; the others must keep their
+#: defaults)
+USED_LOSS_OPTIONS = ("beta", "label_smoothing")
 
 
 def _options(defaults: dict[str, Any], given: dict[str, Any] | None, what: str) -> dict[str, Any]:
@@ -79,34 +81,33 @@ def _options(defaults: dict[str, Any], given: dict[str, Any] | None, what: str) 
 
 
 def _check_loss_options(name: str, loss_options: dict[str, Any]) -> dict[str, Any]:
+    defaults = asdict(LossOptions())
     used = {}
     for k, v in loss_options.items():
+        if k not in defaults:
+            raise UnknownNameError(f"option of method '{name}'", k, LossOptions.names())
         if k == "beta" and name not in FEATURE_METHODS:
-            if v != 1.0:
+            if v != defaults[k]:
                 raise ValueError(f"loss.beta does not apply to '{name}' (it has no loss weight)")
-        elif k in ("beta", "label_smoothing"):
+        elif k in USED_LOSS_OPTIONS:
             used[k] = v
-        elif k in _UNUSED_LOSS_OPTIONS:
-            if v != _UNUSED_LOSS_OPTIONS[k]:
-                raise ValueError(f"loss.{k} does not apply to '{name}'")
-        else:
-            raise UnknownNameError(f"option of method '{name}'", k,
-                                   ["beta", "label_smoothing", *_UNUSED_LOSS_OPTIONS])
+        elif v != defaults[k]:
+            raise ValueError(f"loss.{k} does not apply to '{name}'")
     return used
 
 
 def build_stage_method(name: str, networks: Sequence[nn.Module], *,
                        teacher_weights: str | os.PathLike | None = None,
                        teacher_net: int | None = None,
-                       run_config: dict[str, Any] | None = None,
                        sskd: dict[str, Any] | None = None,
                        feature: dict[str, Any] | None = None,
                        **loss_options: Any) -> Method:
     """Build ``name`` from built networks (``MultiExitNetwork`` s with C1 only).
 
-    ``run_config``: a resolved run config (its ``sskd``, ``feature``, ``optim``, ``epochs``);
-    ``sskd`` / ``feature``: option overrides (API use). ``loss_options``: ``beta`` (λ) and
-    ``label_smoothing``; the logit methods' other options must keep their defaults.
+    ``sskd`` / ``feature``: options (:data:`SSKD_OPTIONS`, :data:`FEATURE_OPTIONS`; the run
+    config's sections). ``loss_options``: ``beta`` (λ) and ``label_smoothing``; the logit
+    methods' other options must keep their defaults. The run's epochs and SGD settings reach
+    SSKD through :meth:`~dcmkd.methods.sskd.SSKD.configure_optimization`.
     """
     count, _ = STAGE_METHODS[name]
     if len(networks) != count:
@@ -114,12 +115,8 @@ def build_stage_method(name: str, networks: Sequence[nn.Module], *,
                          f"({'teacher, student' if count == 2 else 'the trained network'}), "
                          f"got {len(networks)}")
     loss = _check_loss_options(name, loss_options)
-    cfg = run_config or {}
-    s_opts = _options(SSKD_OPTIONS, {**(cfg.get("sskd") or {}), **(sskd or {})}, "sskd")
-    f_opts = _options(FEATURE_OPTIONS, {**(cfg.get("feature") or {}), **(feature or {})},
-                      "feature")
-    optim = {"momentum": 0.9, "nesterov": False, "weight_decay": 1e-4, **(cfg.get("optim") or {})}
-    epochs = int(cfg.get("epochs", 200))
+    s_opts = _options(SSKD_OPTIONS, sskd, "sskd")
+    f_opts = _options(FEATURE_OPTIONS, feature, "feature")
     if teacher_weights is not None:
         load_pretrained(networks[0].backbone, teacher_weights, teacher_net)
     elif name == "fixed_backbone":
@@ -133,18 +130,7 @@ def build_stage_method(name: str, networks: Sequence[nn.Module], *,
     if name in FEATURE_METHODS:
         return FeatureKD(networks[0], networks[1], name, loss.get("beta", 1.0),
                          label_smoothing=smoothing, **f_opts)
-    wd = s_opts["weight_decay"]
-    return SSKD(
-        networks[0], networks[1], stages=s_opts["stages"], schedule=s_opts["schedule"],
-        lr=s_opts["lr"], momentum=s_opts["momentum"],
-        weight_decay=optim["weight_decay"] if wd is None else wd,
-        factor=s_opts["factor"], patience=s_opts["patience"], threshold=s_opts["threshold"],
-        min_lr=s_opts["min_lr"], stage_epochs=max(1, phase_epochs(s_opts["stage_epochs"], epochs)),
-        milestones=s_opts["milestones"], gamma=s_opts["gamma"], multi_loss=s_opts["multi_loss"],
-        head=s_opts["head"], head_epochs=phase_epochs(s_opts["head_epochs"], epochs),
-        head_momentum=optim["momentum"], head_nesterov=optim["nesterov"],
-        head_weight_decay=optim["weight_decay"], adapter=s_opts["adapter"],
-        label_smoothing=smoothing)
+    return SSKD(networks[0], networks[1], **s_opts, label_smoothing=smoothing)
 
 
 __all__ = ["STAGE_METHODS", "SSKD_OPTIONS", "FEATURE_OPTIONS", "build_stage_method"]

@@ -53,7 +53,7 @@ from torch import nn
 from dcmkd.heads import MultiExitNetwork
 from dcmkd.losses.features import (HintRegressor, attention_transfer_loss, hint_loss,
                                    nst_loss_multi)
-from dcmkd.methods.mutual import Method, StepOutput
+from dcmkd.methods.base import Method, StepOutput
 from dcmkd.methods.stages import StagePartition, partition_stages
 from dcmkd.registry import UnknownNameError
 

@@ -12,48 +12,67 @@ pattern, which networks are frozen and how loss terms are named in logs (SPEC.md
 from __future__ import annotations
 
 import contextlib
-import math
-from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Callable, ContextManager, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from dcmkd.heads import MultiExitNetwork
-from dcmkd.losses.mutual import LinkMatrix, MutualLoss, mutual_distillation_loss
-from dcmkd.registry import check_choice
+from dcmkd.losses.mutual import REDUCTIONS, LinkMatrix, MutualLoss, mutual_distillation_loss
+from dcmkd.methods.base import Method, StepFn, StepOutput
+from dcmkd.methods.optimization import RAMPUP_SHAPES, rampup_factor
+from dcmkd.registry import UnknownNameError, check_choice
 
 UPDATE_MODES = ("simultaneous", "alternating")
-RAMPUP_SHAPES = ("sigmoid", "linear")
 
 
-def rampup_factor(epoch: float, length: float, shape: str = "sigmoid") -> float:
-    """Weight in [0, 1] of the distillation terms at (fractional) ``epoch`` of a ramp-up of
-    ``length`` epochs (``length = 0``: always 1, the paper's constant weights).
+@dataclass(frozen=True)
+class LossOptions:
+    """The options of the logit-distillation methods, with their defaults: the one list of them
+    (the run config's ``loss`` section is built from it). Defaults are the paper's."""
 
-    - ``sigmoid``: ``exp(-5 (1 - t)²)`` with ``t = epoch / length`` clipped to [0, 1], the
-      ramp-up of the consistency weight of Laine & Aila (2017, "Temporal ensembling") that the
-      online-distillation methods ONE (Lan et al. 2018), OKDDip (Chen et al. 2020) and PCL (Wu &
-      Gong 2021) use for their distillation weight; it starts at e⁻⁵ ≈ 0.0067.
-    - ``linear``: ``t``, exactly 0 at the first step.
-    """
-    if length <= 0:
-        return 1.0
-    t = min(max(epoch / length, 0.0), 1.0)
-    return math.exp(-5.0 * (1.0 - t) ** 2) if shape == "sigmoid" else t
+    alpha: float = 1.0              # weight of the auxiliary classifiers' CE (Eq. 7)
+    beta: float = 1.0               # same-staged distillation (Eq. 8); DML's and KD's weight
+    gamma: float = 1.0              # different-staged distillation (Eq. 9)
+    temperature: float = 1.0        # T of Eq. 3
+    divergence: str = "kl"          # value reported: kl (Eq. 5) | ce (Eq. 2); same gradient
+    t2_scaling: bool = False        # distillation terms × T² (Hinton et al.)
+    label_smoothing: float = 0.0    # of every CE term
+    update: str = "simultaneous"    # DCM Algorithm 1 | alternating (DML's own schedule)
+    # beyond the paper (issue 13); the defaults leave the paper's loss unchanged
+    reduction: str = "sum"          # a classifier's distillation terms: sum (Eq. 8, 9) | mean
+    rampup: float = 0.0             # epochs over which β and γ ramp up (0: constant)
+    rampup_shape: str = "sigmoid"   # sigmoid (ONE/OKDDip/PCL) | linear
 
+    def __post_init__(self) -> None:
+        check_choice("divergence", self.divergence, ("kl", "ce"))
+        check_choice("update mode", self.update, UPDATE_MODES)
+        check_choice("distillation reduction", self.reduction, REDUCTIONS)
+        check_choice("ramp-up shape", self.rampup_shape, RAMPUP_SHAPES)
+        if self.rampup < 0:
+            raise ValueError(f"loss.rampup is a number of epochs ≥ 0, got {self.rampup}")
+        if self.temperature <= 0:
+            raise ValueError(f"loss.temperature must be > 0, got {self.temperature}")
 
-@dataclass
-class StepOutput:
-    """``losses``: named scalars ``net{n}/{term}`` whose sum is the training objective;
-    ``logits[n][c]``: classifier c of network n (C1 first)."""
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
 
-    losses: dict[str, torch.Tensor]
-    logits: list[list[torch.Tensor]]
-    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    @classmethod
+    def from_dict(cls, options: dict[str, Any], what: str = "loss option") -> "LossOptions":
+        for key in options:
+            if key not in cls.names():
+                raise UnknownNameError(what, key, cls.names())
+        return cls(**options)
 
-    def total(self) -> torch.Tensor:
-        return sum(self.losses.values())  # type: ignore[return-value]
+    def loss_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`~dcmkd.losses.mutual.mutual_distillation_loss`."""
+        d = asdict(self)
+        for k in ("update", "rampup", "rampup_shape"):
+            d.pop(k)
+        return d
 
 
 @contextlib.contextmanager
@@ -68,43 +87,6 @@ def bn_stats_frozen(module: nn.Module) -> Iterator[None]:
                 buf.copy_(saved[name])
 
 
-class Method(nn.Module):
-    """Interface the trainer relies on."""
-
-    networks: nn.ModuleList
-    frozen: frozenset[int]
-
-    def forward(self, images: torch.Tensor, targets: torch.Tensor) -> StepOutput:
-        raise NotImplementedError
-
-    def training_step(self, images: torch.Tensor, targets: torch.Tensor,
-                      step: Callable[..., None]) -> StepOutput:
-        """Compute the losses and call ``step(loss, terms)`` (zero grads, backward, optimiser
-        step) once or more; ``terms`` are the named losses summed in ``loss``."""
-        out = self(images, targets)
-        step(out.total(), out.losses)
-        return out
-
-    @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> list[list[torch.Tensor]]:
-        """Logits of every classifier of every network (the trainer sets eval mode)."""
-        return [list(net(images)) for net in self.networks]
-
-    def train(self, mode: bool = True) -> "Method":
-        super().train(mode)
-        for n in self.frozen:
-            self.networks[n].eval()  # a frozen teacher keeps its BN statistics and no dropout
-        return self
-
-    def export(self) -> list[nn.Module]:
-        """The plain backbones, without auxiliary classifiers."""
-        return [net.export() for net in self.networks]
-
-    @property
-    def trainable_networks(self) -> list[int]:
-        return [n for n in range(len(self.networks)) if n not in self.frozen]
-
-
 class MutualMethod(Method):
     """N networks coupled by a :class:`LinkMatrix` (DCM Eq. 6–9).
 
@@ -115,35 +97,31 @@ class MutualMethod(Method):
     """
 
     def __init__(self, networks: Sequence[MultiExitNetwork], pattern: str = "dense",
-                 frozen: Sequence[int] = (), alpha: float = 1.0, beta: float = 1.0,
-                 gamma: float = 1.0, temperature: float = 1.0, divergence: str = "kl",
-                 t2_scaling: bool = False, label_smoothing: float = 0.0,
-                 update: str = "simultaneous", reduction: str = "sum", rampup: float = 0.0,
-                 rampup_shape: str = "sigmoid", term_names: dict[str, str] | None = None):
+                 frozen: Sequence[int] = (), options: LossOptions | None = None,
+                 term_names: dict[str, str] | None = None, **overrides: Any):
         super().__init__()
-        check_choice("update mode", update, UPDATE_MODES)
-        check_choice("ramp-up shape", rampup_shape, RAMPUP_SHAPES)
-        if rampup < 0:
-            raise ValueError(f"loss.rampup is a number of epochs ≥ 0, got {rampup}")
+        base = asdict(options) if options is not None else {}
+        self.options = LossOptions.from_dict({**base, **overrides}, "option of MutualMethod")
         self.networks = nn.ModuleList(networks)
         self.frozen = frozenset(frozen)
         for n in self.frozen:
             self.networks[n].requires_grad_(False)
         self.links = LinkMatrix.build([net.num_classifiers for net in networks], pattern,
                                       self.frozen)
-        self.pattern, self.update = pattern, update
-        self.loss_options = dict(alpha=alpha, beta=beta, gamma=gamma, temperature=temperature,
-                                 divergence=divergence, t2_scaling=t2_scaling,
-                                 label_smoothing=label_smoothing, reduction=reduction)
-        self.rampup, self.rampup_shape = float(rampup), rampup_shape
-        self.distill_scale = rampup_factor(0.0, self.rampup, rampup_shape)
+        self.pattern, self.update = pattern, self.options.update
+        self.distill_scale = rampup_factor(0.0, self.options.rampup, self.options.rampup_shape)
         self.term_names = term_names or {}
         self.train()
 
-    def set_progress(self, epoch: float) -> None:
-        """Tell the method where training is (fractional epoch): sets the ramp-up factor of
-        the distillation weights β and γ (DML's and KD's weight is β)."""
-        self.distill_scale = rampup_factor(epoch, self.rampup, self.rampup_shape)
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "pattern": self.pattern, **asdict(self.options)}
+
+    def begin_step(self, epoch: float) -> float:
+        """Sets the rate and the ramp-up factor of the distillation weights β and γ (DML's and
+        KD's weight is β) for the step at ``epoch``."""
+        o = self.options
+        self.distill_scale = rampup_factor(epoch, o.rampup, o.rampup_shape)
+        return super().begin_step(epoch)
 
     def _logits(self, images: torch.Tensor) -> list[list[torch.Tensor]]:
         out = []
@@ -160,32 +138,36 @@ class MutualMethod(Method):
                 for n in networks for t, v in loss.per_network[n].items()}
 
     def loss(self, logits: list[list[torch.Tensor]], targets: torch.Tensor) -> MutualLoss:
-        o = self.loss_options
-        w = self.distill_scale
-        return mutual_distillation_loss(logits, targets, self.links,
-                                        **{**o, "beta": o["beta"] * w, "gamma": o["gamma"] * w})
+        kw, w = self.options.loss_kwargs(), self.distill_scale
+        kw["beta"], kw["gamma"] = kw["beta"] * w, kw["gamma"] * w
+        return mutual_distillation_loss(logits, targets, self.links, **kw)
 
     def forward(self, images: torch.Tensor, targets: torch.Tensor) -> StepOutput:
         logits = self._logits(images)
         loss = self.loss(logits, targets)
         return StepOutput(self._named(loss, self.trainable_networks), logits)
 
-    def training_step(self, images: torch.Tensor, targets: torch.Tensor,
-                      step: Callable[..., None]) -> StepOutput:
+    def training_step(self, images: torch.Tensor, targets: torch.Tensor, step: StepFn,
+                      autocast: Callable[[], ContextManager] = nullcontext) -> StepOutput:
         if self.update == "simultaneous" or len(self.trainable_networks) < 2:
-            return super().training_step(images, targets, step)
-        logits = self._logits(images)
+            return super().training_step(images, targets, step, autocast)
+        with autocast():
+            logits = self._logits(images)
         losses: dict[str, torch.Tensor] = {}
         updated: list[int] = []
         for n in self.trainable_networks:
             # peers updated earlier in this step predict again with their new weights
             current = list(logits)
-            for m in updated:
-                with torch.no_grad(), bn_stats_frozen(self.networks[m]):
-                    current[m] = list(self.networks[m](images))
-            loss = self.loss(current, targets)
-            named = self._named(loss, [n])
+            with autocast():
+                for m in updated:
+                    with torch.no_grad(), bn_stats_frozen(self.networks[m]):
+                        current[m] = list(self.networks[m](images))
+                named = self._named(self.loss(current, targets), [n])
             step(sum(named.values()), named)  # type: ignore[arg-type]
             losses.update({k: v.detach() for k, v in named.items()})
             updated.append(n)
         return StepOutput(losses, [[z.detach() for z in net] for net in logits])
+
+
+__all__ = ["MutualMethod", "LossOptions", "UPDATE_MODES", "bn_stats_frozen", "Method",
+           "StepOutput"]

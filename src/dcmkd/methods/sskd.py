@@ -43,8 +43,9 @@ from __future__ import annotations
 
 import math
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, ContextManager, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -52,8 +53,8 @@ from torch import nn
 
 from dcmkd.heads import MultiExitNetwork
 from dcmkd.losses.features import hint_loss
-from dcmkd.methods.control import PhasedMethod, PlateauSchedule, RunSchedule
-from dcmkd.methods.mutual import Method, StepOutput
+from dcmkd.methods.base import Method, StepFn, StepOutput
+from dcmkd.methods.optimization import PlateauSchedule, Schedule, SGDSettings
 from dcmkd.methods.stages import StageAdapter, partition_stages
 from dcmkd.models.base import Backbone, init_weights
 from dcmkd.registry import check_choice
@@ -90,7 +91,7 @@ class Phase:
     name: str
 
 
-class SSKD(PhasedMethod):
+class SSKD(Method):
     """SSKD as a training system (see the module note). ``networks = [teacher, student]``; the
     teacher is frozen; :meth:`export` gives both plain backbones, the student without adapters.
 
@@ -102,18 +103,19 @@ class SSKD(PhasedMethod):
                  stages: int | Sequence[str] = 4,
                  student_stages: Sequence[str] | None = None,
                  schedule: str = "plateau", lr: float = 0.01, momentum: float = 0.9,
-                 weight_decay: float = 0.0, factor: float = 0.9, patience: int = 0,
-                 threshold: float = 0.0, min_lr: float = 1e-5, stage_epochs: int = 200,
+                 weight_decay: float | None = None, factor: float = 0.9, patience: int = 0,
+                 threshold: float = 0.0, min_lr: float = 1e-5,
+                 stage_epochs: int | float | None = None,
                  milestones: Sequence[float] = (0.3, 0.6, 0.9), gamma: float = 0.1,
-                 multi_loss: bool = False, head: str = "separate", head_epochs: int = 200,
-                 head_momentum: float = 0.9, head_nesterov: bool = False,
-                 head_weight_decay: float = 1e-4, adapter: str = "auto",
+                 multi_loss: bool = False, head: str = "separate",
+                 head_epochs: int | float | None = None, adapter: str = "auto",
                  label_smoothing: float = 0.0):
         super().__init__()
         check_choice("sskd schedule", schedule, SCHEDULE_MODES)
         check_choice("sskd head mode", head, HEAD_MODES)
         check_choice("sskd adapter", adapter, ADAPTER_MODES)
-        if stage_epochs < 1:
+        phase_epochs(stage_epochs, 1), phase_epochs(head_epochs, 1)   # validate early
+        if stage_epochs is not None and phase_epochs(stage_epochs, 1) < 1:
             raise ValueError(f"stage_epochs must be ≥ 1, got {stage_epochs}")
         self.networks = nn.ModuleList([teacher, student])
         self.frozen = frozenset({0})
@@ -127,23 +129,22 @@ class SSKD(PhasedMethod):
         self.adapters = nn.ModuleList(
             StageAdapter(s, t, always=adapter == "always")
             for s, t in zip(self.s_part.channels, self.t_part.channels))
-        self.schedule, self.multi_loss, self.head_mode = schedule, multi_loss, head
-        self.stage_options = dict(lr=lr, momentum=momentum, weight_decay=weight_decay)
+        self.stage_schedule, self.multi_loss, self.head_mode = schedule, multi_loss, head
+        self.stage_lr, self.stage_momentum, self.stage_weight_decay = lr, momentum, weight_decay
         self.plateau_options = dict(lr=lr, factor=factor, patience=patience,
                                     threshold=threshold, min_lr=min_lr)
-        self.stage_epochs, self.gamma = int(stage_epochs), gamma
-        # floats in (0, 1] are fractions of the stage, ints epochs (as phase_epochs reads them)
-        self.milestones = [m * stage_epochs if isinstance(m, float) and m <= 1 else m
-                           for m in milestones]
-        self.head_epochs = int(head_epochs)
-        self.head_options = dict(momentum=head_momentum, nesterov=head_nesterov,
-                                 weight_decay=head_weight_decay)
+        self.gamma, self.milestones = gamma, list(milestones)
+        # phase lengths: None → the run's epochs, a float in (0, 1] → that fraction of them;
+        # resolved by configure_optimization, which also gives the task head the run's SGD
+        self._stage_epochs, self._head_epochs = stage_epochs, head_epochs
+        self.stage_epochs = self.head_epochs = 0
+        self._head_sgd = None
         self.label_smoothing = label_smoothing
         k = len(self.s_part)
         self.phases: list[Phase] = (
             [Phase("stages", -1, "stages")] if multi_loss
             else [Phase("stage", i, f"stage{i + 1}") for i in range(k)])
-        if self.head_epochs > 0:
+        if phase_epochs(head_epochs, 1) > 0:
             self.phases.append(Phase("head", -1, "head"))
         # control state (checkpointed through get_extra_state)
         self._index, self._start, self._done_epochs = 0, 0, 0
@@ -162,9 +163,25 @@ class SSKD(PhasedMethod):
     def finished(self) -> bool:
         return self._index >= len(self.phases)
 
+    def training_done(self, epochs: int) -> bool:
+        """The run ends with its last phase, whatever the number of epochs."""
+        return self.finished
+
+    def configure_optimization(self, optim: SGDSettings, schedule: Schedule) -> None:
+        """Phase lengths from the run's ``epochs`` where not set; the stages' weight decay from
+        the run's unless ``weight_decay`` is set; the task head is trained with the run's SGD
+        settings and ``schedule`` over ``head_epochs``."""
+        self._schedule = schedule
+        self.stage_epochs = max(1, phase_epochs(self._stage_epochs, schedule.epochs))
+        self.head_epochs = phase_epochs(self._head_epochs, schedule.epochs)
+        if self.stage_weight_decay is None:
+            self.stage_weight_decay = optim.weight_decay
+        self._head_sgd = optim
+        self._optimizer = None
+
     @property
     def planned_epochs(self) -> int | None:
-        if self.schedule == "plateau" and self.phases[0].kind != "head":
+        if self.stage_schedule == "plateau" and self.phases[0].kind != "head":
             return None
         stages = sum(1 for p in self.phases if p.kind != "head")
         return stages * self.stage_epochs + (self.head_epochs if self.phases[-1].kind == "head"
@@ -209,23 +226,30 @@ class SSKD(PhasedMethod):
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
+        if self._head_sgd is None:
+            raise RuntimeError("SSKD: call configure_optimization() first")
         if self._optimizer is None:
             params = [p for p in self.parameters() if p.requires_grad]
             if self.phase.kind == "head":
-                self._optimizer = torch.optim.SGD(params, lr=0.0, **self.head_options)
+                self._optimizer = self._head_sgd.build(params, 0.0)
             else:
-                self._optimizer = torch.optim.SGD(params, **self.stage_options)
+                self._optimizer = SGDSettings(self.stage_momentum, False,
+                                              self.stage_weight_decay).build(params, self.stage_lr)
         return self._optimizer
 
-    def lr_at(self, epoch: float, run_schedule: RunSchedule) -> float:
+    def lr_at(self, epoch: float) -> float:
+        """The rate at (global, fractional) ``epoch``: the run's schedule over the task-head
+        phase, the plateau rate, or the stage's epoch schedule (milestones ≤ 1 are fractions
+        of ``stage_epochs``)."""
         e = epoch - self._start
         if self.phase.kind == "head":
-            return run_schedule(e, self.head_epochs)
-        if self.schedule == "plateau":
+            return self.schedule.with_epochs(self.head_epochs)(e)
+        if self.stage_schedule == "plateau":
             return self.plateau.lr
         whole = math.floor(e + 1e-9)
-        return self.stage_options["lr"] * self.gamma ** sum(1 for m in self.milestones
-                                                            if whole >= m)
+        miles = [m * self.stage_epochs if isinstance(m, float) and m <= 1 else m
+                 for m in self.milestones]
+        return self.stage_lr * self.gamma ** sum(1 for m in miles if whole >= m)
 
     def end_epoch(self, epoch: int) -> dict[str, Any]:
         ph = self.phase
@@ -235,9 +259,9 @@ class SSKD(PhasedMethod):
         if ph.kind == "head":
             done = self._done_epochs >= self.head_epochs
         else:
-            distance = self._dist_sum / max(self._dist_count, 1)
+            distance = float(self._dist_sum) / max(self._dist_count, 1)
             record["sskd/distance"] = distance
-            if self.schedule == "plateau":
+            if self.stage_schedule == "plateau":
                 self.plateau.step(distance)
                 record.update({"sskd/best": self.plateau.best,
                                "sskd/next_lr": self.plateau.lr,
@@ -249,9 +273,9 @@ class SSKD(PhasedMethod):
             record["sskd/phase_done"] = ph.name
             if ph.kind != "head":
                 # why the stage ended: the plateau schedule reached min_lr, or the epoch cap
-                plateau_done = self.schedule == "plateau" and self.plateau.done
+                plateau_done = self.stage_schedule == "plateau" and self.plateau.done
                 record["sskd/phase_end"] = "min_lr" if plateau_done else "epoch_cap"
-                if self.schedule == "plateau" and not plateau_done:
+                if self.stage_schedule == "plateau" and not plateau_done:
                     warnings.warn(
                         f"SSKD {ph.name}: the stage hit its cap of {self.stage_epochs} epochs "
                         f"with lr {self.plateau.lr:.3g} still above min_lr {self.plateau.min_lr:g} "
@@ -268,7 +292,7 @@ class SSKD(PhasedMethod):
     # -- checkpoint ------------------------------------------------------------------------
     def get_extra_state(self) -> dict[str, Any]:
         return {"index": self._index, "start": self._start, "done_epochs": self._done_epochs,
-                "dist_sum": self._dist_sum, "dist_count": self._dist_count,
+                "dist_sum": float(self._dist_sum), "dist_count": self._dist_count,
                 "plateau": self.plateau.state_dict()}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
@@ -327,13 +351,14 @@ class SSKD(PhasedMethod):
         ce = F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing)
         return StepOutput({"net1/ce": ce}, [[], [logits]])   # Eq. 4
 
-    def training_step(self, images: torch.Tensor, targets: torch.Tensor,
-                      step) -> StepOutput:
-        out = self(images, targets)
+    def training_step(self, images: torch.Tensor, targets: torch.Tensor, step: StepFn,
+                      autocast: Callable[[], ContextManager] = nullcontext) -> StepOutput:
+        with autocast():
+            out = self(images, targets)
         total = out.total()
         step(total, out.losses)
-        if self.phase.kind != "head":
-            self._dist_sum += float(total.detach()) * len(images)
+        if self.phase.kind != "head":   # accumulated on the device, read once per epoch
+            self._dist_sum = self._dist_sum + total.detach().float() * len(images)
             self._dist_count += len(images)
         return out
 

@@ -19,6 +19,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from dcmkd.registry import check_choice
+
 
 @dataclass(frozen=True)
 class StageInfo:
@@ -124,8 +126,6 @@ class Backbone(nn.Module):
         return [s.name for s in self.stage_info]
 
     def stage(self, name: str) -> StageInfo:
-        from dcmkd.registry import check_choice
-
         check_choice("stage", name, self.stage_names)
         return next(s for s in self.stage_info if s.name == name)
 

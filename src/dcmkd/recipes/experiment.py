@@ -42,6 +42,16 @@ _CELL_KEYS = ("config", "paper", "net", "hidden")
 _NUMBER = r"(\d+(?:\.\d+)?)"
 
 
+def slug(text: str) -> str:
+    """A folder name for a row or column label: ``"WRN-28-10 + ResNet-110"`` →
+    ``wrn-28-10_resnet-110``; the paper's ``(+)`` (dropout) is spelt out, so
+    ``"WRN-28-10(+) ×2"`` → ``wrn-28-10plus_x2`` stays apart from ``"WRN-28-10 ×2"``."""
+    s = text.lower().replace("×", "x").replace("→", "to").replace("(+)", "plus")
+    s = s.replace("+", "_")
+    s = re.sub(r"[^a-z0-9._-]+", "_", s)
+    return re.sub(r"_+", "_", s).strip("_") or "run"
+
+
 @dataclass(frozen=True)
 class PaperValue:
     """A number of the paper: top-1 error (and its std over runs, top-5 error) in percent."""

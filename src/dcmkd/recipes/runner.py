@@ -15,17 +15,22 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import re
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import torch
+
 from dcmkd.engine.config import merge, parse_override, resolve
-from dcmkd.recipes.experiment import Cell, Experiment, _deep_merge, teacher_reference
+from dcmkd.engine.trainer import Trainer
+from dcmkd.methods import METHODS
+from dcmkd.recipes.experiment import Cell, Experiment, _deep_merge, slug, teacher_reference
 from dcmkd.recipes.scales import SCALES, quick_overrides, shorten, smoke_overrides
 from dcmkd.registry import check_choice
+from dcmkd.report import write_experiment_report
+from dcmkd.run_folder import RunFolder
 
 
 @dataclass(frozen=True)
@@ -38,14 +43,7 @@ class PlannedRun:
 
     @property
     def done(self) -> bool:
-        return (self.run_dir / "summary.json").is_file()
-
-
-def slug(text: str) -> str:
-    """A folder name for a row or column label (``"WRN-28-10 + ResNet-110"`` → ``wrn-28-10_resnet-110``)."""
-    s = text.lower().replace("×", "x").replace("→", "to").replace("+", "_")
-    s = re.sub(r"[^a-z0-9._-]+", "_", s)
-    return re.sub(r"_+", "_", s).strip("_") or "run"
+        return RunFolder(self.run_dir).finished
 
 
 def _as_dict(overrides: Sequence[str | dict]) -> dict[str, Any]:
@@ -88,11 +86,15 @@ def plan(exp: Experiment, *, rows: list[str] | None = None, seeds: int | Sequenc
     base_dir = Path(out) / exp.name / scale
     runs: list[PlannedRun] = []
     seen: set[tuple[str, int]] = set()
+    folders: dict[Path, str] = {}
 
     def add(cell: Cell, seed: int, chain: tuple[str, ...] = ()) -> PlannedRun:
         if cell.key in chain:
             raise ValueError(f"{exp.name}: circular teacher reference {' → '.join(chain)}")
         run_dir = base_dir / slug(cell.row) / slug(cell.column) / f"s{seed}"
+        if folders.setdefault(run_dir, cell.key) != cell.key:
+            raise ValueError(f"{exp.name}: cells '{folders[run_dir]}' and '{cell.key}' would share "
+                             f"the run folder {run_dir}; rename a row or a column")
         extra: list[dict] = []
         teachers: tuple[Path, ...] = ()
         ref = teacher_reference(cell.config)
@@ -127,15 +129,11 @@ _WORKER_DEVICE: str | None = None
 def _init_worker(devices: "mp.Queue[str | None]", threads: int) -> None:
     """Worker start-up: take a device from the queue and this worker's share of the CPU."""
     global _WORKER_DEVICE
-    import torch
-
     _WORKER_DEVICE = devices.get()
     torch.set_num_threads(threads)
 
 
 def _train_in_worker(config: dict[str, Any], run_dir: str) -> float:
-    from dcmkd.engine.trainer import Trainer
-
     t0 = time.perf_counter()
     cfg = dict(config, quiet=True)  # progress bars of several processes would interleave
     if _WORKER_DEVICE is not None:
@@ -147,8 +145,6 @@ def _train_in_worker(config: dict[str, Any], run_dir: str) -> float:
 def relative_cost(run: PlannedRun) -> float:
     """A rough relative training cost (networks × classifiers × epochs) to start the longest
     runs first, so that no long run is left running alone at the end of a parallel pass."""
-    from dcmkd.methods import METHODS
-
     cfg = run.config
     aux = cfg["method"] in METHODS and METHODS.get(cfg["method"]).aux
     return len(cfg["nets"]) * (3 if aux else 1) * cfg["epochs"]
@@ -209,9 +205,6 @@ def reproduce(exp: Experiment, *, rows: list[str] | None = None, seeds: int | No
     ``jobs``/``devices``: train that many runs at once (:func:`run_parallel`); default one job
     per device of ``devices``, else 1.
     Returns the paths written (``table_md``, ``table_csv``, ``curves``)."""
-    from dcmkd.engine.trainer import Trainer
-    from dcmkd.report import write_experiment_report
-
     jobs = jobs if jobs is not None else max(1, len(devices))
     if jobs < 1:
         raise ValueError(f"jobs must be at least 1, got {jobs}")

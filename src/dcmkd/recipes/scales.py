@@ -18,6 +18,10 @@ import copy
 import math
 from typing import Any
 
+import torch
+
+from dcmkd.models import create_model
+
 SCALES = ("full", "quick", "smoke")
 
 #: large backbone → smallest zoo model of the same family (smoke runs with ``standins=True``)
@@ -63,10 +67,6 @@ def quick_overrides(experiment_scales: dict[str, dict], full_epochs: int) -> dic
 
 def smoke_image_size(nets: list[str]) -> int:
     """The smallest power-of-two input (≥ 8 px) that every backbone reduces to ≥ 1 pixel."""
-    import torch
-
-    from dcmkd.models import create_model
-
     stride = 1
     with torch.device("meta"):
         for n in nets:

@@ -20,11 +20,12 @@ def plot_row_curves(stats: Sequence[CellStats], networks: Sequence[str], title: 
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
     for ax, net in zip(axes[0], panels):
         for s in (s for s in stats if s.network == net):
-            length = min(len(c) for c in s.curves)
-            if length == 0:
+            # the epochs every seed evaluated (runs may evaluate every N epochs)
+            common = sorted(set.intersection(*(set(e for e, _ in c) for c in s.curves)))
+            if not common:
                 continue
-            curves = [c[:length] for c in s.curves]
-            epochs = range(1, length + 1)
+            curves = [[dict(c)[e] for e in common] for c in s.curves]
+            epochs = common
             mean = [sum(v) / len(v) for v in zip(*curves)]
             line, = ax.plot(epochs, mean, label=f"{s.column} ({len(curves)} seeds)")
             if len(curves) > 1:

@@ -6,7 +6,6 @@ it). The std is the sample standard deviation over seeds (ddof = 1; the papers d
 """
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from dataclasses import dataclass, field
@@ -14,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from dcmkd.recipes.experiment import PaperValue
+from dcmkd.run_folder import RunFolder
 
 
 @dataclass
@@ -26,13 +26,8 @@ class RunResult:
 
     @classmethod
     def load(cls, run_dir: str | Path) -> "RunResult":
-        run_dir = Path(run_dir)
-        s = run_dir / "summary.json"
-        m = run_dir / "metrics.jsonl"
-        summary = json.loads(s.read_text()) if s.is_file() else None
-        history = [json.loads(line) for line in m.read_text().splitlines() if line.strip()] \
-            if m.is_file() else []
-        return cls(run_dir, summary, history)
+        run = RunFolder(run_dir)
+        return cls(run.path, run.read_summary(), run.read_metrics())
 
     @property
     def finished(self) -> bool:
@@ -44,9 +39,10 @@ class RunResult:
         values = self.summary.get(f"test_{metric}") or []
         return float(values[net]) if net < len(values) else None
 
-    def curve(self, net: int, metric: str = "top1") -> list[float]:
+    def curve(self, net: int, metric: str = "top1") -> list[tuple[int, float]]:
+        """``(epoch, test error)`` at every evaluated epoch."""
         key = f"test/net{net}/C1/{metric}"
-        return [r[key] for r in self.history if key in r]
+        return [(int(r["epoch"]), r[key]) for r in self.history if key in r]
 
 
 @dataclass
@@ -60,7 +56,7 @@ class CellStats:
     paper: PaperValue
     top1: list[float] = field(default_factory=list)
     top5: list[float] = field(default_factory=list)
-    curves: list[list[float]] = field(default_factory=list)
+    curves: list[list[tuple[int, float]]] = field(default_factory=list)   # (epoch, error)
     planned: int = 0
 
     @property

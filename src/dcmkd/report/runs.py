@@ -1,7 +1,7 @@
 """``dcmkd report RUN_DIRS...``: the same table for any runs, grouped by what differs.
 
-Runs whose configs are equal except for the seed (and the folder, device, logging) are the seeds
-of one cell. Cells with the same configuration apart from the method form a row; the method is
+Runs whose configs are equal except for the seed (and the keys that do not define a run,
+:data:`dcmkd.run_folder.RESUMABLE_KEYS`: folder, device, logging…) are the seeds of one cell. Cells with the same configuration apart from the method form a row; the method is
 the column. A row is labelled with its backbones and the config values that tell it from the
 other rows (e.g. ``data.label_noise=0.2``).
 """
@@ -12,10 +12,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from dcmkd.recipes.experiment import Cell, Experiment, PaperValue
-
-#: config keys that do not define a cell
-IGNORED = ("seed", "out", "quiet", "device", "tensorboard", "checkpoint_every_steps",
-           "data.workers", "data.cache_dir", "data.root", "data.download")
+from dcmkd.report.table import write_experiment_report
+from dcmkd.run_folder import RunFolder, defining
 
 
 @dataclass(frozen=True)
@@ -26,27 +24,14 @@ class LoadedRun:
     config: dict[str, Any]
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = tuple(v) if isinstance(v, list) else v
-    return out
-
-
 def group_runs(run_dirs: Sequence[str | Path]) -> tuple[Experiment, list[LoadedRun]]:
-    from dcmkd.engine.config import load_yaml
-
+    """Group run folders into cells (the configs that define a run, apart from the seed)."""
     loaded = []
     for d in run_dirs:
-        path = Path(d)
-        if not (path / "config.yaml").is_file():
-            raise FileNotFoundError(f"{path} is not a run folder (no config.yaml)")
-        cfg = load_yaml(path / "config.yaml")
-        flat = {k: v for k, v in _flatten(cfg).items() if k not in IGNORED}
-        loaded.append((path, cfg, flat))
+        run = RunFolder(d).require_run()
+        cfg = run.read_config() or {}
+        flat = {k: v for k, v in defining(cfg).items() if k != "seed"}
+        loaded.append((run.path, cfg, flat))
     if not loaded:
         raise ValueError("no run folders given")
     keys = sorted({k for _, _, f in loaded for k in f} - {"method", "nets"})
@@ -77,7 +62,5 @@ def group_runs(run_dirs: Sequence[str | Path]) -> tuple[Experiment, list[LoadedR
 
 def report_runs(run_dirs: Sequence[str | Path], out: str | Path) -> dict[str, Path]:
     """Write ``table.md``, ``table.csv`` and curves for arbitrary run folders into ``out``."""
-    from dcmkd.report.table import write_experiment_report
-
     exp, runs = group_runs(run_dirs)
     return write_experiment_report(exp, runs, out, scale="runs")

@@ -6,7 +6,7 @@ import io
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from dcmkd.recipes.experiment import Experiment
+from dcmkd.recipes.experiment import Experiment, slug
 from dcmkd.report.results import CellStats, RunResult, fmt
 
 
@@ -117,8 +117,6 @@ def _num(x: float | None) -> str:
 def write_experiment_report(exp: Experiment, runs: Sequence, folder: str | Path, *,
                             scale: str = "full") -> dict[str, Path]:
     """``table.md``, ``table.csv`` and ``curves/<row>.png`` in ``folder``."""
-    from dcmkd.recipes.runner import slug
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     stats = collect(exp, runs)

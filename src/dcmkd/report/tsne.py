@@ -14,31 +14,29 @@ a unit name of the backbone (``conv3_x``).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from dcmkd.data import DataConfig, build_data
+from dcmkd.methods.stages import partition_stages
+from dcmkd.models import create_model
+from dcmkd.run_folder import RunFolder
+from dcmkd.weights import load_backbone_weights, load_file
+
 __all__ = ["stage_features", "tsne_plot"]
 
 
 def _load_run(run_dir: Path, net: int | None):
-    from dcmkd.engine.config import load_yaml
-    from dcmkd.models import create_model
-    from dcmkd.weights import load_backbone_weights, load_file
-
-    if not (run_dir / "config.yaml").is_file():
-        raise FileNotFoundError(f"{run_dir} is not a run folder (no config.yaml)")
-    if not (run_dir / "summary.json").is_file():
-        raise ValueError(f"the run in {run_dir} is not finished (no summary.json)")
-    cfg = load_yaml(run_dir / "config.yaml")
-    exported = json.loads((run_dir / "summary.json").read_text()).get("exported") or []
+    run = RunFolder(run_dir).require_run()
+    summary = run.read_summary()
+    if summary is None:
+        raise ValueError(f"the run in {run_dir} is not finished (no {run.SUMMARY})")
+    cfg = run.read_config() or {}
+    exported = summary.get("exported") or []
     index = len(exported) - 1 if net is None else net
-    if not 0 <= index < len(exported):
-        raise ValueError(f"{run_dir} exported {len(exported)} networks; there is no network "
-                         f"{net}")
-    path = run_dir / exported[index]
+    path = run.network_path(index)
     state = load_file(path)
     heads = [v for k, v in state.items() if k.endswith("fc.weight")]
     options = cfg.get("model_options") or {}
@@ -51,8 +49,6 @@ def _load_run(run_dir: Path, net: int | None):
 
 def _extractor(model, cfg: dict[str, Any], stage: str | None):
     """(name, function image batch → stage output) for a stage name (see the module note)."""
-    from dcmkd.methods.stages import partition_stages
-
     stages = (cfg.get("sskd") or {}).get("stages", 4) if cfg.get("method") == "sskd" else 4
     part = partition_stages(model, stages)
     if stage is None:
@@ -78,8 +74,6 @@ def stage_features(run_dir: str | Path, *, stage: str | None = None, net: int | 
     Returns ``{"features": (n, d) float tensor, "labels": (n,), "classes": class indices,
     "class_names": names, "stage": description, "model": name, "net": index}``.
     """
-    from dcmkd.data import DataConfig, build_data
-
     run_dir = Path(run_dir)
     cfg, model, index = _load_run(run_dir, net)
     model.to(device)

@@ -1,0 +1,74 @@
+"""From a run config to what the loop trains: the one config path of ``dcmkd train``, the
+recipes, ``dcmkd eval``/``export`` and :class:`~dcmkd.engine.trainer.Trainer`."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dcmkd.data import Data, DataConfig, build_data
+from dcmkd.engine.config import resolve
+from dcmkd.engine.device import Precision, pick_device
+from dcmkd.engine.loop import evaluate
+from dcmkd.engine.settings import TrainSettings
+from dcmkd.methods import Method, create_method
+from dcmkd.registry import UnknownNameError
+from dcmkd.run_folder import RunFolder
+
+OPTIMIZERS = ("sgd",)
+
+
+@dataclass
+class Built:
+    """A config, built: the method, its data and the loop's settings."""
+
+    method: Method
+    data: Data
+    settings: TrainSettings
+
+
+def build_method(cfg: dict[str, Any], num_classes: int) -> Method:
+    """The method of a resolved config (seeded with ``cfg["seed"]`` for the weights' init)."""
+    torch.manual_seed(cfg["seed"])
+    return create_method(
+        cfg["method"], cfg["nets"], num_classes, classifiers=cfg["classifiers"],
+        kind=cfg["aux_kind"], model_options=cfg["model_options"] or None,
+        teacher_weights=cfg["teacher_weights"], teacher_net=cfg["teacher_net"],
+        sskd=cfg["sskd"], feature=cfg["feature"], **cfg["loss"])
+
+
+def build(cfg: dict[str, Any]) -> Built:
+    """Data, method and settings of a resolved config (:func:`dcmkd.engine.config.resolve`)."""
+    if cfg["optim"]["name"] not in OPTIMIZERS:
+        raise UnknownNameError("optimizer", cfg["optim"]["name"], OPTIMIZERS)
+    settings = TrainSettings.from_config(cfg)
+    device = pick_device(settings.device)
+    torch.manual_seed(cfg["seed"])
+    data = build_data(DataConfig.from_dict(cfg["data"]), device, cfg["seed"])
+    method = build_method(cfg, cfg["num_classes"] or data.num_classes)
+    return Built(method, data, settings)
+
+
+def load_run(run: RunFolder | str | Path, **overrides: Any) -> Built:
+    """A run folder's method with its latest weights (from its checkpoint), its data and its
+    settings, e.g. to evaluate or export it. ``overrides``: config keys (``device="cpu"``)."""
+    run = run if isinstance(run, RunFolder) else RunFolder(run)
+    cfg = resolve(run.require_run().read_config(), [{"quiet": True, **overrides}])
+    built = build(cfg)
+    if run.has_checkpoint:
+        built.method.load_state_dict(run.load_checkpoint()["method"])
+    built.method.to(pick_device(built.settings.device))
+    return built
+
+
+def evaluate_built(built: Built) -> dict[str, float]:
+    """Top-1/top-5 test error of every classifier of a built run."""
+    device = pick_device(built.settings.device)
+    built.method.to(device)
+    return evaluate(built.method, built.data.test, device,
+                    Precision(built.settings.precision, device), built.settings)
+
+
+__all__ = ["Built", "build", "build_method", "load_run", "evaluate_built"]

@@ -1,0 +1,403 @@
+"""The training loop: ``fit(method, data, run, settings)`` trains any method on any data into a
+run folder, resumes it after an interruption, evaluates and exports. Read it top to bottom:
+:func:`fit`, then :func:`train_epoch` (with :class:`Step` and :class:`Meter`), :func:`evaluate`
+and :func:`finish`.
+
+No tensor value is read on the host inside a training step: losses, accuracies and a
+non-finite-loss flag accumulate on the device and are read together once per ``log_every`` steps,
+at a checkpoint and at the end of an epoch (the progress bar refreshes from those reads).
+Autocast covers the forward pass and the loss, not the backward.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any, Callable, Iterable
+
+import torch
+
+from dcmkd.data.batches import Batches, as_batches
+from dcmkd.engine.device import Precision, compile_networks, environment, pick_device
+from dcmkd.engine.plots import plot_test_error
+from dcmkd.engine.settings import TrainSettings
+from dcmkd.methods.base import Method, StepOutput
+from dcmkd.run_folder import RunFolder, model_name
+
+Log = Callable[[str], None]
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss became non-finite; the last good checkpoint is kept."""
+
+
+def fit(method: Method, data: Any, run: RunFolder | str, settings: TrainSettings | None = None,
+        *, test: Iterable | None = None, config: dict[str, Any] | None = None,
+        log: Log = print) -> dict[str, Any]:
+    """Train ``method`` on ``data`` into the run folder ``run``; returns the run's summary.
+
+    ``data``: the library's :class:`~dcmkd.data.Data` (train and test loaders), or a
+    ``DataLoader`` / any re-iterable of ``(images, labels)`` training batches, with ``test`` the
+    same for the test set (no test set: no evaluation). ``config``: what defines the run, saved
+    as ``config.yaml`` (default: a description of the method and the settings). Rerunning on an
+    interrupted folder resumes it; a finished folder returns its summary; a folder holding
+    another run is refused (:class:`~dcmkd.run_folder.RunConflict`).
+    """
+    settings = settings or TrainSettings()
+    run = run if isinstance(run, RunFolder) else RunFolder(run)
+    log = (lambda s: None) if settings.quiet else log
+    train_batches, test_batches = _split(data, test, settings.seed)
+    identity = config if config is not None else describe(method, settings)
+    run.check(identity)
+    if run.finished:
+        log(f"{run}: finished run, not redone")
+        return run.read_summary()  # type: ignore[return-value]
+
+    # -- set up: device, precision, the method's optimisation, the run folder
+    device = pick_device(settings.device)
+    if settings.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    method.to(device)
+    if settings.channels_last:
+        method.to(memory_format=torch.channels_last)
+    method.configure_optimization(settings.optim, settings.schedule)
+    precision = Precision(settings.precision, device)
+    if settings.compile:
+        compile_networks(method.networks, log)
+    run.path.mkdir(parents=True, exist_ok=True)
+    run.remove_temporary_files()
+    run.write_config(identity)
+    run.write_environment(environment(device))
+    noisy = getattr(data, "noisy_indices", None)
+    if noisy is not None:
+        run.write_noisy_labels(noisy)
+
+    # -- resume, or start from the seed
+    epoch, start_batch, history, partial = 0, 0, [], None
+    if run.has_checkpoint:
+        epoch, start_batch, history, partial = restore(run.load_checkpoint(), method, precision,
+                                                       device)
+        log(f"resuming {run} at epoch {epoch + 1}, batch {start_batch}")
+    else:
+        torch.manual_seed(settings.seed)
+    writer = _tensorboard(run) if settings.tensorboard else None
+
+    # -- train
+    while not method.training_done(epoch):
+        record = train_epoch(method, train_batches, epoch, start_batch, partial, settings,
+                             precision, device, run, history, log)
+        start_batch, partial = 0, None
+        last = method.training_done(epoch + 1)   # a phased method knows only after end_epoch
+        evaluated = False
+        if test_batches is not None and method.evaluate_epoch(epoch) and \
+                ((epoch + 1) % settings.eval_every == 0 or last):
+            record.update(evaluate(method, test_batches, device, precision, settings))
+            evaluated = True
+        record.update(method.end_epoch(epoch))
+        if test_batches is not None and not evaluated and method.training_done(epoch + 1):
+            record.update(evaluate(method, test_batches, device, precision, settings))
+        history.append(record)
+        run.write_metrics(history)
+        run.save_checkpoint(checkpoint_state(method, precision, device, epoch + 1, 0, history))
+        log(epoch_line(record, method))
+        if writer is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)):
+                    writer.add_scalar(k, v, epoch + 1)
+        epoch += 1
+    if writer is not None:
+        writer.close()
+    return finish(method, run, history, identity, settings, log)
+
+
+def train_epoch(method: Method, batches: Batches, epoch: int, start: int,
+                partial: dict[str, Any] | None, settings: TrainSettings, precision: Precision,
+                device: torch.device, run: RunFolder, history: list[dict], log: Log
+                ) -> dict[str, Any]:
+    """One epoch from batch ``start`` (``partial``: the running sums saved at a mid-epoch
+    checkpoint); returns the epoch's metrics record."""
+    method.train()
+    steps = len(batches)
+    names = [net.classifier_names for net in method.networks]
+    meter = Meter(device, names, start, partial)
+    step = Step(method, precision, settings.clip_grad_norm)
+    progress = Progress(epoch, steps, start, settings.quiet, log)
+    every = settings.checkpoint_every_steps
+    for i, (x, y) in enumerate(batches.epoch(epoch, start), start=start):
+        x, y = _to_device(x, y, device, settings.channels_last)
+        method.begin_step(epoch + i / steps)
+        out = method.training_step(x, y, step, precision.autocast)
+        meter.add(out, y)
+        if (i + 1) % settings.log_every == 0:
+            progress.update(i + 1, meter.read(epoch))
+        if every and (i + 1) % every == 0 and i + 1 < steps:
+            meter.read(epoch)
+            run.save_checkpoint(checkpoint_state(method, precision, device, epoch, i + 1,
+                                                 history, meter.state()))
+    means = meter.read(epoch)
+    progress.close()
+    seconds = meter.seconds()
+    record: dict[str, Any] = {"epoch": epoch + 1, "lr": method.lr_at(epoch), "seconds": seconds,
+                              "images_per_s": meter.samples / max(seconds, 1e-9)}
+    record.update(means)
+    return record
+
+
+class Step:
+    """``step(loss, terms=None)``, what a method calls to update its networks: zero the
+    gradients, back-propagate (scaled for fp16, outside autocast), clip, step the optimiser."""
+
+    def __init__(self, method: Method, precision: Precision, clip: float | None):
+        self.method, self.scaler, self.clip = method, precision.scaler, clip
+
+    def __call__(self, loss: torch.Tensor, terms: dict[str, torch.Tensor] | None = None) -> None:
+        optimizer = self.method.optimizer
+        optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.clip:
+            self.scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(
+                [p for g in optimizer.param_groups for p in g["params"]], self.clip)
+        self.scaler.step(optimizer)
+        self.scaler.update()
+
+
+class Meter:
+    """Running sums of one training epoch, kept on the device and read in one batch.
+
+    Per named loss ``k``: the batch-size-weighted sum (``train/k``) and the step at which it was
+    first non-finite; per classifier: the number of correct predictions
+    (``train/net{n}/{C}/acc``). :meth:`read` returns the epoch's means so far and raises
+    :class:`TrainingDiverged` naming the first non-finite step and its terms."""
+
+    def __init__(self, device: torch.device, names: list[list[str]], start: int,
+                 partial: dict[str, Any] | None = None):
+        self.device, self.names = device, names
+        self.sums: dict[str, torch.Tensor] = {}
+        self.bad: dict[str, torch.Tensor] = {}
+        self.samples = 0
+        self.step = torch.full((), start, device=device, dtype=torch.float32)
+        self.elapsed, self.t0 = 0.0, time.perf_counter()
+        self._last: dict[str, float] = {}
+        if partial is not None:
+            self.sums = {k: torch.tensor(v, device=device, dtype=torch.float32)
+                         for k, v in partial["sums"].items()}
+            self.samples, self.elapsed = int(partial["samples"]), float(partial["seconds"])
+
+    def _sum(self, key: str) -> torch.Tensor:
+        if key not in self.sums:
+            self.sums[key] = torch.zeros((), device=self.device)
+        return self.sums[key]
+
+    def add(self, out: StepOutput, targets: torch.Tensor) -> None:
+        b = len(targets)
+        for k, v in out.losses.items():
+            v = v.detach().float()
+            self.sums[f"train/{k}"] = self._sum(f"train/{k}") + v * b
+            bad = self.bad.get(k)
+            if bad is None:
+                bad = self.bad[k] = torch.full((), -1.0, device=self.device)
+            self.bad[k] = torch.where((bad < 0) & ~torch.isfinite(v), self.step, bad)
+        with torch.no_grad():
+            for n, logits in enumerate(out.logits):   # a method may leave a network out
+                for name, z in zip(self.names[n], logits):
+                    key = f"train/net{n}/{name}/acc"
+                    self.sums[key] = self._sum(key) + (z.argmax(1) == targets).sum()
+        self.samples += b
+        self.step += 1
+
+    def read(self, epoch: int) -> dict[str, float]:
+        """The epoch's means so far (one host read of every sum and flag)."""
+        keys, bad_keys = list(self.sums), list(self.bad)
+        values = torch.stack([*(self.sums[k].float() for k in keys),
+                              *(self.bad[k] for k in bad_keys)]).tolist() if keys else []
+        sums, bad = values[:len(keys)], values[len(keys):]
+        first = [s for s in bad if s >= 0]
+        if first:
+            at = int(min(first))
+            terms = [k for k, s in zip(bad_keys, bad) if s == at]
+            raise TrainingDiverged(f"non-finite loss at epoch {epoch + 1}, batch {at} in "
+                                   f"{', '.join(terms)}; the last good checkpoint is kept")
+        self._last = dict(zip(keys, sums))
+        return {k: v / max(self.samples, 1) for k, v in self._last.items()}
+
+    def state(self) -> dict[str, Any]:
+        """The sums of the last :meth:`read`, for a mid-epoch checkpoint."""
+        return {"sums": dict(self._last), "samples": self.samples, "seconds": self.seconds()}
+
+    def seconds(self) -> float:
+        return self.elapsed + time.perf_counter() - self.t0
+
+
+@torch.no_grad()
+def evaluate(method: Method, batches: Batches, device: torch.device, precision: Precision,
+             settings: TrainSettings) -> dict[str, float]:
+    """Top-1 and top-5 test error (%) of every classifier of every network (one host read)."""
+    method.eval()
+    misses: dict[str, torch.Tensor] = {}
+    count = 0
+    for x, y in batches.epoch(0):
+        x, y = _to_device(x, y, device, settings.channels_last)
+        with precision.autocast():
+            logits = method.predict(x)
+        for n, net in enumerate(logits):
+            for name, z in zip(method.networks[n].classifier_names, net):
+                top = z.float().topk(min(5, z.shape[1]), dim=1).indices
+                hit = top.eq(y[:, None])
+                for k, h in ((1, hit[:, :1]), (5, hit)):
+                    key = f"test/net{n}/{name}/top{k}"
+                    miss = (~h.any(1)).sum()
+                    misses[key] = misses[key] + miss if key in misses else miss
+        count += len(y)
+    keys = list(misses)
+    values = torch.stack([misses[k].float() for k in keys]).tolist() if keys else []
+    return {k: 100.0 * v / max(count, 1) for k, v in zip(keys, values)}
+
+
+def finish(method: Method, run: RunFolder, history: list[dict], identity: dict[str, Any],
+           settings: TrainSettings, log: Log) -> dict[str, Any]:
+    """Export the networks, plot, and write the summary (last: it marks the run finished)."""
+    models = [model_name(net) for net in method.networks]
+    paths = run.export_networks(method.export(), models)
+    evaluated = [r for r in history if "test/net0/C1/top1" in r]
+    nets = range(len(models))
+    summary: dict[str, Any] = {
+        "method": method.name or type(method).__name__, "nets": models,
+        "epochs": len(history), "seed": settings.seed,
+        "exported": [p.name for p in paths],
+        "seconds": sum(r["seconds"] for r in history),
+    }
+    if evaluated:
+        last = evaluated[-1]
+        summary.update({
+            "test_top1": [last[f"test/net{n}/C1/top1"] for n in nets],
+            "test_top5": [last[f"test/net{n}/C1/top5"] for n in nets],
+            "best_top1": [min(r[f"test/net{n}/C1/top1"] for r in evaluated) for n in nets]})
+        try:
+            plot_test_error(evaluated, models, run.file(run.PLOT))
+        except ImportError:
+            log("matplotlib is not installed: no test_error.png")
+    run.write_summary(summary)
+    return summary
+
+
+# -- checkpoints --------------------------------------------------------------------------------
+def checkpoint_state(method: Method, precision: Precision, device: torch.device, epoch: int,
+                     batch: int, history: list[dict], partial: dict | None = None
+                     ) -> dict[str, Any]:
+    """Everything a resumed run needs to continue exactly (``batch`` > 0: mid-epoch, with the
+    epoch's running sums in ``partial``)."""
+    rng = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    return {"epoch": epoch, "batch": batch, "method": method.state_dict(),
+            "optimizer": method.optimizer.state_dict(), "scaler": precision.scaler.state_dict(),
+            "rng": rng, "history": json.dumps(history), "partial": json.dumps(partial)}
+
+
+def restore(ckpt: dict[str, Any], method: Method, precision: Precision, device: torch.device
+            ) -> tuple[int, int, list[dict], dict | None]:
+    """Load a checkpoint into ``method``; returns (epoch, batch, history, partial sums)."""
+    method.load_state_dict(ckpt["method"])   # a phased method restores its phase first
+    method.optimizer.load_state_dict(ckpt["optimizer"])
+    precision.scaler.load_state_dict(ckpt["scaler"])
+    torch.set_rng_state(ckpt["rng"]["cpu"])
+    if "cuda" in ckpt["rng"] and device.type == "cuda":
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+    partial = json.loads(ckpt.get("partial") or "null")
+    return int(ckpt["epoch"]), int(ckpt["batch"]), json.loads(ckpt["history"]), partial
+
+
+# -- what a run of built objects is ------------------------------------------------------------
+def describe(method: Method, settings: TrainSettings) -> dict[str, Any]:
+    """The ``config.yaml`` of a run started from built objects: the method
+    (:meth:`~dcmkd.methods.base.Method.describe`), its networks (names and parameter counts)
+    and the settings."""
+    return {"method": method.describe(),
+            "networks": [model_name(net) for net in method.networks],
+            "parameters": [sum(p.numel() for p in net.parameters()) for net in method.networks],
+            **settings.to_dict()}
+
+
+# -- logging --------------------------------------------------------------------------------------
+class Progress:
+    """A tqdm bar on a terminal; elsewhere (a log file, a pipe) one line per log interval."""
+
+    def __init__(self, epoch: int, steps: int, start: int, quiet: bool, log: Log):
+        self.epoch, self.steps, self.log, self.t0, self.start = epoch, steps, log, \
+            time.perf_counter(), start
+        self.bar = None
+        self.enabled = not quiet
+        if self.enabled and sys.stderr.isatty():
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                return
+            self.bar = tqdm(total=steps, initial=start, desc=f"epoch {epoch + 1}", leave=False,
+                            dynamic_ncols=True)
+
+    def update(self, done: int, means: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        loss = sum(v for k, v in means.items() if not k.endswith("/acc"))
+        acc = means.get("train/net0/C1/acc", means.get("train/net1/C1/acc"))
+        rate = (done - self.start) / max(time.perf_counter() - self.t0, 1e-9)
+        fields = {"loss": f"{loss:.3f}", "acc": "-" if acc is None else f"{acc:.3f}",
+                  "batch_s": f"{rate:.1f}"}
+        if self.bar is not None:
+            self.bar.update(done - self.bar.n)
+            self.bar.set_postfix(**fields)
+        else:
+            self.log(f"epoch {self.epoch + 1} [{done}/{self.steps}] " +
+                     " ".join(f"{k} {v}" for k, v in fields.items()))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def epoch_line(r: dict[str, Any], method: Method) -> str:
+    total = method.planned_epochs
+    head = f"epoch {r['epoch']}/{total or '?'} lr {r['lr']:.4g} "
+    tail = f"({r['seconds']:.1f}s, {r['images_per_s']:.0f} img/s)"
+    nets = sorted({k.split("/")[1] for k in r if k.startswith("test/") and k.endswith("C1/top1")})
+    if not nets:   # not evaluated: the training losses
+        losses = " ".join(f"{k[6:]} {v:.4g}" for k, v in r.items()
+                          if k.startswith("train/") and not k.endswith("/acc"))
+        return head + f"{losses} {tail}"
+    errs = " ".join(f"{n} {r[f'test/{n}/C1/top1']:.2f}%" for n in nets)
+    return head + f"test top-1 error {errs} {tail}"
+
+
+# -- helpers --------------------------------------------------------------------------------------
+def _split(data: Any, test: Iterable | None, seed: int) -> tuple[Batches, Batches | None]:
+    """(train, test) batches from the library's ``Data`` or a training iterable + ``test``."""
+    if hasattr(data, "train") and hasattr(data, "test") and test is None:
+        return as_batches(data.train, seed, "data.train"), as_batches(data.test, seed,
+                                                                      "data.test")
+    return as_batches(data, seed, "data"), (None if test is None else
+                                            as_batches(test, seed, "test"))
+
+
+def _to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device, channels_last: bool
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x.to(device, non_blocking=True)
+    y = torch.as_tensor(y).to(device, non_blocking=True)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y
+
+
+def _tensorboard(run: RunFolder):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise ImportError("tensorboard=true needs the tensorboard package "
+                          "(pip install tensorboard)") from e
+    return SummaryWriter(str(run.file(run.TENSORBOARD)))
+
+
+__all__ = ["fit", "evaluate", "TrainingDiverged", "Step", "Meter", "describe"]

@@ -1,0 +1,76 @@
+"""How a run is trained, apart from the method and the data: :class:`TrainSettings`."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from dcmkd.methods.optimization import Schedule, SGDSettings
+from dcmkd.registry import check_choice
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Everything the loop needs besides the method and the data.
+
+    ``optim`` and ``schedule`` go to the method (:meth:`~dcmkd.methods.base.Method.
+    configure_optimization`; the base gives one SGD following ``schedule`` for
+    ``schedule.epochs`` epochs). ``log_every``: steps between the (single, batched) reads of the
+    running losses and accuracies from the device; the progress bar refreshes from those reads.
+    ``eval_every``: epochs between test-set evaluations (the last epoch is always evaluated).
+    ``compile``: the networks run through ``torch.compile`` (eager if it fails, with a message).
+    """
+
+    optim: SGDSettings = field(default_factory=SGDSettings)
+    schedule: Schedule = field(default_factory=Schedule)
+    clip_grad_norm: float | None = None   # max total gradient norm (None: no clipping)
+    device: str = "auto"                  # auto | cpu | cuda | cuda:N | mps
+    precision: str = "fp32"               # fp32 | bf16 | fp16 (autocast; fp16 with loss scaling)
+    channels_last: bool = False
+    compile: bool = False
+    deterministic: bool = False
+    seed: int = 0
+    checkpoint_every_steps: int = 0       # 0: at the end of every epoch only
+    log_every: int = 50
+    eval_every: int = 1
+    quiet: bool = False
+    tensorboard: bool = False
+
+    def __post_init__(self) -> None:
+        check_choice("precision", self.precision, PRECISIONS)
+        for name in ("log_every", "eval_every"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.checkpoint_every_steps < 0:
+            raise ValueError(f"checkpoint_every_steps must be ≥ 0, got "
+                             f"{self.checkpoint_every_steps}")
+        if self.clip_grad_norm is not None and self.clip_grad_norm <= 0:
+            raise ValueError(f"optim.clip_grad_norm must be > 0 (or null), got "
+                             f"{self.clip_grad_norm}")
+
+    @property
+    def epochs(self) -> int:
+        return self.schedule.epochs
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> "TrainSettings":
+        """The settings of a resolved run config (:func:`dcmkd.engine.config.resolve`)."""
+        o, s = cfg["optim"], cfg["schedule"]
+        simple = {f.name: cfg[f.name] for f in fields(cls)
+                  if f.name not in ("optim", "schedule", "clip_grad_norm")}
+        return cls(
+            optim=SGDSettings(momentum=o["momentum"], nesterov=o["nesterov"],
+                              weight_decay=o["weight_decay"]),
+            schedule=Schedule(name=s["name"], lr=o["lr"], epochs=cfg["epochs"],
+                              step_size=s["step_size"], milestones=tuple(s["milestones"]),
+                              gamma=s["gamma"], warmup_epochs=s["warmup_epochs"]),
+            clip_grad_norm=o["clip_grad_norm"], **simple)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["schedule"]["milestones"] = list(d["schedule"]["milestones"])
+        return d
+
+
+__all__ = ["TrainSettings", "PRECISIONS"]

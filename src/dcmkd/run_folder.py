@@ -1,0 +1,256 @@
+"""The run folder: the one owner of its format. Everything that reads or writes a run (the
+training loop, ``dcmkd eval``/``export``, teacher loading, ``dcmkd reproduce``, ``report`` and
+``tsne``) goes through :class:`RunFolder`.
+
+A run is a folder::
+
+    config.yaml        what defines the run: the resolved config (or, for a run started from
+                       built objects, a description of the method and the settings)
+    environment.json   dcmkd, git commit, torch, Python, device
+    metrics.jsonl      one JSON line per epoch
+    checkpoint.pt      the latest checkpoint (weights_only loading)
+    noisy_labels.pt    the corrupted training indices, with label noise
+    net{n}_{model}.pt  the trained networks without auxiliary classifiers (plain state_dicts)
+    summary.json       written last: its presence means the run is finished
+    test_error.png     test error per epoch of each network
+    tensorboard/       event files, with ``tensorboard=true``
+
+Every file is written atomically (a temporary file renamed over the old one), so a crash leaves
+either the old or the new version. A folder is *new* (no checkpoint, no summary), *interrupted*
+(a checkpoint, no summary) or *finished* (a summary). Only the keys of :data:`RESUMABLE_KEYS` may
+change between an interruption and its resumption (or for a finished run to be returned);
+anything else that differs is refused, naming the keys.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from dcmkd import yamlio
+from dcmkd.weights import TMP_SUFFIX, atomic_save, atomic_write_text, load_file
+
+#: dotted config keys that do not define a run: they may change between an interruption and its
+#: resumption, and a finished run is returned whatever their values
+RESUMABLE_KEYS = ("out", "quiet", "tensorboard", "device", "log_every", "eval_every",
+                  "checkpoint_every_steps", "compile",
+                  "data.workers", "data.test_batch_size", "data.root", "data.cache_dir",
+                  "data.download")
+
+NETWORK_FILE = re.compile(r"net(\d+)_(.+)\.pt")
+
+
+class RunConflict(ValueError):
+    """The folder holds another run: the message names the differing keys."""
+
+
+def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"optim": {"lr": 0.1}}`` → ``{"optim.lr": 0.1}`` (lists become tuples)."""
+    out: dict[str, Any] = {}
+    for k, v in config.items():
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = tuple(v) if isinstance(v, list) else v
+    return out
+
+
+def defining(config: dict[str, Any]) -> dict[str, Any]:
+    """The flattened keys of ``config`` that define a run (all but :data:`RESUMABLE_KEYS`)."""
+    return {k: v for k, v in flatten(config).items() if k not in RESUMABLE_KEYS}
+
+
+def differences(saved: dict[str, Any], config: dict[str, Any]) -> list[str]:
+    """Defining keys whose values differ between two configs, as ``key: old → new``."""
+    a, b = defining(saved), defining(config)
+    return [f"{k}: {a.get(k, '<unset>')!r} → {b.get(k, '<unset>')!r}"
+            for k in sorted(set(a) | set(b)) if a.get(k, "<unset>") != b.get(k, "<unset>")]
+
+
+def network_file(index: int, model: str) -> str:
+    """The file name of exported network ``index`` (``net0_resnet20.pt``)."""
+    return f"net{index}_{model}.pt"
+
+
+def parse_network_file(name: str) -> tuple[int, str] | None:
+    """``"net1_resnet20.pt"`` → ``(1, "resnet20")``; None for another name."""
+    m = NETWORK_FILE.fullmatch(name)
+    return (int(m.group(1)), m.group(2)) if m else None
+
+
+def model_name(network: nn.Module) -> str:
+    """The name an exported network's file carries: the zoo name, else the class name."""
+    backbone = getattr(network, "backbone", network)
+    return getattr(backbone, "model_name", None) or type(backbone).__name__.lower()
+
+
+class RunFolder:
+    """One run's folder (see the module note). Creating the object touches nothing on disk."""
+
+    CONFIG = "config.yaml"
+    ENVIRONMENT = "environment.json"
+    METRICS = "metrics.jsonl"
+    CHECKPOINT = "checkpoint.pt"
+    NOISY_LABELS = "noisy_labels.pt"
+    SUMMARY = "summary.json"
+    PLOT = "test_error.png"
+    TENSORBOARD = "tensorboard"
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.path)!r})"
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    # -- state -------------------------------------------------------------------------------
+    @property
+    def finished(self) -> bool:
+        return self.file(self.SUMMARY).is_file()
+
+    @property
+    def has_checkpoint(self) -> bool:
+        return self.file(self.CHECKPOINT).is_file()
+
+    @property
+    def is_run(self) -> bool:
+        """Whether the folder holds a run (a config)."""
+        return self.file(self.CONFIG).is_file()
+
+    def require_run(self) -> "RunFolder":
+        if not self.path.is_dir():
+            raise FileNotFoundError(f"no run folder at {self.path}")
+        if not self.is_run:
+            raise FileNotFoundError(f"{self.path} is not a run folder (no {self.CONFIG})")
+        return self
+
+    # -- config ------------------------------------------------------------------------------
+    def read_config(self) -> dict[str, Any] | None:
+        """The saved config, or None when there is none."""
+        path = self.file(self.CONFIG)
+        if not path.is_file():
+            return None
+        data = yamlio.load(path)
+        if not isinstance(data, dict):
+            raise yamlio.YAMLError(f"{path}: a run config is a mapping of keys")
+        return data
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        atomic_write_text(self.file(self.CONFIG), yamlio.dumps(config))
+
+    def check(self, config: dict[str, Any]) -> None:
+        """Refuse ``config`` if the folder holds a started or finished run of another config
+        (only :data:`RESUMABLE_KEYS` may differ)."""
+        if not (self.has_checkpoint or self.finished):
+            return
+        saved = self.read_config()
+        if saved is None:
+            return
+        diff = differences(saved, config)
+        if diff:
+            shown = "; ".join(diff[:4]) + (f"; and {len(diff) - 4} more" if len(diff) > 4 else "")
+            state = "a finished" if self.finished else "an interrupted"
+            raise RunConflict(f"{self.path} holds {state} run with another config ({shown}); "
+                              "choose another -o/--out, or delete the folder")
+
+    # -- files written once per run --------------------------------------------------------
+    def write_environment(self, environment: dict[str, Any]) -> None:
+        atomic_write_text(self.file(self.ENVIRONMENT), json.dumps(environment, indent=2))
+
+    def write_noisy_labels(self, indices: torch.Tensor) -> None:
+        atomic_save({"indices": indices.cpu()}, self.file(self.NOISY_LABELS))
+
+    # -- metrics -------------------------------------------------------------------------------
+    def read_metrics(self) -> list[dict[str, Any]]:
+        path = self.file(self.METRICS)
+        if not path.is_file():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def write_metrics(self, history: Sequence[dict[str, Any]]) -> None:
+        atomic_write_text(self.file(self.METRICS), "".join(json.dumps(r) + "\n" for r in history))
+
+    # -- checkpoint --------------------------------------------------------------------------
+    def save_checkpoint(self, state: dict[str, Any]) -> None:
+        atomic_save(state, self.file(self.CHECKPOINT))
+
+    def load_checkpoint(self) -> dict[str, Any]:
+        return load_file(self.file(self.CHECKPOINT))
+
+    # -- exported networks -------------------------------------------------------------------
+    def export_networks(self, networks: Iterable[nn.Module], models: Sequence[str],
+                        to: str | os.PathLike | None = None) -> list[Path]:
+        """Save each network's ``state_dict`` as ``net{n}_{model}.pt`` (in ``to``, default the
+        run folder); returns the paths."""
+        folder = Path(to) if to is not None else self.path
+        paths = []
+        for n, (net, model) in enumerate(zip(networks, models)):
+            path = folder / network_file(n, model)
+            atomic_save(net.state_dict(), path)
+            paths.append(path)
+        return paths
+
+    def network_path(self, index: int = 0) -> Path:
+        """The exported file of network ``index`` of this run."""
+        summary = self.read_summary()
+        if summary is not None:
+            exported = summary.get("exported") or []
+            if not 0 <= index < len(exported):
+                raise ValueError(f"{self.path} exported {len(exported)} networks; there is no "
+                                 f"network {index}")
+            return self.file(exported[index])
+        found = sorted(self.path.glob(f"net{index}_*.pt"))
+        if len(found) == 1:
+            return found[0]
+        if self.has_checkpoint:
+            raise ValueError(f"the run in {self.path} is not finished (no exported networks yet)")
+        raise FileNotFoundError(f"{self.path} holds no exported network {index} "
+                                f"(net{index}_*.pt)")
+
+    # -- summary -----------------------------------------------------------------------------
+    def read_summary(self) -> dict[str, Any] | None:
+        path = self.file(self.SUMMARY)
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        atomic_write_text(self.file(self.SUMMARY), json.dumps(summary, indent=2))
+
+    def remove_temporary_files(self) -> None:
+        """Delete temporary files left by a process killed in the middle of a write."""
+        if self.path.is_dir():
+            for tmp in self.path.glob(f".*{TMP_SUFFIX}"):
+                tmp.unlink(missing_ok=True)
+
+
+def default_run_path(config: dict[str, Any]) -> Path:
+    """``runs/<method>-<nets>-<data>-s<seed>``: the folder of a config run without ``out``."""
+    nets = "+".join(config["nets"])
+    return Path("runs") / f"{config['method']}-{nets}-{config['data']['name']}-s{config['seed']}"
+
+
+def resolve_weights(spec: str | os.PathLike, network: int | None = None) -> Path:
+    """The weights file that ``spec`` designates: a file itself, or exported network
+    ``network`` (default 0) of a run folder; a file with ``network`` set means that network of
+    the file's run folder (``…/kd-run/net0_resnet34.pt`` with ``network=1`` is the student)."""
+    path = Path(spec)
+    if not path.exists():
+        raise FileNotFoundError(f"no weights file or run folder at {path}")
+    if path.is_file() and network is None:
+        return path
+    folder = RunFolder(path if path.is_dir() else path.parent)
+    return folder.network_path(0 if network is None else int(network))
+
+
+__all__ = ["RunFolder", "RunConflict", "RESUMABLE_KEYS", "flatten", "defining", "differences",
+           "network_file", "parse_network_file", "model_name", "default_run_path",
+           "resolve_weights"]
