@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS_DIR  # noqa: E402
 
 from dcmkd.data import DataConfig, build_data  # noqa: E402
+from dcmkd.engine.build import build_method  # noqa: E402
 from dcmkd.engine.config import resolve  # noqa: E402
-from dcmkd.engine.schedule import lr_at  # noqa: E402
-from dcmkd.methods import create_method  # noqa: E402
+from dcmkd.engine.settings import TrainSettings  # noqa: E402
 
 KL_TERMS = ("dcm1", "dcm2", "dml", "kd")
 CE_TERMS = ("ce", "ds")
@@ -54,14 +54,12 @@ def grad_norms(method, losses: dict[str, torch.Tensor], names: tuple[str, ...]) 
     return out
 
 
-def run(method_name: str, cfg: dict, data, epochs: int, log_every: int) -> list[dict]:
-    torch.manual_seed(cfg["seed"])
-    method = create_method(method_name, cfg["nets"], data.num_classes,
-                           **{k: v for k, v in cfg["loss"].items() if k != "update"})
+def run(cfg: dict, data, epochs: int, log_every: int) -> list[dict]:
+    method = build_method(cfg, data.num_classes)
+    settings = TrainSettings.from_config(cfg)
+    method.configure_optimization(settings.optim, settings.schedule)
     params = [p for p in method.parameters() if p.requires_grad]
-    o = cfg["optim"]
-    opt = torch.optim.SGD(params, lr=o["lr"], momentum=o["momentum"],
-                          weight_decay=o["weight_decay"], nesterov=o["nesterov"])
+    opt = method.optimizer
     feats: dict[int, torch.Tensor] = {}
     for n, net in enumerate(method.networks):
         net.backbone.head.register_forward_pre_hook(
@@ -72,12 +70,7 @@ def run(method_name: str, cfg: dict, data, epochs: int, log_every: int) -> list[
         method.train()
         for i, (x, y) in enumerate(data.train.epoch(epoch)):
             e = epoch + i / steps
-            lr = lr_at(cfg, e)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            ramp = getattr(method, "set_progress", None)
-            if ramp is not None:
-                ramp(e, epoch * steps + i)
+            lr = method.begin_step(e)    # the rate, and the ramp-up of the distillation weights
             out = method(x, y)
             record: dict = {"epoch": e, "step": epoch * steps + i, "lr": lr}
             if (epoch * steps + i) % log_every == 0:
@@ -91,7 +84,7 @@ def run(method_name: str, cfg: dict, data, epochs: int, log_every: int) -> list[
             record["grad_total"] = math.sqrt(sum(float(p.grad.pow(2).sum())
                                                  for p in params if p.grad is not None))
             opt.step()
-            record["loss"] = float(total)
+            record["loss"] = float(total.detach())
             record.update({k: float(v) for k, v in out.losses.items()})
             with torch.no_grad():
                 classes = out.logits[0][0].shape[1]
@@ -109,7 +102,7 @@ def run(method_name: str, cfg: dict, data, epochs: int, log_every: int) -> list[
                 record["agreement"] = sum(agree) / len(agree) if agree else 1.0
                 record["pred_classes"] = int(torch.stack(preds).unique().numel())
             rows.append(record)
-        print(f"{method_name} epoch {epoch + 1}: loss {rows[-1]['loss']:.3f} "
+        print(f"{cfg['method']} epoch {epoch + 1}: loss {rows[-1]['loss']:.3f} "
               f"acc {sum(r['acc/net0/C1'] for r in rows[-steps:]) / steps:.3f} "
               f"entropy {sum(r['entropy/net0/C1'] for r in rows[-steps:]) / steps:.3f}",
               flush=True)
@@ -174,7 +167,7 @@ def main() -> None:
         cfg = resolve(None, [*base, f"method={method}", *extra])
         if data is None:
             data = build_data(DataConfig(**cfg["data"]), "cpu", cfg["seed"])
-        results[label] = run(method, cfg, data, args.epochs, args.log_every)
+        results[label] = run(cfg, data, args.epochs, args.log_every)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(
