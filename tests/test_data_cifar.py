@@ -143,7 +143,7 @@ def test_missing_files_message_names_expected_path(tmp_path):
         load_cifar("cifar10", tmp_path, train=True)
     msg = str(e.value)
     assert str(tmp_path / "cifar-10-batches-py") in msg
-    assert "data_batch_1" in msg and "batches.meta" in msg and "--download" in msg
+    assert "data_batch_1" in msg and "batches.meta" in msg and "data.download=true" in msg
     assert "cifar-10-python.tar.gz" in msg
     with pytest.raises(FileNotFoundError, match="cifar-100-python"):
         load_cifar("cifar100", tmp_path, train=False)

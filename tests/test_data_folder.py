@@ -148,7 +148,7 @@ def test_pool_decoding_matches_serial(tmp_path, monkeypatch):
     expected = make_folder(tmp_path, n=4)
     paths, _, _ = scan_folder(tmp_path, "train")
     monkeypatch.setattr(folder_mod, "_POOL_MIN_IMAGES", 1)
-    assert np.array_equal(folder_mod.decode_all(paths, workers=2), expected["train"][0])
+    assert np.array_equal(folder_mod.decode_all(paths, workers=2)[0], expected["train"][0])
 
 
 def test_grey_and_rgba_images_become_rgb(tmp_path):

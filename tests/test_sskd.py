@@ -369,8 +369,12 @@ class Interrupt(Exception):
 def test_interrupted_sskd_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
     """Killed in stage 2 (epoch 2, batch 2 of 2, checkpoints every step); the rerun resumes the
     phase, its optimiser and its distance accumulator, and ends with identical weights."""
+    torch.manual_seed(5)   # a config run needs a teacher's weights (here an untrained one)
+    atomic_save(create_model("resnet20", 10).state_dict(), tmp_path / "teacher.pt")
+
     def cfg(name):
         return resolve(None, ["method=sskd", "nets=resnet20,resnet20", *TINY,
+                              f"teacher_weights={tmp_path / 'teacher.pt'}",
                               "checkpoint_every_steps=1", f"out={tmp_path / name}"])
 
     with pytest.warns(UserWarning):

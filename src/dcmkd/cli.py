@@ -7,6 +7,7 @@ valid choices.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from pathlib import Path
@@ -24,7 +25,7 @@ from dcmkd.recipes.runner import RunsFailed
 from dcmkd.registry import UnknownNameError
 from dcmkd.report import report_runs
 from dcmkd.report.tsne import tsne_plot
-from dcmkd.run_folder import RunFolder, model_name, parse_network_file
+from dcmkd.run_folder import RunFolder, RunLocked, model_name, parse_network_file
 
 
 def _millions(n: int) -> str:
@@ -250,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data-dir", help="dataset folder")
     t.add_argument("-e", "--epochs", type=int)
     t.add_argument("-s", "--seed", type=int)
-    t.add_argument("-o", "--out", help="run folder (default runs/<method>-<nets>-<data>-s<seed>)")
+    t.add_argument("-o", "--out", help="run folder (default runs/<method>-<nets>-<data>-s<seed>-"
+                   "<hash of the settings>)")
     t.add_argument("--device", help="auto, cpu, cuda, cuda:N, mps")
     t.add_argument("--precision", help="fp32, bf16, fp16")
     t.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -331,7 +333,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def one_line(error: BaseException) -> str:
+    """An error's message on one line (a DataLoader worker's error carries the worker's
+    traceback in its message: its last line is the error itself)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if any(line.startswith("Original Traceback") for line in lines):
+        lines = lines[-1:]
+    return " ".join(lines) or type(error).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``dcmkd`` command. Exit status: 0 done, 2 bad input (one line naming the key, file or
+    value), 3 training stopped (a diverged run, failed reproduction runs, a folder in use),
+    1 a system error (disk full, permissions), 130 interrupted."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # `dcmkd train -q optim.lr=0.1`: overrides may follow flags
@@ -341,12 +355,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     try:
         return args.func(args)
-    except (TrainingDiverged, RunsFailed) as e:
-        print(f"dcmkd: error: {e}", file=sys.stderr)
+    except (TrainingDiverged, RunsFailed, RunLocked) as e:
+        print(f"dcmkd: error: {one_line(e)}", file=sys.stderr)
         return 3
-    except (UnknownNameError, ValueError, FileNotFoundError) as e:
-        print(f"dcmkd: error: {e}", file=sys.stderr)
+    except (UnknownNameError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
+            IsADirectoryError, ImportError, TypeError) as e:
+        print(f"dcmkd: error: {one_line(e)}", file=sys.stderr)
         return 2
+    except OSError as e:
+        where = f" writing {e.filename}" if e.filename else ""
+        what = "no space left on device" if e.errno == errno.ENOSPC else \
+            (e.strerror or one_line(e)).lower()
+        print(f"dcmkd: error: {what}{where} (files written before are intact)", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ndcmkd: interrupted; every file of the run is intact: rerun the same command to "
+              "resume from its last checkpoint", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

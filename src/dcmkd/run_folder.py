@@ -23,11 +23,19 @@ anything else that differs is refused, naming the keys.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import re
+import shutil
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no advisory locks
+    fcntl = None  # type: ignore[assignment]
 
 import torch
 from torch import nn
@@ -38,7 +46,7 @@ from dcmkd.weights import TMP_SUFFIX, atomic_save, atomic_write_text, load_file
 #: dotted config keys that do not define a run: they may change between an interruption and its
 #: resumption, and a finished run is returned whatever their values
 RESUMABLE_KEYS = ("out", "quiet", "tensorboard", "device", "log_every", "eval_every",
-                  "checkpoint_every_steps", "compile",
+                  "checkpoint_every_steps", "compile", "divergence_factor",
                   "data.workers", "data.test_batch_size", "data.root", "data.cache_dir",
                   "data.download")
 
@@ -47,6 +55,10 @@ NETWORK_FILE = re.compile(r"net(\d+)_(.+)\.pt")
 
 class RunConflict(ValueError):
     """The folder holds another run: the message names the differing keys."""
+
+
+class RunLocked(RuntimeError):
+    """Another process is writing this run folder."""
 
 
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -100,9 +112,11 @@ class RunFolder:
     SUMMARY = "summary.json"
     PLOT = "test_error.png"
     TENSORBOARD = "tensorboard"
+    LOCK = ".lock"
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        self._lock_depth = 0
 
     def __repr__(self) -> str:
         return f"RunFolder({str(self.path)!r})"
@@ -150,12 +164,18 @@ class RunFolder:
 
     def check(self, config: dict[str, Any]) -> None:
         """Refuse ``config`` if the folder holds a started or finished run of another config
-        (only :data:`RESUMABLE_KEYS` may differ)."""
+        (only :data:`RESUMABLE_KEYS` may differ). A run whose ``config.yaml`` was deleted is
+        compared with the config its checkpoint records."""
+        if self.path.exists() and not self.path.is_dir():
+            raise FileExistsError(f"the run folder {self.path} is a file, not a folder")
         if not (self.has_checkpoint or self.finished):
             return
         saved = self.read_config()
+        if saved is None and self.has_checkpoint:
+            saved = self.checkpoint_config()
         if saved is None:
-            return
+            raise RunConflict(f"{self.path} holds a run without its {self.CONFIG} (its config "
+                              "is unknown); restore the file, or choose another -o/--out")
         diff = differences(saved, config)
         if diff:
             shown = "; ".join(diff[:4]) + (f"; and {len(diff) - 4} more" if len(diff) > 4 else "")
@@ -186,6 +206,63 @@ class RunFolder:
 
     def load_checkpoint(self) -> dict[str, Any]:
         return load_file(self.file(self.CHECKPOINT))
+
+    def checkpoint_config(self) -> dict[str, Any] | None:
+        """The config the checkpoint records (None for a checkpoint that records none)."""
+        text = self.load_checkpoint().get("config")
+        return json.loads(text) if isinstance(text, str) else None
+
+    # -- one writer at a time --------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self) -> Iterator["RunFolder"]:
+        """Hold the folder's lock (an advisory ``flock`` on ``.lock``, released by the system
+        if the process dies). A second writer gets :class:`RunLocked`. A folder this call
+        created and that holds nothing else when the lock is released (a failed start) is
+        removed. Re-entrant within one :class:`RunFolder` object."""
+        if self._lock_depth:
+            self._lock_depth += 1
+            try:
+                yield self
+            finally:
+                self._lock_depth -= 1
+            return
+        if self.path.exists() and not self.path.is_dir():
+            raise FileExistsError(f"the run folder {self.path} is a file, not a folder")
+        created = [p for p in (self.path, *self.path.parents) if not p.exists()]
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.file(self.LOCK), os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            if fcntl is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+                    raise RunLocked(f"{self.path} is in use by another dcmkd process (pid "
+                                    f"{holder}); wait for it to end, or choose another "
+                                    "-o/--out") from None
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+            self._lock_depth = 1
+            try:
+                yield self
+            finally:
+                self._lock_depth = 0
+                self.remove_temporary_files()
+        finally:
+            os.close(fd)
+            if created and {p.name for p in self.path.iterdir()} <= {self.LOCK}:
+                shutil.rmtree(self.path, ignore_errors=True)
+                for parent in created[1:]:   # folders made for it, now empty
+                    with contextlib.suppress(OSError):
+                        parent.rmdir()
+
+    def discard_start(self) -> None:
+        """Remove what a start wrote when it ends before its first checkpoint."""
+        if self.has_checkpoint or self.finished:
+            return
+        for name in (self.CONFIG, self.ENVIRONMENT, self.NOISY_LABELS, self.METRICS):
+            self.file(name).unlink(missing_ok=True)
+        shutil.rmtree(self.file(self.TENSORBOARD), ignore_errors=True)
 
     # -- exported networks -------------------------------------------------------------------
     def export_networks(self, networks: Iterable[nn.Module], models: Sequence[str],
@@ -232,10 +309,19 @@ class RunFolder:
                 tmp.unlink(missing_ok=True)
 
 
+def config_hash(config: dict[str, Any]) -> str:
+    """8 hex digits of the keys that define a run (:func:`defining`): two configs share it only
+    if they define the same run."""
+    text = json.dumps(defining(config), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
 def default_run_path(config: dict[str, Any]) -> Path:
-    """``runs/<method>-<nets>-<data>-s<seed>``: the folder of a config run without ``out``."""
+    """``runs/<method>-<nets>-<data>-s<seed>-<hash>``: the folder of a config run without
+    ``out``; the hash of the defining keys keeps runs of other settings apart."""
     nets = "+".join(config["nets"])
-    return Path("runs") / f"{config['method']}-{nets}-{config['data']['name']}-s{config['seed']}"
+    return Path("runs") / (f"{config['method']}-{nets}-{config['data']['name']}-"
+                           f"s{config['seed']}-{config_hash(config)}")
 
 
 def resolve_weights(spec: str | os.PathLike, network: int | None = None) -> Path:
@@ -251,6 +337,6 @@ def resolve_weights(spec: str | os.PathLike, network: int | None = None) -> Path
     return folder.network_path(0 if network is None else int(network))
 
 
-__all__ = ["RunFolder", "RunConflict", "RESUMABLE_KEYS", "flatten", "defining", "differences",
+__all__ = ["RunFolder", "RunConflict", "RunLocked", "RESUMABLE_KEYS", "config_hash", "flatten", "defining", "differences",
            "network_file", "parse_network_file", "model_name", "default_run_path",
            "resolve_weights"]

@@ -8,7 +8,9 @@ a full disk) during a save leaves the previous file intact. New files get the us
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
@@ -38,6 +40,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        if e.filename is None and e.errno is not None:   # say where (a full disk, say)
+            raise OSError(e.errno, e.strerror or os.strerror(e.errno), str(path)) from None
+        raise
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -60,9 +68,17 @@ def load_file(path: str | os.PathLike) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"no weights file at {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt, truncated, or holding arbitrary objects
-        raise ValueError(f"{path} is not a readable weights file ({type(e).__name__}: {e})") from e
+        with warnings.catch_warnings():   # torch's notes on pickle protocols mean nothing here
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:   # the weights-only unpickler met something else
+        raise ValueError(f"{path} holds objects other than tensors and plain containers, which "
+                         "dcmkd will not load (it never runs code from a file); use a weights "
+                         "file saved from a state_dict") from None
+    except Exception as e:  # noqa: BLE001 - corrupt or truncated
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise ValueError(f"{path} is not a readable weights file ({type(e).__name__}: "
+                         f"{first})") from None
 
 
 def load_backbone_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
@@ -79,6 +95,14 @@ def load_backbone_weights(model: nn.Module, path: str | os.PathLike) -> nn.Modul
         raise ValueError(f"{path} holds no state dict")
     if any(k.startswith("backbone.") for k in state):
         state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    own = model.state_dict()
+    wrong = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items()
+             if k in own and isinstance(v, torch.Tensor) and v.shape != own[k].shape]
+    if wrong:
+        k, theirs, ours = wrong[0]
+        raise ValueError(f"{path} does not fit the model: {k} is {list(theirs)} in the file but "
+                         f"{list(ours)} in the model ({len(wrong)} such tensors; another class "
+                         "count or architecture?)")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing:
         raise ValueError(f"{path} lacks {len(missing)} weights of the model, e.g. {missing[:3]}")

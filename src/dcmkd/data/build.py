@@ -53,6 +53,7 @@ class DataConfig:
     workers: int = 4
     image_size: int | None = None
     cache_dir: str | None = None
+    skip_bad_images: bool = False     # folder datasets: leave out files that cannot be decoded
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "DataConfig":
@@ -127,8 +128,8 @@ def _in_memory(cfg: DataConfig, device, seed: int, train: tuple[torch.Tensor, to
 def _streaming(cfg: DataConfig, device, seed: int, root: Path, crop: int,
                mean: Sequence[float], std: Sequence[float], **dist: int) -> Data:
     resize = round(crop * 256 / 224)
-    train_ds = FolderStream(root, "train", size=resize)
-    test_ds = FolderStream(root, "val", size=resize)
+    train_ds = FolderStream(root, "train", size=resize, skip_bad=cfg.skip_bad_images)
+    test_ds = FolderStream(root, "val", size=resize, skip_bad=cfg.skip_bad_images)
     keep, labels, noisy = _prepare_train(train_ds.labels, cfg, len(train_ds.classes))
     if keep is not None:
         train_ds = train_ds.select(keep)
@@ -205,8 +206,10 @@ def build_data(cfg: DataConfig | dict[str, Any], device: torch.device | str = "c
         return _streaming(cfg, device, seed, root, cfg.image_size or 224, aug.IMAGENET_MEAN,
                           aug.IMAGENET_STD, **dist)
     workers = max(1, min(2, cfg.workers))
-    train = load_folder_cached(root, "train", cfg.cache_dir, workers=workers)
-    test = load_folder_cached(root, "test", cfg.cache_dir, workers=workers)
+    train = load_folder_cached(root, "train", cfg.cache_dir, workers=workers,
+                               skip_bad=cfg.skip_bad_images)
+    test = load_folder_cached(root, "test", cfg.cache_dir, workers=workers,
+                              skip_bad=cfg.skip_bad_images)
     if train[2] != test[2]:
         raise ValueError(f"class folders differ between train and test under {root}")
     if train[0].shape[1:] != test[0].shape[1:]:

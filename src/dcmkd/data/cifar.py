@@ -201,8 +201,9 @@ def _missing_message(spec: CifarSpec, root: Path, train: bool, cause: str = "") 
     missing = [str(folder / f) for f in spec.files(train) if not (folder / f).is_file()]
     return (f"{spec.title} {'training' if train else 'test'} files not found{cause}. "
             f"Expected in {folder}: {', '.join(spec.files(train))} "
-            f"(missing: {', '.join(missing)}). To get them, run with --download "
-            f"(download=True) to fetch {spec.url} (md5 {spec.md5}), or download that archive "
+            f"(missing: {', '.join(missing)}). To get them, add data.download=true to the "
+            f"command (DataConfig(download=True) in Python) to fetch {spec.url} (md5 "
+            f"{spec.md5}), or download that archive "
             f"yourself and extract it in {root} so that the folder {spec.folder}/ is inside it.")
 
 

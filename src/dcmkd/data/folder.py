@@ -10,6 +10,7 @@ import hashlib
 import multiprocessing
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -61,10 +62,32 @@ def _is_image(name: str) -> bool:
 
 
 def _iter_images(folder: Path) -> Iterator[str]:
-    """Image files under ``folder``, recursively, in sorted order (hidden entries skipped)."""
+    """Image files under ``folder``, recursively, in sorted order (hidden entries skipped).
+
+    Links to folders are followed, but no folder twice (a link loop, or two links to one
+    folder, would repeat its images)."""
+    seen: set[tuple[int, int]] = set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         yield from (os.path.join(dirpath, n) for n in sorted(filenames) if _is_image(n))
+
+
+def _refuse_duplicates(paths: list[str], labels: list[int], classes: list[str]) -> None:
+    """One image file reached twice (through links) would count twice, or under two labels."""
+    first: dict[tuple[int, int], int] = {}
+    for i, p in enumerate(paths):
+        st = os.stat(p)
+        j = first.setdefault((st.st_dev, st.st_ino), i)
+        if j != i:
+            where = (f"both class '{classes[labels[j]]}' and class '{classes[labels[i]]}'"
+                     if labels[i] != labels[j] else f"class '{classes[labels[i]]}' twice")
+            raise ValueError(f"the image {os.path.realpath(p)} is in {where} ({paths[j]} and "
+                             f"{p}, through a link): remove the duplicate link")
 
 
 def scan_folder(root: str | os.PathLike, split: str) -> tuple[list[str], list[int], list[str]]:
@@ -99,6 +122,7 @@ def scan_folder(root: str | os.PathLike, split: str) -> tuple[list[str], list[in
                 f"class folder {folder / cls} holds no images ({', '.join(IMG_EXTENSIONS)})")
         paths.extend(found)
         labels.extend([index] * len(found))
+    _refuse_duplicates(paths, labels, classes)
     return paths, labels, classes
 
 
@@ -126,48 +150,83 @@ def decode_image(path: str, size: tuple[int, int] | None = None, draft: bool = F
     makes decoding large photos several times faster.
     """
     Image = _pil()
-    with Image.open(path) as im:
-        if size is not None and draft and im.format == "JPEG":
-            im.draft("RGB", size)
-        if im.mode != "RGB":
-            im = im.convert("RGB")
-        if size is not None and im.size != tuple(size):
-            im = im.resize(tuple(size), Image.BILINEAR)
-        return np.asarray(im)
+    try:
+        with Image.open(path) as im:
+            if size is not None and draft and im.format == "JPEG":
+                im.draft("RGB", size)
+            if im.mode != "RGB":
+                im = im.convert("RGB")
+            if size is not None and im.size != tuple(size):
+                im = im.resize(tuple(size), Image.BILINEAR)
+            return np.asarray(im)
+    except (OSError, SyntaxError, ValueError) as e:   # truncated, corrupt, not an image
+        raise BadImage(f"{path}: cannot decode this image ({type(e).__name__}: "
+                       f"{(str(e).splitlines() or [''])[0][:120]}); remove it, or set "
+                       "data.skip_bad_images=true to leave such files out") from None
 
 
-def _decode_chunk(paths: list[str]) -> np.ndarray:
-    """Decode images that all share one size into one uint8 NHWC array."""
-    first = decode_image(paths[0])
+class BadImage(ValueError):
+    """An image file that cannot be decoded; the message names it."""
+
+
+def _decode_or_none(path: str, skip_bad: bool) -> np.ndarray | None:
+    try:
+        return decode_image(path)
+    except BadImage:
+        if skip_bad:
+            return None
+        raise
+
+
+def _decode_chunk(paths: list[str], skip_bad: bool = False) -> tuple[np.ndarray, list[int]]:
+    """Decode images that all share one size into one uint8 NHWC array; with ``skip_bad``,
+    undecodable files are left out. Returns the array and the indices of the images kept."""
+    decoded = ((i, _decode_or_none(p, skip_bad)) for i, p in enumerate(paths))
+    kept_pairs = ((i, img) for i, img in decoded if img is not None)
+    first_pair = next(kept_pairs, None)
+    if first_pair is None:
+        return np.empty((0, 1, 1, 3), np.uint8), []
+    i0, first = first_pair
     out = np.empty((len(paths),) + first.shape, np.uint8)
-    out[0] = first
-    for i, p in enumerate(paths[1:], 1):
-        img = decode_image(p)
+    out[0], kept = first, [i0]
+    for i, img in kept_pairs:
+        p = paths[i]
         if img.shape != first.shape:
             raise ValueError(
-                f"{p} is {img.shape[1]}×{img.shape[0]} but {paths[0]} is "
+                f"{p} is {img.shape[1]}×{img.shape[0]} but {paths[i0]} is "
                 f"{first.shape[1]}×{first.shape[0]}: a cached folder dataset needs every image "
                 "the same size (resize them, or use the streaming loader)")
-        out[i] = img
-    return out
+        out[len(kept)] = img
+        kept.append(i)
+    return out[:len(kept)], kept
 
 
-def decode_all(paths: list[str], workers: int = 2) -> np.ndarray:
-    """Decode same-size images into uint8 NCHW, with a pool of ``workers`` processes when large."""
+def decode_all(paths: list[str], workers: int = 2, skip_bad: bool = False
+               ) -> tuple[np.ndarray, list[int]]:
+    """Decode same-size images into uint8 NCHW, with a pool of ``workers`` processes when
+    large; returns the array and the indices of the images kept (all, unless ``skip_bad``
+    leaves undecodable files out)."""
     if workers > 1 and len(paths) >= _POOL_MIN_IMAGES and \
             "fork" in multiprocessing.get_all_start_methods():
         step = -(-len(paths) // (workers * 8))
-        chunks = [paths[i:i + step] for i in range(0, len(paths), step)]
+        starts = range(0, len(paths), step)
         with multiprocessing.get_context("fork").Pool(workers) as pool:
-            parts = pool.map(_decode_chunk, chunks)
-        shapes = {p.shape[1:] for p in parts}
+            parts = pool.starmap(_decode_chunk, [(paths[i:i + step], skip_bad) for i in starts])
+        shapes = {p.shape[1:] for p, kept in parts if kept}
         if len(shapes) > 1:
             raise ValueError(f"images of different sizes {sorted(shapes)} under "
                              f"{os.path.commonpath(paths)}: a cached folder dataset needs one size")
-        nhwc = np.concatenate(parts)
+        nhwc = np.concatenate([p for p, kept in parts if kept])
+        kept = [start + i for start, (_, k) in zip(starts, parts) for i in k]
     else:
-        nhwc = _decode_chunk(paths)
-    return np.ascontiguousarray(nhwc.transpose(0, 3, 1, 2))
+        nhwc, kept = _decode_chunk(paths, skip_bad)
+    if not kept:
+        raise ValueError(f"no image under {os.path.commonpath(paths)} could be decoded")
+    if len(kept) < len(paths):
+        left_out = sorted(set(range(len(paths))) - set(kept))
+        warnings.warn(f"data.skip_bad_images: left out {len(left_out)} undecodable image(s), "
+                      f"e.g. {paths[left_out[0]]}", stacklevel=2)
+    return np.ascontiguousarray(nhwc.transpose(0, 3, 1, 2)), kept
 
 
 # ----------------------------------------------------------------------------- cache
@@ -214,17 +273,18 @@ def _write_atomic(path: Path, **arrays: np.ndarray) -> None:
 
 
 def load_folder_cached(root: str | os.PathLike, split: str,
-                       cache_dir: str | os.PathLike | None = None, *, workers: int = 2
-                       ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+                       cache_dir: str | os.PathLike | None = None, *, workers: int = 2,
+                       skip_bad: bool = False) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """A small image-folder split as ``(uint8 [N,3,H,W], int64 labels [N], class names)``.
 
     The first call decodes every image (all must share one size) and writes
     ``<cache_dir>/folder-<name>-<hash>-<split>-<key>.npz`` atomically; later calls load it
     without decoding. The key hashes paths, sizes and mtimes, so adding, removing or touching a
-    file invalidates it (stale caches of the same folder and split are removed).
+    file invalidates it (stale caches of the same folder and split are removed). An image that
+    cannot be decoded is an error naming it, or, with ``skip_bad``, left out with a warning.
     """
     paths, labels, classes = scan_folder(root, split)
-    key = cache_key(paths, labels, classes)
+    key = cache_key(paths, labels, classes) + ("-skip-bad" if skip_bad else "")
     cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     prefix = _cache_prefix(root, split)
     path = cache_dir / f"{prefix}{key[:24]}.npz"
@@ -236,8 +296,8 @@ def load_folder_cached(root: str | os.PathLike, split: str,
                             [str(c) for c in z["classes"]])
         except (OSError, ValueError, KeyError):
             pass  # unreadable or foreign cache file: rebuild it
-    images = decode_all(paths, workers)
-    y = np.asarray(labels, dtype=np.int64)
+    images, kept = decode_all(paths, workers, skip_bad)
+    y = np.asarray(labels, dtype=np.int64)[kept]
     cache_dir.mkdir(parents=True, exist_ok=True)
     for old in cache_dir.glob(f"{prefix}*.npz"):
         if old != path:
@@ -257,10 +317,11 @@ class FolderStream(Dataset):
     worker processes (see :class:`dcmkd.data.loader.StreamLoader`).
     """
 
-    def __init__(self, root: str | os.PathLike, split: str, size: int = 256, draft: bool = True):
+    def __init__(self, root: str | os.PathLike, split: str, size: int = 256, draft: bool = True,
+                 skip_bad: bool = False):
         self.paths, labels, self.classes = scan_folder(root, split)
         self.labels = torch.tensor(labels, dtype=torch.int64)
-        self.size, self.draft = size, draft
+        self.size, self.draft, self.skip_bad = size, draft, skip_bad
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -274,6 +335,17 @@ class FolderStream(Dataset):
         return out
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        img = decode_image(self.paths[index], (self.size, self.size), draft=self.draft)
-        chw = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
-        return chw, int(self.labels[index])
+        """Sample ``index``; with ``skip_bad``, an undecodable image is replaced by the next
+        decodable one (with its label), with a warning."""
+        for offset in range(len(self.paths)):
+            i = (index + offset) % len(self.paths)
+            try:
+                img = decode_image(self.paths[i], (self.size, self.size), draft=self.draft)
+            except BadImage as e:
+                if not self.skip_bad:
+                    raise
+                warnings.warn(f"data.skip_bad_images: {e}", stacklevel=2)
+                continue
+            chw = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
+            return chw, int(self.labels[i])
+        raise ValueError("no image of the dataset could be decoded")

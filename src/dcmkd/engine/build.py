@@ -9,11 +9,11 @@ from typing import Any
 import torch
 
 from dcmkd.data import Data, DataConfig, build_data
-from dcmkd.engine.config import resolve
+from dcmkd.engine.config import ConfigError, resolve
 from dcmkd.engine.device import Precision, pick_device
 from dcmkd.engine.loop import evaluate
 from dcmkd.engine.settings import TrainSettings
-from dcmkd.methods import Method, create_method
+from dcmkd.methods import Method, create_method, needs_teacher
 from dcmkd.registry import UnknownNameError
 from dcmkd.run_folder import RunFolder
 
@@ -30,7 +30,13 @@ class Built:
 
 
 def build_method(cfg: dict[str, Any], num_classes: int) -> Method:
-    """The method of a resolved config (seeded with ``cfg["seed"]`` for the weights' init)."""
+    """The method of a resolved config (seeded with ``cfg["seed"]`` for the weights' init). A
+    method that distils from a teacher needs ``teacher_weights``: a run from a random teacher
+    means nothing, so it is refused (the Python API only warns)."""
+    if needs_teacher(cfg["method"]) and not cfg["teacher_weights"]:
+        raise ConfigError(f"method '{cfg['method']}' needs teacher_weights: the trained "
+                          "teacher's weights file or finished run folder (e.g. "
+                          "teacher_weights=runs/teacher)")
     torch.manual_seed(cfg["seed"])
     return create_method(
         cfg["method"], cfg["nets"], num_classes, classifiers=cfg["classifiers"],

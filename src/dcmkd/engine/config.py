@@ -43,12 +43,88 @@ def _defaults() -> dict[str, Any]:
         "sskd": dict(SSKD_OPTIONS),     # stage-wise feature methods (dcmkd.methods.builders)
         "feature": dict(FEATURE_OPTIONS),
         **loop,
-        "out": None,                    # run folder; default runs/<method>-<nets>-<data>-s<seed>
+        "out": None,                    # run folder; default runs/<method>-<nets>-<data>-s<seed>-<hash>
     }
 
 
 #: every key a run config may hold, with its default
 DEFAULTS: dict[str, Any] = _defaults()
+
+#: the accepted types of the keys whose default is None or that take several kinds of value;
+#: every other key takes the type of its default (an int where a float is expected)
+TYPES: dict[str, tuple] = {
+    "num_classes": (int, None), "classifiers": (str, list, None),
+    "teacher_weights": (str, None), "teacher_net": (int, None), "model_options": (dict, list),
+    "nets": (list,), "out": (str, None), "recipe": (str,),
+    "data.root": (str, None), "data.train_subset": (int, None), "data.image_size": (int, None),
+    "data.cache_dir": (str, None), "optim.clip_grad_norm": (float, None),
+    "schedule.milestones": (list,), "schedule.warmup_epochs": (float,),
+    "sskd.stages": (int, list), "sskd.weight_decay": (float, None), "sskd.milestones": (list,),
+    "sskd.stage_epochs": (int, float, None), "sskd.head_epochs": (int, float, None),
+    "feature.stages": (int, list), "feature.hint": (str, int),
+}
+#: (smallest, largest) accepted value of numeric keys; None: unbounded
+RANGES: dict[str, tuple[float | None, float | None]] = {
+    "epochs": (1, None), "num_classes": (2, None), "teacher_net": (0, None),
+    "data.batch_size": (1, None), "data.test_batch_size": (1, None), "data.workers": (0, None),
+    "data.train_subset": (1, None), "data.image_size": (8, None), "data.label_noise": (0, 0.95),
+    "optim.lr": (0, None), "optim.momentum": (0, 1), "optim.weight_decay": (0, None),
+    "optim.clip_grad_norm": (0, None), "schedule.gamma": (0, None), "schedule.step_size": (1, None),
+    "schedule.warmup_epochs": (0, None), "log_every": (1, None), "eval_every": (1, None),
+    "checkpoint_every_steps": (0, None), "loss.temperature": (0, None), "loss.rampup": (0, None),
+    "loss.label_smoothing": (0, 1),
+}
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+               list: "a list", dict: "a mapping", None: "null"}
+
+
+class ConfigError(ValueError):
+    """A config value of the wrong type or out of range: the message names the key."""
+
+
+def validate(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Check every key's type and range against the schema; returns ``cfg``."""
+    def check(defaults: dict, values: dict, prefix: str) -> None:
+        for key, default in defaults.items():
+            full, value = f"{prefix}{key}", values.get(key)
+            accepted = TYPES.get(full, (type(default),))
+            if isinstance(default, dict) and default and full != "model_options":
+                if not isinstance(value, dict):
+                    raise ConfigError(f"{full}: expected a mapping of keys "
+                                      f"({', '.join(default)}), got {value!r}")
+                check(default, value, f"{full}.")
+                continue
+            if not _is_a(value, accepted):
+                names = " or ".join(_TYPE_NAMES.get(t, getattr(t, "__name__", str(t)))
+                                    for t in accepted)
+                raise ConfigError(f"{full}: expected {names}, got {value!r}")
+            low, high = RANGES.get(full, (None, None))
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                if (low is not None and value < low) or (high is not None and value > high) or \
+                        (full in ("optim.lr", "loss.temperature") and value <= 0):
+                    bound = (f"> {low}" if full in ("optim.lr", "loss.temperature") else
+                             f"≥ {low}" if high is None else f"in [{low}, {high}]")
+                    raise ConfigError(f"{full}: expected a value {bound}, got {value!r}")
+    check(DEFAULTS, cfg, "")
+    if not cfg["nets"] or not all(isinstance(n, str) and n for n in cfg["nets"]):
+        raise ConfigError(f"nets: expected one or more model names (e.g. resnet20,resnet20), "
+                          f"got {cfg['nets']!r}")
+    return cfg
+
+
+def _is_a(value: Any, accepted: tuple) -> bool:
+    for t in accepted:
+        if t is None and value is None:
+            return True
+        if t is bool and isinstance(value, bool):
+            return True
+        if t in (int, float) and isinstance(value, bool):
+            continue   # true/false is not a number here
+        if t is float and isinstance(value, (int, float)):
+            return True
+        if t not in (None, bool) and isinstance(value, t):
+            return True
+    return False
 
 #: the papers' optimisers and schedules (DCM supplementary §1, SPEC.md §3)
 RECIPES: dict[str, dict[str, Any]] = {
@@ -120,7 +196,7 @@ def merge(base: dict, update: dict, path: str = "") -> dict:
 def parse_override(text: str) -> dict:
     """``"optim.lr=0.05"`` → ``{"optim": {"lr": 0.05}}`` (the value is parsed as YAML)."""
     if "=" not in text:
-        raise ValueError(f"override '{text}' is not of the form key=value")
+        raise ConfigError(f"override '{text}' is not of the form key=value")
     key, value = text.split("=", 1)
     parsed: Any = yamlio.loads(value, f"override '{text}'") if value != "" else None
     for part in reversed(key.strip().split(".")):
@@ -134,7 +210,8 @@ def load_yaml(path: str | Path) -> dict:
         raise FileNotFoundError(f"no config file at {path}")
     data = yamlio.load(path) or {}
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: a config file holds a mapping of keys")
+        raise ConfigError(f"{path}: a config file holds a mapping of keys, not "
+                          f"{type(data).__name__}")
     return data
 
 
@@ -156,14 +233,17 @@ def resolve(base: str | dict | None = None, overrides: list[str] | list[dict] = 
     user = _deep_update(user, over)
     nets = user.get("nets", DEFAULTS["nets"])
     if isinstance(nets, str):
-        user["nets"] = nets = [n for n in nets.split(",") if n]
+        user["nets"] = nets = [n.strip() for n in nets.split(",") if n.strip()]
+    if not isinstance(nets, list) or not nets or not all(isinstance(n, str) for n in nets):
+        raise ConfigError(f"nets: expected one or more model names (e.g. resnet20,resnet20), "
+                          f"got {nets!r}")
     if recipe is None:
         recipe = recipe_for(list(nets))
     if recipe not in RECIPES:
         raise UnknownNameError("recipe", recipe, RECIPES)
     cfg = merge(merge(DEFAULTS, RECIPES[recipe]), user)
     cfg["recipe"] = recipe
-    return cfg
+    return validate(cfg)
 
 
 def _deep_update(a: dict, b: dict) -> dict:

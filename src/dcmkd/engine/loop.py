@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
@@ -41,18 +41,30 @@ def fit(method: Method, data: Any, run: RunFolder | str, settings: TrainSettings
     same for the test set (no test set: no evaluation). ``config``: what defines the run, saved
     as ``config.yaml`` (default: a description of the method and the settings). Rerunning on an
     interrupted folder resumes it; a finished folder returns its summary; a folder holding
-    another run is refused (:class:`~dcmkd.run_folder.RunConflict`).
+    another run is refused (:class:`~dcmkd.run_folder.RunConflict`), and so is a folder another
+    process is writing (:class:`~dcmkd.run_folder.RunLocked`).
     """
     settings = settings or TrainSettings()
     run = run if isinstance(run, RunFolder) else RunFolder(run)
     log = (lambda s: None) if settings.quiet else log
     train_batches, test_batches = _split(data, test, settings.seed)
     identity = config if config is not None else describe(method, settings)
-    run.check(identity)
-    if run.finished:
-        log(f"{run}: finished run, not redone")
-        return run.read_summary()  # type: ignore[return-value]
+    with run.lock():
+        run.check(identity)
+        if run.finished:
+            log(f"{run}: finished run, not redone")
+            return run.read_summary()  # type: ignore[return-value]
+        try:
+            return _train(method, train_batches, test_batches, getattr(data, "noisy_indices", None),
+                          run, settings, identity, log)
+        except BaseException:
+            run.discard_start()   # a start that wrote no checkpoint leaves nothing behind
+            raise
 
+
+def _train(method: Method, train_batches: Batches, test_batches: Batches | None,
+           noisy: torch.Tensor | None, run: RunFolder, settings: TrainSettings,
+           identity: dict[str, Any], log: Log) -> dict[str, Any]:
     # -- set up: device, precision, the method's optimisation, the run folder
     device = pick_device(settings.device)
     if settings.deterministic:
@@ -67,19 +79,17 @@ def fit(method: Method, data: Any, run: RunFolder | str, settings: TrainSettings
     precision = Precision(settings.precision, device)
     if settings.compile:
         compile_networks(method.networks, log)
-    run.path.mkdir(parents=True, exist_ok=True)
-    run.remove_temporary_files()
+    ctx = Context(method, run, settings, device, precision, identity,
+                  DivergenceGuard(settings.divergence_factor), log)
     run.write_config(identity)
     run.write_environment(environment(device))
-    noisy = getattr(data, "noisy_indices", None)
     if noisy is not None:
         run.write_noisy_labels(noisy)
 
     # -- resume, or start from the seed
     epoch, start_batch, history, partial = 0, 0, [], None
     if run.has_checkpoint:
-        epoch, start_batch, history, partial = restore(run.load_checkpoint(), method, precision,
-                                                       device)
+        epoch, start_batch, history, partial = ctx.restore(run.load_checkpoint())
         log(f"resuming {run} at epoch {epoch + 1}, batch {start_batch}")
     else:
         torch.manual_seed(settings.seed)
@@ -87,8 +97,7 @@ def fit(method: Method, data: Any, run: RunFolder | str, settings: TrainSettings
 
     # -- train
     while not method.training_done(epoch):
-        record = train_epoch(method, train_batches, epoch, start_batch, partial, settings,
-                             precision, device, run, history, log)
+        record = train_epoch(ctx, train_batches, epoch, start_batch, partial, history)
         start_batch, partial = 0, None
         last = method.training_done(epoch + 1)   # a phased method knows only after end_epoch
         evaluated = False
@@ -100,8 +109,8 @@ def fit(method: Method, data: Any, run: RunFolder | str, settings: TrainSettings
         if test_batches is not None and not evaluated and method.training_done(epoch + 1):
             record.update(evaluate(method, test_batches, device, precision, settings))
         history.append(record)
+        ctx.checkpoint(epoch + 1, 0, history)
         run.write_metrics(history)
-        run.save_checkpoint(checkpoint_state(method, precision, device, epoch + 1, 0, history))
         log(epoch_line(record, method))
         if writer is not None:
             for k, v in record.items():
@@ -110,34 +119,31 @@ def fit(method: Method, data: Any, run: RunFolder | str, settings: TrainSettings
         epoch += 1
     if writer is not None:
         writer.close()
-    return finish(method, run, history, identity, settings, log)
+    return finish(method, run, history, settings, log)
 
 
-def train_epoch(method: Method, batches: Batches, epoch: int, start: int,
-                partial: dict[str, Any] | None, settings: TrainSettings, precision: Precision,
-                device: torch.device, run: RunFolder, history: list[dict], log: Log
-                ) -> dict[str, Any]:
+def train_epoch(ctx: "Context", batches: Batches, epoch: int, start: int,
+                partial: dict[str, Any] | None, history: list[dict]) -> dict[str, Any]:
     """One epoch from batch ``start`` (``partial``: the running sums saved at a mid-epoch
     checkpoint); returns the epoch's metrics record."""
+    method, settings = ctx.method, ctx.settings
     method.train()
     steps = len(batches)
-    names = [net.classifier_names for net in method.networks]
-    meter = Meter(device, names, start, partial)
-    step = Step(method, precision, settings.clip_grad_norm)
-    progress = Progress(epoch, steps, start, settings.quiet, log)
+    meter = Meter(ctx.device, [net.classifier_names for net in method.networks], start, partial)
+    step = Step(method, ctx.precision, settings.clip_grad_norm)
+    progress = Progress(epoch, steps, start, settings.quiet, ctx.log)
     every = settings.checkpoint_every_steps
     for i, (x, y) in enumerate(batches.epoch(epoch, start), start=start):
-        x, y = _to_device(x, y, device, settings.channels_last)
+        x, y = _to_device(x, y, ctx.device, settings.channels_last)
         method.begin_step(epoch + i / steps)
-        out = method.training_step(x, y, step, precision.autocast)
+        out = method.training_step(x, y, step, ctx.precision.autocast)
         meter.add(out, y)
         if (i + 1) % settings.log_every == 0:
-            progress.update(i + 1, meter.read(epoch))
+            progress.update(i + 1, ctx.read(meter, epoch, i + 1))
         if every and (i + 1) % every == 0 and i + 1 < steps:
-            meter.read(epoch)
-            run.save_checkpoint(checkpoint_state(method, precision, device, epoch, i + 1,
-                                                 history, meter.state()))
-    means = meter.read(epoch)
+            ctx.read(meter, epoch, i + 1)
+            ctx.checkpoint(epoch, i + 1, history, meter.state())
+    means = ctx.read(meter, epoch, steps)
     progress.close()
     seconds = meter.seconds()
     record: dict[str, Any] = {"epoch": epoch + 1, "lr": method.lr_at(epoch), "seconds": seconds,
@@ -186,6 +192,10 @@ class Meter:
             self.sums = {k: torch.tensor(v, device=device, dtype=torch.float32)
                          for k, v in partial["sums"].items()}
             self.samples, self.elapsed = int(partial["samples"]), float(partial["seconds"])
+            self._last = dict(partial["sums"])
+        self._read_samples = self.samples
+        self.interval_loss: float | None = None   # mean summed loss since the previous read
+        self.loss_terms: list[str] = []
 
     def _sum(self, key: str) -> torch.Tensor:
         if key not in self.sums:
@@ -221,8 +231,14 @@ class Meter:
             terms = [k for k, s in zip(bad_keys, bad) if s == at]
             raise TrainingDiverged(f"non-finite loss at epoch {epoch + 1}, batch {at} in "
                                    f"{', '.join(terms)}; the last good checkpoint is kept")
-        self._last = dict(zip(keys, sums))
-        return {k: v / max(self.samples, 1) for k, v in self._last.items()}
+        current = dict(zip(keys, sums))
+        total = sum(v for k, v in current.items() if not k.endswith("/acc"))
+        before = sum(v for k, v in self._last.items() if not k.endswith("/acc"))
+        fresh = self.samples - self._read_samples
+        self.interval_loss = (total - before) / fresh if fresh else None
+        self.loss_terms = [k for k in current if not k.endswith("/acc")]
+        self._last, self._read_samples = current, self.samples
+        return {k: v / max(self.samples, 1) for k, v in current.items()}
 
     def state(self) -> dict[str, Any]:
         """The sums of the last :meth:`read`, for a mid-epoch checkpoint."""
@@ -257,11 +273,14 @@ def evaluate(method: Method, batches: Batches, device: torch.device, precision: 
     return {k: 100.0 * v / max(count, 1) for k, v in zip(keys, values)}
 
 
-def finish(method: Method, run: RunFolder, history: list[dict], identity: dict[str, Any],
-           settings: TrainSettings, log: Log) -> dict[str, Any]:
+def finish(method: Method, run: RunFolder, history: list[dict], settings: TrainSettings,
+           log: Log) -> dict[str, Any]:
     """Export the networks, plot, and write the summary (last: it marks the run finished)."""
     models = [model_name(net) for net in method.networks]
-    paths = run.export_networks(method.export(), models)
+    exported = method.export()
+    for n, net in enumerate(exported):
+        check_finite(net.state_dict(), f"exported network {n}")
+    paths = run.export_networks(exported, models)
     evaluated = [r for r in history if "test/net0/C1/top1" in r]
     nets = range(len(models))
     summary: dict[str, Any] = {
@@ -284,31 +303,103 @@ def finish(method: Method, run: RunFolder, history: list[dict], identity: dict[s
     return summary
 
 
-# -- checkpoints --------------------------------------------------------------------------------
-def checkpoint_state(method: Method, precision: Precision, device: torch.device, epoch: int,
-                     batch: int, history: list[dict], partial: dict | None = None
-                     ) -> dict[str, Any]:
-    """Everything a resumed run needs to continue exactly (``batch`` > 0: mid-epoch, with the
-    epoch's running sums in ``partial``)."""
-    rng = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        rng["cuda"] = torch.cuda.get_rng_state(device)
-    return {"epoch": epoch, "batch": batch, "method": method.state_dict(),
-            "optimizer": method.optimizer.state_dict(), "scaler": precision.scaler.state_dict(),
-            "rng": rng, "history": json.dumps(history), "partial": json.dumps(partial)}
+# -- the run's context: checkpoints, reads, divergence ------------------------------------------
+class Context:
+    """What the loop carries through a run: the method, its folder and settings, the device
+    and precision, what defines the run, the divergence guard and the log."""
+
+    def __init__(self, method: Method, run: RunFolder, settings: TrainSettings,
+                 device: torch.device, precision: Precision, identity: dict[str, Any],
+                 guard: "DivergenceGuard", log: Log):
+        self.method, self.run, self.settings = method, run, settings
+        self.device, self.precision, self.identity = device, precision, identity
+        self.guard, self.log = guard, log
+
+    def read(self, meter: "Meter", epoch: int, batch: int) -> dict[str, float]:
+        """Read the meter (one host read) and apply the divergence rule."""
+        means = meter.read(epoch)
+        self.guard.check(meter.interval_loss, meter.loss_terms, epoch, batch)
+        return means
+
+    def checkpoint(self, epoch: int, batch: int, history: list[dict],
+                   partial: dict | None = None) -> None:
+        """Save everything a resumed run needs to continue exactly (``batch`` > 0: mid-epoch,
+        with the epoch's running sums in ``partial``); refuses non-finite weights."""
+        state = self.method.state_dict()
+        check_finite(state, f"the weights after epoch {epoch + (batch > 0)}"
+                            + (f", batch {batch}" if batch else ""))
+        rng = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        self.run.save_checkpoint({
+            "epoch": epoch, "batch": batch, "method": state,
+            "optimizer": self.method.optimizer.state_dict(),
+            "scaler": self.precision.scaler.state_dict(), "rng": rng,
+            "history": json.dumps(history), "partial": json.dumps(partial),
+            "guard": json.dumps(self.guard.state()), "config": json.dumps(self.identity)})
+
+    def restore(self, ckpt: dict[str, Any]) -> tuple[int, int, list[dict], dict | None]:
+        """Load a checkpoint; returns (epoch, batch, history, the epoch's partial sums)."""
+        self.method.load_state_dict(ckpt["method"])   # a phased method restores its phase first
+        self.method.optimizer.load_state_dict(ckpt["optimizer"])
+        self.precision.scaler.load_state_dict(ckpt["scaler"])
+        torch.set_rng_state(ckpt["rng"]["cpu"])
+        if "cuda" in ckpt["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], self.device)
+        self.guard.load_state(json.loads(ckpt.get("guard") or "{}"))
+        partial = json.loads(ckpt.get("partial") or "null")
+        return int(ckpt["epoch"]), int(ckpt["batch"]), json.loads(ckpt["history"]), partial
 
 
-def restore(ckpt: dict[str, Any], method: Method, precision: Precision, device: torch.device
-            ) -> tuple[int, int, list[dict], dict | None]:
-    """Load a checkpoint into ``method``; returns (epoch, batch, history, partial sums)."""
-    method.load_state_dict(ckpt["method"])   # a phased method restores its phase first
-    method.optimizer.load_state_dict(ckpt["optimizer"])
-    precision.scaler.load_state_dict(ckpt["scaler"])
-    torch.set_rng_state(ckpt["rng"]["cpu"])
-    if "cuda" in ckpt["rng"] and device.type == "cuda":
-        torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
-    partial = json.loads(ckpt.get("partial") or "null")
-    return int(ckpt["epoch"]), int(ckpt["batch"]), json.loads(ckpt["history"]), partial
+def check_finite(state: dict[str, torch.Tensor], what: str) -> None:
+    """Raise :class:`TrainingDiverged` if a floating tensor of ``state`` holds a NaN or an
+    infinity (one host read; a second pass names the tensors)."""
+    floats = [(k, v) for k, v in state.items()
+              if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel()]
+    if not floats or bool(torch.stack([torch.isfinite(v).all() for _, v in floats]).all()):
+        return
+    bad = [k for k, v in floats if not bool(torch.isfinite(v).all())]
+    raise TrainingDiverged(f"non-finite values in {what} ({', '.join(bad[:3])}"
+                           f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''}); nothing "
+                           "was saved, the last good checkpoint is kept")
+
+
+class DivergenceGuard:
+    """Stops a run whose loss explodes without becoming NaN: the mean loss of a log interval
+    (the sum of the method's terms) above ``factor`` × its reference for two reads in a row.
+    The reference is the mean of the first read of the same objective (the same loss terms: a
+    phased method such as SSKD starts a new reference with each stage); ``factor = 0``
+    disables the rule."""
+
+    PATIENCE = 2
+
+    def __init__(self, factor: float):
+        self.factor = float(factor)
+        self.references: dict[str, float] = {}
+        self.strikes = 0
+
+    def check(self, loss: float | None, terms: Sequence[str], epoch: int, batch: int) -> None:
+        if not self.factor or loss is None:
+            return
+        key = "|".join(sorted(terms))
+        if key not in self.references:
+            self.references[key] = max(abs(loss), 1e-8)
+            return
+        reference = self.references[key]
+        self.strikes = self.strikes + 1 if loss > self.factor * reference else 0
+        if self.strikes >= self.PATIENCE:
+            raise TrainingDiverged(
+                f"the loss exploded: {loss:.4g} at epoch {epoch + 1}, batch {batch}, more than "
+                f"{self.factor:g}× its start ({reference:.4g}) for {self.PATIENCE} log "
+                "intervals in a row; the last good checkpoint is kept (lower optim.lr, or set "
+                "divergence_factor=0 to disable this rule)")
+
+    def state(self) -> dict[str, Any]:
+        return {"references": self.references, "strikes": self.strikes}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.references = dict(state.get("references") or {})
+        self.strikes = int(state.get("strikes", 0))
 
 
 # -- what a run of built objects is ------------------------------------------------------------
@@ -376,10 +467,16 @@ def epoch_line(r: dict[str, Any], method: Method) -> str:
 def _split(data: Any, test: Iterable | None, seed: int) -> tuple[Batches, Batches | None]:
     """(train, test) batches from the library's ``Data`` or a training iterable + ``test``."""
     if hasattr(data, "train") and hasattr(data, "test") and test is None:
-        return as_batches(data.train, seed, "data.train"), as_batches(data.test, seed,
-                                                                      "data.test")
-    return as_batches(data, seed, "data"), (None if test is None else
-                                            as_batches(test, seed, "test"))
+        train, evaluation = (as_batches(data.train, seed, "data.train"),
+                             as_batches(data.test, seed, "data.test"))
+    else:
+        train, evaluation = as_batches(data, seed, "data"), (None if test is None else
+                                                             as_batches(test, seed, "test"))
+    if len(train) == 0:
+        size, batch = getattr(train, "num_samples", "?"), getattr(train, "batch_size", "?")
+        raise ValueError(f"the training set ({size} samples) holds no full batch of {batch}: no "
+                         "training step would run (lower data.batch_size, or use more data)")
+    return train, evaluation
 
 
 def _to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device, channels_last: bool

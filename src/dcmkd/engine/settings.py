@@ -20,6 +20,8 @@ class TrainSettings:
     running losses and accuracies from the device; the progress bar refreshes from those reads.
     ``eval_every``: epochs between test-set evaluations (the last epoch is always evaluated).
     ``compile``: the networks run through ``torch.compile`` (eager if it fails, with a message).
+    ``divergence_factor``: a run whose mean loss over a log interval exceeds this multiple of
+    its first interval's for two intervals in a row stops like a NaN does (0 disables).
     """
 
     optim: SGDSettings = field(default_factory=SGDSettings)
@@ -32,6 +34,7 @@ class TrainSettings:
     deterministic: bool = False
     seed: int = 0
     checkpoint_every_steps: int = 0       # 0: at the end of every epoch only
+    divergence_factor: float = 1e3        # stop when the loss exceeds this × its start (0: off)
     log_every: int = 50
     eval_every: int = 1
     quiet: bool = False
@@ -45,6 +48,8 @@ class TrainSettings:
         if self.checkpoint_every_steps < 0:
             raise ValueError(f"checkpoint_every_steps must be ≥ 0, got "
                              f"{self.checkpoint_every_steps}")
+        if self.divergence_factor < 0:
+            raise ValueError(f"divergence_factor must be ≥ 0, got {self.divergence_factor}")
         if self.clip_grad_norm is not None and self.clip_grad_norm <= 0:
             raise ValueError(f"optim.clip_grad_norm must be > 0 (or null), got "
                              f"{self.clip_grad_norm}")

@@ -17,7 +17,9 @@ class Trainer:
     """``Trainer(cfg).fit()``: build a config's run and train it (see :func:`dcmkd.engine.fit`).
 
     A finished run with the same config returns its summary without building anything; a run
-    folder holding another config is refused before anything is built."""
+    folder holding another config, or in use by another process, is refused before anything is
+    built. Without ``out``, the folder is ``runs/<method>-<nets>-<data>-s<seed>-<hash>``, the
+    hash of the settings that define the run."""
 
     def __init__(self, cfg: dict[str, Any], run_dir: str | Path | None = None, log: Log = print):
         self.cfg = cfg
@@ -29,14 +31,15 @@ class Trainer:
         return self.run.path
 
     def fit(self) -> dict[str, Any]:
-        self.run.check(self.cfg)
-        if self.run.finished:
-            if not self.cfg["quiet"]:
-                self.log(f"{self.run}: finished run, not redone")
-            return self.run.read_summary()  # type: ignore[return-value]
-        built = build(self.cfg)
-        return fit(built.method, built.data, self.run, built.settings, config=self.cfg,
-                   log=self.log)
+        with self.run.lock():   # one writer per folder, from the check to the summary
+            self.run.check(self.cfg)
+            if self.run.finished:
+                if not self.cfg["quiet"]:
+                    self.log(f"{self.run}: finished run, not redone")
+                return self.run.read_summary()  # type: ignore[return-value]
+            built = build(self.cfg)
+            return fit(built.method, built.data, self.run, built.settings, config=self.cfg,
+                       log=self.log)
 
 
 def train(cfg: dict[str, Any], run_dir: str | Path | None = None, **kw: Any) -> dict[str, Any]:

@@ -18,6 +18,7 @@ dcm       yes                         all              DCM (Eq. 6)
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -66,6 +67,13 @@ for _p in (
     MethodPreset("dcm", True, "dense", 2, summary="dense cross-layer mutual distillation"),
 ):
     METHODS.register(_p.name)(_p)
+
+
+def needs_teacher(name: str) -> bool:
+    """Whether method ``name`` distils from a frozen, pre-trained first network."""
+    if name in STAGE_METHODS:
+        return True
+    return name in METHODS and METHODS.get(name).frozen_teacher
 
 
 def create_method(name: str, nets: Sequence[str | nn.Module], num_classes: int | None = None,
@@ -149,12 +157,14 @@ def create_method(name: str, nets: Sequence[str | nn.Module], num_classes: int |
         if not preset.frozen_teacher:
             raise ValueError(f"teacher_weights is for 'kd', not '{name}'")
         load_pretrained(networks[0].backbone, teacher_weights, teacher_net)
+    elif preset.frozen_teacher and not isinstance(nets[0], nn.Module):
+        warnings.warn(f"'{name}' without teacher_weights: the teacher is untrained", stacklevel=2)
     method = MutualMethod(networks, preset.pattern, frozen=(0,) if preset.frozen_teacher else (),
                           options=options, term_names=dict(preset.term_names))
     method.name = name
     return method
 
 
-__all__ = ["METHODS", "MethodPreset", "Method", "MutualMethod", "StepOutput", "create_method",
+__all__ = ["METHODS", "MethodPreset", "needs_teacher", "Method", "MutualMethod", "StepOutput", "create_method",
            "bn_stats_frozen", "UPDATE_MODES", "STAGE_METHODS", "LossOptions", "SSKD_OPTIONS",
            "FEATURE_OPTIONS", "SGDSettings", "Schedule"]

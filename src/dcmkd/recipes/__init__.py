@@ -7,8 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-
+from dcmkd import yamlio
 from dcmkd.recipes.experiment import Cell, Experiment, PaperValue
 from dcmkd.recipes.runner import PlannedRun, cell_config, plan, reproduce
 from dcmkd.recipes.scales import SCALES, SMOKE_STANDINS, shorten
@@ -29,10 +28,7 @@ def load_experiment(name_or_path: str | Path) -> Experiment:
         if str(name_or_path) not in names:
             raise UnknownNameError("experiment", str(name_or_path), names)
         path = RECIPE_DIR / f"{str(name_or_path).replace('-', '_')}.yaml"
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path}: not valid YAML: {e}") from None
+    data = yamlio.load(path)
     exp = Experiment.from_dict(data, where=path.name)
     if path.parent == RECIPE_DIR and exp.name != path.stem.replace("_", "-"):
         raise ValueError(f"{path.name}: name '{exp.name}' should be "

@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from dcmkd.engine.config import merge, parse_override, resolve
+from dcmkd.engine.config import merge, parse_override, resolve, validate
 from dcmkd.engine.trainer import Trainer
 from dcmkd.methods import METHODS
 from dcmkd.recipes.experiment import Cell, Experiment, _deep_merge, slug, teacher_reference
@@ -75,7 +75,7 @@ def cell_config(exp: Experiment, cell: Cell, seed: int, scale: str = "full",
     cfg = merge(shorten(full, int(epochs)), layer)
     cfg["seed"] = seed
     cfg["out"] = str(run_dir) if run_dir is not None else None
-    return cfg
+    return validate(cfg)
 
 
 def plan(exp: Experiment, *, rows: list[str] | None = None, seeds: int | Sequence[int] = 1,

@@ -1,0 +1,306 @@
+"""Bad input, as a demanding user or an attacker gives it: every case exits non-zero with one
+line naming the key, file or value, no traceback, and no run folder changed; runs that would
+return a wrong result with exit status 0 are refused or stopped."""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dcmkd.cli import main
+from dcmkd.models import create_model
+from dcmkd.run_folder import RunFolder
+from dcmkd.weights import atomic_save, load_file
+
+TINY = ["-d", "synthetic", "-q", "data.image_size=8", "data.train_subset=32",
+        "data.batch_size=16", "data.test_batch_size=32", "device=cpu", "schedule.name=constant",
+        "optim.lr=0.05"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(capsys, *args) -> tuple[int, str]:
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as e:   # argparse's own usage errors
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` with a hash of its content."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    """A finished one-epoch DML run that the bad commands must leave untouched."""
+    out = tmp_path_factory.mktemp("runs") / "done"
+    assert main(["train", "-m", "dml", "-n", "resnet20,resnet20", *TINY, "-e", "1",
+                 "-o", str(out)]) == 0
+    return out
+
+
+def bad_files(tmp: Path) -> dict[str, Path]:
+    tmp.mkdir(exist_ok=True)
+    (tmp / "syntax.yaml").write_text("optim: {lr: 0.1\nepochs: 3\n")
+    (tmp / "tag.yaml").write_text("method: !!python/object/apply:os.system ['echo pwned']\n")
+    (tmp / "list.yaml").write_text("- 1\n- 2\n")
+    (tmp / "a_file").write_text("not a folder")
+    (tmp / "corrupt").mkdir()
+    (tmp / "corrupt" / "config.yaml").write_text("method: dcm\nnets: [resnet20\n")
+    torch.manual_seed(0)
+    atomic_save(create_model("resnet20", 100).state_dict(), tmp / "net0_resnet20.pt")
+    atomic_save(create_model("resnet32", 10).state_dict(), tmp / "net0_resnet32.pt")
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp / "pwned"),))
+
+    (tmp / "evil.pt").write_bytes(pickle.dumps(Evil()))
+    return {p.name: p for p in tmp.iterdir()}
+
+
+CASES = [  # (arguments, text the one-line message must contain)
+    (["train", "optim.lr=abc"], "optim.lr: expected a number, got 'abc'"),
+    (["train", "-e", "0"], "epochs: expected a value ≥ 1, got 0"),
+    (["train", "-e", "-1"], "epochs: expected a value ≥ 1, got -1"),
+    (["train", "nets="], "nets: expected one or more model names"),
+    (["train", "num_classes=abc"], "num_classes: expected an integer or null"),
+    (["train", "data.label_noise=1.5"], "data.label_noise: expected a value in [0, 0.95]"),
+    (["train", "epochs=true"], "epochs: expected an integer, got True"),
+    (["train", "optim=0.1"], "optim: expected a mapping of keys"),
+    (["train", "optim.lrr=0.1"], "did you mean optim.lr"),
+    (["train", "optim.lr=[0.1"], "override 'optim.lr=[0.1'"),
+    (["train", "{tmp}/syntax.yaml"], "syntax.yaml line 2"),
+    (["train", "{tmp}/tag.yaml"], "Python tags are refused"),
+    (["train", "{tmp}/list.yaml"], "holds a mapping of keys"),
+    (["train", "{tmp}/missing.yaml"], "missing.yaml"),
+    (["train", "-m", "kd", "-n", "resnet20,resnet20", *TINY], "needs teacher_weights"),
+    (["train", "-m", "kd", "-n", "resnet20,resnet20", *TINY,
+      "teacher_weights={tmp}/net0_resnet20.pt"], "fc.weight is [100, 64] in the file but [10, 64]"),
+    (["train", "-m", "kd", "-n", "resnet20,resnet20", *TINY,
+      "teacher_weights={tmp}/net0_resnet32.pt"], "weights the model does not"),
+    (["train", "-m", "kd", "-n", "resnet20,resnet20", *TINY, "teacher_weights={tmp}/evil.pt"],
+     "will not load"),
+    (["train", "-m", "kd", "-n", "resnet20,resnet20", *TINY, "teacher_weights={tmp}/nope.pt"],
+     "no weights file or run folder at"),
+    (["train", "-m", "kd", "-n", "resnet20,resnet20", *TINY, "teacher_weights={tmp}/net0_resnet20.pt",
+      "loss.update=alternating"], "loss.update does not apply"),
+    (["train", "-m", "ind", "-n", "resnet20", *TINY, "data.batch_size=64"],
+     "holds no full batch of 64"),
+    (["train", "-m", "ind", "-n", "resnet20", *TINY, "-o", "{tmp}/a_file"], "is a file"),
+    (["train", "-m", "ind", "-n", "resnet20", "-d", "cifar10", "--data-dir", "{tmp}/empty", "-q"],
+     "data.download=true"),
+    (["train", "-m", "ind", "-n", "resnet20", "-d", "folder", "--data-dir", "{tmp}/nowhere",
+      "-q"], "does not exist"),
+    (["train", "-m", "dcm", "-n", "resnet20,nosuchnet", *TINY], "nosuchnet"),
+    (["train", "-m", "dxm", *TINY], "did you mean"),
+    (["train", "-m", "ind", "-n", "resnet20", *TINY, "precision=fp8"], "fp8"),
+    (["eval", "{tmp}/nowhere"], "no run folder or weights file at"),
+    (["eval", "{tmp}/corrupt"], "corrupt/config.yaml line 3"),
+    (["eval", "{tmp}/evil.pt", "--model", "resnet20", *TINY[:1], "synthetic"], "will not load"),
+    (["export", "{tmp}"], "is not a run folder"),
+    (["reproduce", "no-such-table"], "experiment"),
+    (["tsne", "{tmp}"], "is not a run folder"),
+]
+if not torch.cuda.is_available():
+    CASES.append((["train", "-m", "ind", "-n", "resnet20", *TINY[:-3], "--device", "cuda"],
+                  "CUDA is not available"))
+
+
+@pytest.mark.parametrize("args,expected", CASES, ids=[" ".join(c[0])[:60] for c in CASES])
+def test_bad_input_gets_one_line_and_changes_nothing(args, expected, tmp_path, capsys,
+                                                     finished, monkeypatch):
+    files = bad_files(tmp_path)
+    monkeypatch.chdir(tmp_path)        # default run folders (runs/...) land here
+    before = snapshot(finished)
+    code, out = cli(capsys, *[a.replace("{tmp}", str(tmp_path)) for a in args])
+    assert code not in (0, None), out
+    assert "Traceback" not in out
+    assert expected in out, out
+    assert len([line for line in out.splitlines() if line.strip()]) == 1, out
+    assert snapshot(finished) == before
+    assert not (tmp_path / "pwned").exists()
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.pt"))
+    assert set(p.name for p in tmp_path.iterdir()) == set(files)   # no run folder left behind
+
+
+# -- wrong results with exit status 0 ------------------------------------------------------------
+def test_a_finished_run_is_never_returned_for_other_settings(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    base = ["train", "-m", "ind", "-n", "resnet20", *TINY, "-e", "1"]
+    assert cli(capsys, *base, "optim.lr=0.1")[0] == 0
+    assert cli(capsys, *base, "optim.lr=0.01")[0] == 0
+    folders = sorted((tmp_path / "runs").iterdir())
+    assert len(folders) == 2              # the default folder names carry the config's hash
+    lrs = {RunFolder(f).read_config()["optim"]["lr"] for f in folders}
+    assert lrs == {0.1, 0.01}
+    out = tmp_path / "x"
+    assert cli(capsys, *base, "-o", out)[0] == 0
+    code, msg = cli(capsys, *base[:-2], "-e", "2", "-o", out)
+    assert code == 2 and "holds a finished run with another config (epochs: 1 → 2)" in msg
+
+
+def test_a_run_that_blows_up_stops_and_keeps_no_non_finite_tensor(tmp_path, capsys):
+    for lr in ("1e6", "20"):
+        out = tmp_path / f"lr{lr}"
+        code, msg = cli(capsys, "train", "-m", "dml", "-n", "resnet20,resnet20", *TINY, "-e", "4",
+                        "-o", out, f"optim.lr={lr}", "data.train_subset=64", "log_every=1")
+        assert code == 3 and ("non-finite" in msg or "exploded" in msg), msg
+        assert "Traceback" not in msg
+        run = RunFolder(out)
+        assert not run.finished and not list(out.glob("net*.pt"))
+        if run.has_checkpoint:
+            for k, v in load_file(out / "checkpoint.pt")["method"].items():
+                if v.is_floating_point():
+                    assert torch.isfinite(v).all(), k
+
+
+def test_a_deleted_config_is_rebuilt_from_the_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "-m", "ind", "-n", "resnet20", *TINY, "-o", out]
+    assert cli(capsys, *args, "-e", "1")[0] == 0
+    (out / "summary.json").unlink()           # as if interrupted after epoch 1
+    (out / "config.yaml").unlink()
+    code, msg = cli(capsys, *args, "-e", "1", "optim.lr=0.5")
+    assert code == 2 and "optim.lr: 0.05 → 0.5" in msg
+    assert cli(capsys, *args, "-e", "1")[0] == 0
+    assert RunFolder(out).read_config()["optim"]["lr"] == 0.05
+
+
+def test_one_writer_per_run_folder(tmp_path, capsys):
+    out = tmp_path / "run"
+    with RunFolder(out).lock():       # another process would hold it the same way
+        code, msg = cli(capsys, "train", "-m", "ind", "-n", "resnet20", *TINY, "-e", "1",
+                        "-o", out)
+    assert code == 3 and "is in use by another dcmkd process" in msg
+    assert not RunFolder(out).has_checkpoint
+    assert cli(capsys, "train", "-m", "ind", "-n", "resnet20", *TINY, "-e", "1", "-o", out)[0] == 0
+
+
+def test_a_lock_held_by_a_killed_process_is_not_stuck(tmp_path):
+    out = tmp_path / "run"
+    code = ("import sys, os; from dcmkd.run_folder import RunFolder\n"
+            f"with RunFolder({str(out)!r}).lock(): os.kill(os.getpid(), 9)")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT)
+    with RunFolder(out).lock():
+        pass
+
+
+def test_ctrl_c_stops_cleanly_and_the_run_resumes(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "dcmkd.cli", "train", "-m", "dml", "-n", "resnet20,resnet20",
+           *TINY, "-e", "4", "-o", str(out), "data.train_subset=256"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    deadline = time.time() + 120
+    while not (out / "checkpoint.pt").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 130 and "Traceback" not in stderr
+    assert "rerun the same command to resume" in stderr
+    epoch = load_file(out / "checkpoint.pt")["epoch"]
+    assert 1 <= epoch < 4
+    assert main(cmd[3:]) == 0                      # the same command resumes and finishes
+    assert RunFolder(out).read_summary()["epochs"] == 4
+
+
+def test_a_truncated_image_is_named_and_can_be_skipped(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("PIL")
+    from PIL import Image
+
+    monkeypatch.setenv("DCMKD_CACHE", str(tmp_path / "cache"))
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            d = tmp_path / "data" / split / c
+            d.mkdir(parents=True)
+            for i in range(8):
+                Image.new("RGB", (8, 8), (40 * i, 10, 200 if c == "a" else 0)).save(d / f"{i}.png")
+    bad = tmp_path / "data" / "train" / "a" / "3.png"
+    bad.write_bytes(bad.read_bytes()[:20])
+    args = ["train", "-m", "ind", "-n", "resnet20", "-d", "folder", "--data-dir",
+            tmp_path / "data", "-q", "-e", "1", "data.batch_size=4", "device=cpu"]
+    code, msg = cli(capsys, *args, "-o", tmp_path / "r1")
+    assert code == 2 and f"{bad}: cannot decode this image" in msg and "skip_bad_images" in msg
+    with pytest.warns(UserWarning, match="left out 1 undecodable"):
+        assert cli(capsys, *args, "-o", tmp_path / "r2", "data.skip_bad_images=true")[0] == 0
+
+
+def test_a_link_loop_in_an_image_folder_adds_no_image_twice(tmp_path):
+    pytest.importorskip("PIL")
+    from PIL import Image
+
+    from dcmkd.data.folder import scan_folder
+
+    for c in ("airplane", "cat"):
+        d = tmp_path / "train" / c
+        d.mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(d / "0.png")
+    (tmp_path / "train" / "cat" / "loop").symlink_to(tmp_path / "train" / "cat")
+    paths, labels, _ = scan_folder(tmp_path, "train")
+    assert len(paths) == 2 and labels == [0, 1]
+    (tmp_path / "train" / "cat" / "planes").symlink_to(tmp_path / "train" / "airplane")
+    with pytest.raises(ValueError, match="in both class 'airplane' and class 'cat'"):
+        scan_folder(tmp_path, "train")
+
+
+# -- files ----------------------------------------------------------------------------------------
+def test_files_respect_the_umask_and_orphan_temporary_files_are_cleaned(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".checkpoint.pt.abc123.tmp").write_bytes(b"left by a killed process")
+    old = os.umask(0o022)
+    try:
+        assert cli(capsys, "train", "-m", "ind", "-n", "resnet20", *TINY, "-e", "1",
+                   "-o", out)[0] == 0
+    finally:
+        os.umask(old)
+    for name in ("checkpoint.pt", "net0_resnet20.pt", "config.yaml", "summary.json",
+                 "metrics.jsonl"):
+        assert (out / name).stat().st_mode & 0o777 == 0o644, name
+    assert not list(out.glob("*.tmp"))
+
+
+def test_a_full_disk_says_so_and_keeps_the_previous_checkpoint(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    real_save, calls = torch.save, {"n": 0}
+
+    def filling(obj, f, *a, **k):   # the disk is full from the second checkpoint on
+        calls["n"] += 1
+        if calls["n"] >= 2:
+            f.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", filling)
+    code, msg = cli(capsys, "train", "-m", "ind", "-n", "resnet20", *TINY, "-e", "2", "-o", out)
+    assert code == 1 and "Traceback" not in msg
+    assert f"no space left on device writing {out / 'checkpoint.pt'}" in msg
+    monkeypatch.setattr(torch, "save", real_save)
+    assert load_file(out / "checkpoint.pt")["epoch"] == 1       # the previous one, intact
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_progress_goes_to_a_log_as_one_line_per_interval(tmp_path):
+    out = tmp_path / "run"
+    p = subprocess.run([sys.executable, "-m", "dcmkd.cli", "train", "-m", "ind", "-n",
+                        "resnet20", *[a for a in TINY if a != "-q"], "-e", "1", "-o", str(out),
+                        "data.batch_size=4", "log_every=2"], capture_output=True, text=True,
+                       cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert p.returncode == 0, p.stderr
+    lines = [line for line in (p.stdout + p.stderr).splitlines() if line.startswith("epoch 1 [")]
+    assert [line.split("]")[0] for line in lines] == [f"epoch 1 [{k}/8" for k in (2, 4, 6, 8)]
+    assert "\r" not in p.stdout + p.stderr
