@@ -20,6 +20,10 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+#: the official DCM code's normalisation, used for CIFAR-10 and CIFAR-100 alike
+#: (``T.Normalize(np.array([125.3, 123.0, 113.9]) / 255, np.array([63.0, 62.1, 66.7]) / 255)``)
+OFFICIAL_CIFAR_MEAN = (125.3 / 255, 123.0 / 255, 113.9 / 255)
+OFFICIAL_CIFAR_STD = (63.0 / 255, 62.1 / 255, 66.7 / 255)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -42,12 +46,37 @@ def _flips(b: int, p: float, generator: torch.Generator | None, device: torch.de
     return torch.rand(b, generator=generator, device=device) < p
 
 
+PAD_MODES = ("zeros", "reflect")
+
+
+def pad(x: torch.Tensor, padding: int, mode: str = "zeros") -> torch.Tensor:
+    """Pad the last two dims by ``padding``: with zeros (the usual CIFAR recipe), or by
+    reflection (``reflect``: the official DCM code's ``T.Pad(4, padding_mode='reflect')``).
+    Works for any dtype (torch's reflection pad has no uint8 kernel): an index gather."""
+    if not padding:
+        return x
+    if mode == "zeros":
+        return F.pad(x, (padding, padding, padding, padding))
+    if mode != "reflect":
+        raise ValueError(f"pad mode must be one of {PAD_MODES}, got {mode!r}")
+    h, w = x.shape[-2:]
+    if padding >= min(h, w):
+        raise ValueError(f"reflective padding {padding} needs images larger than {padding} px")
+
+    def reflected(n: int) -> torch.Tensor:
+        i = torch.arange(-padding, n + padding, device=x.device).abs()
+        return torch.where(i >= n, 2 * (n - 1) - i, i)
+
+    return x.index_select(-2, reflected(h)).index_select(-1, reflected(w))
+
+
 def random_crop_flip(x: torch.Tensor, padding: int = 4, generator: torch.Generator | None = None,
-                     flip: bool = True) -> torch.Tensor:
-    """CIFAR augmentation: zero-pad by ``padding``, take a random H×W crop per sample, mirror
-    each sample horizontally with probability 1/2 (when ``flip``). Keeps dtype and shape."""
+                     flip: bool = True, pad_mode: str = "zeros") -> torch.Tensor:
+    """CIFAR augmentation: pad by ``padding`` (zeros, or ``reflect``), take a random H×W crop
+    per sample, mirror each sample horizontally with probability 1/2 (when ``flip``). Keeps
+    dtype and shape."""
     b, _, h, w = x.shape
-    padded = F.pad(x, (padding, padding, padding, padding)) if padding else x
+    padded = pad(x, padding, pad_mode)
     top = torch.randint(0, 2 * padding + 1, (b,), generator=generator, device=x.device)
     left = torch.randint(0, 2 * padding + 1, (b,), generator=generator, device=x.device)
     flips = _flips(b, 0.5, generator, x.device) if flip else None
@@ -103,11 +132,14 @@ def channel_stats(images: torch.Tensor, chunk: int = 8192) -> tuple[tuple[float,
 
 # ----------------------------------------------------------------------------- ready transforms
 
-def pad_crop_flip(padding: int = 4, flip: bool = True) -> Transform:
+def pad_crop_flip(padding: int = 4, flip: bool = True, pad_mode: str = "zeros") -> Transform:
     """A transform: :func:`random_crop_flip` with the given padding."""
+    if pad_mode not in PAD_MODES:
+        raise ValueError(f"data.pad_mode must be one of {PAD_MODES}, got {pad_mode!r}")
+
     def transform(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        return random_crop_flip(x, padding, generator, flip)
-    transform.__qualname__ = f"pad_crop_flip(padding={padding}, flip={flip})"
+        return random_crop_flip(x, padding, generator, flip, pad_mode)
+    transform.__qualname__ = f"pad_crop_flip(padding={padding}, flip={flip}, pad_mode={pad_mode})"
     return transform
 
 

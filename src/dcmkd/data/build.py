@@ -29,9 +29,10 @@ from dcmkd.data.folder import CACHE_MAX_SIZE, FolderStream, first_image, image_s
 from dcmkd.data.loader import DeviceLoader, StreamLoader
 from dcmkd.data.noise import corrupt_labels
 from dcmkd.data.subset import stratified_indices
-from dcmkd.registry import UnknownNameError
+from dcmkd.registry import UnknownNameError, check_choice
 
 DATASETS = ("cifar10", "cifar100", "digits", "folder", "imagenet", "synthetic")
+NORMALIZATIONS = ("dataset", "official")
 #: seed of the ``train_subset`` draw and of the synthetic data (a property of the data, not the run)
 SUBSET_SEED = 0
 
@@ -54,6 +55,13 @@ class DataConfig:
     image_size: int | None = None
     cache_dir: str | None = None
     skip_bad_images: bool = False     # folder datasets: leave out files that cannot be decoded
+    pad_mode: str = "zeros"           # crop padding: zeros (the usual) | reflect (official code)
+    normalize: str = "dataset"        # CIFAR: the dataset's statistics | official (the DCM
+                                      # code's, CIFAR-10's for both CIFAR-10 and CIFAR-100)
+
+    def __post_init__(self) -> None:
+        check_choice("data.pad_mode", self.pad_mode, aug.PAD_MODES)
+        check_choice("data.normalize", self.normalize, NORMALIZATIONS)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "DataConfig":
@@ -176,7 +184,10 @@ def build_data(cfg: DataConfig | dict[str, Any], device: torch.device | str = "c
         test = load_cifar(cfg.name, root, train=False, download=cfg.download)
         mean, std = ((aug.CIFAR10_MEAN, aug.CIFAR10_STD) if cfg.name == "cifar10"
                      else (aug.CIFAR100_MEAN, aug.CIFAR100_STD))
-        return _in_memory(cfg, device, seed, train[:2], test[:2], train[2], aug.cifar_train,
+        if cfg.normalize == "official":
+            mean, std = aug.OFFICIAL_CIFAR_MEAN, aug.OFFICIAL_CIFAR_STD
+        return _in_memory(cfg, device, seed, train[:2], test[:2], train[2],
+                          aug.pad_crop_flip(4, pad_mode=cfg.pad_mode),
                           mean, std, **dist)
 
     if cfg.name == "digits":
@@ -218,4 +229,5 @@ def build_data(cfg: DataConfig | dict[str, Any], device: torch.device | str = "c
     mean, std = aug.channel_stats(train[0])
     size = min(train[0].shape[-2:])
     return _in_memory(cfg, device, seed, train[:2], test[:2], train[2],
-                      aug.pad_crop_flip(max(1, size // 8)), mean, std, **dist)
+                      aug.pad_crop_flip(max(1, size // 8), pad_mode=cfg.pad_mode), mean, std,
+                      **dist)

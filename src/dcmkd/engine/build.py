@@ -14,6 +14,7 @@ from dcmkd.engine.device import Precision, pick_device
 from dcmkd.engine.loop import evaluate
 from dcmkd.engine.settings import TrainSettings
 from dcmkd.methods import Method, create_method, needs_teacher
+from dcmkd.models.base import official_init
 from dcmkd.registry import UnknownNameError
 from dcmkd.run_folder import RunFolder
 
@@ -38,11 +39,15 @@ def build_method(cfg: dict[str, Any], num_classes: int) -> Method:
                           "teacher's weights file or finished run folder (e.g. "
                           "teacher_weights=runs/teacher)")
     torch.manual_seed(cfg["seed"])
-    return create_method(
+    method = create_method(
         cfg["method"], cfg["nets"], num_classes, classifiers=cfg["classifiers"],
         kind=cfg["aux_kind"], model_options=cfg["model_options"] or None,
         teacher_weights=cfg["teacher_weights"], teacher_net=cfg["teacher_net"],
         sskd=cfg["sskd"], feature=cfg["feature"], **cfg["loss"])
+    if cfg["init"] == "official":   # the trainable networks only: a teacher keeps its weights
+        for n in method.trainable_networks:
+            official_init(method.networks[n])
+    return method
 
 
 def build(cfg: dict[str, Any]) -> Built:

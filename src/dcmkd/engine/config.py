@@ -32,6 +32,9 @@ def _defaults() -> dict[str, Any]:
         "classifiers": None,            # auxiliary classifiers, e.g. "C2,C3" (paper default)
         "aux_kind": "default",          # default | apfc | narrow
         "model_options": {},            # e.g. {dropout: 0.3}
+        "init": "zoo",                  # zoo (He fan-out, unit BN) | official (the DCM code's)
+        "protocol": "paper",            # paper | official: the official code's details
+                                        # (PROTOCOLS), each also a key of its own
         "teacher_weights": None,        # kd, sskd, fitnets…: first network (file or run folder)
         "teacher_net": None,            # which network of that run folder (default 0)
         "loss": asdict(LossOptions()),
@@ -106,6 +109,8 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
                              f"≥ {low}" if high is None else f"in [{low}, {high}]")
                     raise ConfigError(f"{full}: expected a value {bound}, got {value!r}")
     check(DEFAULTS, cfg, "")
+    if cfg["init"] not in INITS:
+        raise UnknownNameError("init", str(cfg["init"]), INITS)
     if not cfg["nets"] or not all(isinstance(n, str) and n for n in cfg["nets"]):
         raise ConfigError(f"nets: expected one or more model names (e.g. resnet20,resnet20), "
                           f"got {cfg['nets']!r}")
@@ -155,6 +160,21 @@ RECIPES: dict[str, dict[str, Any]] = {
         "optim": {"lr": 0.05, "momentum": 0.9, "nesterov": False, "weight_decay": 5e-4},
         "schedule": {"name": "cosine", "warmup_epochs": 2}},
 }
+
+
+#: ``protocol=official``: the official DCM code's details (sundw2014/DCM, wrn/main.py), where
+#: they differ from the paper's text; every one is a key of its own that a config may override
+PROTOCOLS: dict[str, dict[str, Any]] = {
+    "paper": {},
+    "official": {
+        "data": {"pad_mode": "reflect",      # T.Pad(4, padding_mode='reflect')
+                 "normalize": "official"},   # CIFAR-10's statistics for CIFAR-100 too
+        "init": "official",                  # He fan-in convs and linear, BN weight ~ U(0, 1)
+        "schedule": {"one_based": True,      # `epoch in epoch_step` with 1-based epochs
+                     "reset_momentum": True},  # a fresh optimiser at every drop
+    },
+}
+INITS = ("zoo", "official")
 
 
 def recipe_for(nets: list[str]) -> str:
@@ -241,7 +261,10 @@ def resolve(base: str | dict | None = None, overrides: list[str] | list[dict] = 
         recipe = recipe_for(list(nets))
     if recipe not in RECIPES:
         raise UnknownNameError("recipe", recipe, RECIPES)
-    cfg = merge(merge(DEFAULTS, RECIPES[recipe]), user)
+    protocol = user.get("protocol", DEFAULTS["protocol"])
+    if protocol not in PROTOCOLS:
+        raise UnknownNameError("protocol", str(protocol), PROTOCOLS)
+    cfg = merge(merge(merge(DEFAULTS, RECIPES[recipe]), PROTOCOLS[protocol]), user)
     cfg["recipe"] = recipe
     return validate(cfg)
 

@@ -67,9 +67,8 @@ class TrainSettings:
         return cls(
             optim=SGDSettings(momentum=o["momentum"], nesterov=o["nesterov"],
                               weight_decay=o["weight_decay"]),
-            schedule=Schedule(name=s["name"], lr=o["lr"], epochs=cfg["epochs"],
-                              step_size=s["step_size"], milestones=tuple(s["milestones"]),
-                              gamma=s["gamma"], warmup_epochs=s["warmup_epochs"]),
+            schedule=Schedule(**{**s, "milestones": tuple(s["milestones"])}, lr=o["lr"],
+                              epochs=cfg["epochs"]),
             clip_grad_norm=o["clip_grad_norm"], **simple)
 
     def to_dict(self) -> dict[str, Any]:

@@ -82,9 +82,12 @@ def derived_branches(backbone: Backbone) -> dict[str, BranchSpec]:
 
     The down-sampling stages are those whose spec has stride 2. Ck (k = 2, 3, 4) taps the stage
     just before the (k-1)-th last down-sampling stage; when the first stage keeps the stem's
-    resolution, the stem is the earliest tap (as WRN-28-10's C4 taps conv1). C2 copies the last stage with its block
-    count at twice its width; C3 and C4 copy every later stage with half its blocks (at least
-    one) at the same width. This is exactly the ResNet-110 and ResNet-164 tables.
+    resolution, the stem is the earliest tap (as WRN-28-10's C4 taps conv1). C2 copies the last
+    stage with its block count at twice its width; C3 and C4 copy every later stage with half
+    its blocks (at least one) at the same width: exactly the ResNet-110 and ResNet-164 tables.
+    A family with ``branch_rule = "keep_first"`` (WRN) keeps the first copied stage whole and
+    halves the later ones, supplementary Table 3's pattern (C3 = (n, n/2), C4 = (n, n/2, n/2)),
+    which reproduces the WRN-28-10 and WRN-28-4 tables for every WRN depth.
     """
     names = backbone.stage_names
     down = [i for i, n in enumerate(names) if i > 0 and backbone.stage_specs[n].stride > 1]
@@ -99,7 +102,9 @@ def derived_branches(backbone: Backbone) -> dict[str, BranchSpec]:
         if cname == "C2":
             stages = tuple(replace(s, width=2 * s.width, widths=None) for s in later)
         else:
-            stages = tuple(s.with_blocks(max(1, s.blocks // 2)) for s in later)
+            keep = 1 if backbone.branch_rule == "keep_first" else 0
+            stages = tuple(s if i < keep else s.with_blocks(max(1, s.blocks // 2))
+                           for i, s in enumerate(later))
         out[cname] = BranchSpec(names[first - 1], stages)
     return out
 

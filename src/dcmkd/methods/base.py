@@ -54,6 +54,7 @@ class Method(nn.Module):
     name: str = ""    # the registry name (create_method sets it)
     _schedule: Schedule | None = None
     _optimizer: torch.optim.Optimizer | None = None
+    _drops: int | None = None   # rate drops before the last step (for reset_momentum)
 
     def describe(self) -> dict[str, Any]:
         """What defines this method, for a run's ``config.yaml`` (subclasses add their
@@ -120,7 +121,16 @@ class Method(nn.Module):
 
     def begin_step(self, epoch: float) -> float:
         """Called before every training step: sets the rate on the optimiser (subclasses also
-        advance their own per-step schedules); returns the rate."""
+        advance their own per-step schedules); returns the rate. With the schedule's
+        ``reset_momentum``, the step at which the rate drops starts with cleared momentum."""
+        if self.schedule.reset_momentum:
+            # the drops before this step (a whole-epoch step resumed from a checkpoint
+            # compares with the epoch before, so a resume resets exactly as a straight run)
+            before = self._drops if self._drops is not None else self.schedule.drops(
+                epoch - 1e-6)
+            now = self._drops = self.schedule.drops(epoch)
+            if now > before:
+                self.optimizer.state.clear()
         lr = self.lr_at(epoch)
         for group in self.optimizer.param_groups:
             group["lr"] = lr

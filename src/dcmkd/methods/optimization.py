@@ -47,6 +47,11 @@ class Schedule:
     - ``cosine``: half a cosine from ``lr`` to 0 over the run, per iteration (MobileNetV2)
     - ``constant``
     - ``warmup_epochs``: a linear ramp from 0 before any of them (this library's option)
+    - ``one_based``: drops counted in 1-based epochs, as the official DCM code does (``if epoch
+      in epoch_step`` with ``epoch = state['epoch'] + 1``): a drop at 60 happens at the start of
+      0-based epoch 59, one epoch before the paper's reading
+    - ``reset_momentum``: each drop starts a fresh optimiser (momentum buffers cleared), as the
+      official code's ``create_optimizer`` at every drop does
     """
 
     name: str = "step"
@@ -56,6 +61,8 @@ class Schedule:
     milestones: tuple[float, ...] = ()
     gamma: float = 0.1
     warmup_epochs: float = 0.0
+    one_based: bool = False
+    reset_momentum: bool = False
 
     def __post_init__(self) -> None:
         check_choice("schedule", self.name, SCHEDULES)
@@ -65,14 +72,20 @@ class Schedule:
         warm = self.warmup_epochs or 0
         if warm and epoch < warm:
             return self.lr * (epoch + 1e-3) / warm
-        whole = math.floor(epoch + 1e-9)
-        if self.name == "step":
-            return self.lr * self.gamma ** (whole // self.step_size)
-        if self.name == "multistep":
-            return self.lr * self.gamma ** sum(1 for m in self.boundaries() if whole >= m)
+        if self.name in ("step", "multistep"):
+            return self.lr * self.gamma ** self.drops(epoch)
         if self.name == "cosine":
             return 0.5 * self.lr * (1 + math.cos(math.pi * min(epoch, self.epochs) / self.epochs))
         return self.lr
+
+    def drops(self, epoch: float) -> int:
+        """How many times a step schedule has dropped the rate by (fractional) ``epoch``."""
+        whole = math.floor(epoch + 1e-9) + (1 if self.one_based else 0)
+        if self.name == "step":
+            return whole // self.step_size
+        if self.name == "multistep":
+            return sum(1 for m in self.boundaries() if whole >= m)
+        return 0
 
     def boundaries(self) -> list[float]:
         """The epochs at which a ``multistep`` schedule drops (fractions resolved)."""

@@ -237,6 +237,14 @@ class SSKD(Method):
                                               self.stage_weight_decay).build(params, self.stage_lr)
         return self._optimizer
 
+    def begin_step(self, epoch: float) -> float:
+        """Sets the phase's rate (the run schedule's momentum reset does not apply: each phase
+        has its own optimiser)."""
+        lr = self.lr_at(epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
     def lr_at(self, epoch: float) -> float:
         """The rate at (global, fractional) ``epoch``: the run's schedule over the task-head
         phase, the plateau rate, or the stage's epoch schedule (milestones ≤ 1 are fractions

@@ -95,6 +95,11 @@ class Backbone(nn.Module):
     block_type: str = "block"
     #: the input resolution the model was designed for (used for MAC counts)
     input_size: int = 32
+    #: how auxiliary branches copy the later stages when the supplementary material gives no
+    #: table (:func:`dcmkd.heads.tables.derived_branches`): ``halve`` every copied stage's
+    #: blocks (the ResNet tables' pattern) or ``keep_first`` (WRN, Table 3: the first copied
+    #: stage whole, the later ones halved)
+    branch_rule: str = "halve"
 
     def __init__(self) -> None:
         super().__init__()
@@ -188,6 +193,20 @@ class Backbone(nn.Module):
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def official_init(module: nn.Module) -> None:
+    """The official DCM code's init (Zagoruyko's WRN utilities): He-normal *fan-in*
+    convolutions and linear layers, BatchNorm weight ~ U(0, 1), zero biases
+    (``protocol=official``; the zoo's own init is :func:`init_weights`)."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            nn.init.uniform_(m.weight, 0.0, 1.0)
+            nn.init.zeros_(m.bias)
 
 
 def init_weights(module: nn.Module) -> None:

@@ -37,6 +37,8 @@ class WideBasic(nn.Module):
 class WideResNet(Backbone):
     block_type = "WideBasic"
     input_size = 32
+    #: auxiliary branches by supplementary Table 3's pattern: the first copied stage whole
+    branch_rule = "keep_first"
 
     def __init__(self, depth: int, widen: int, num_classes: int, dropout: float = 0.0):
         super().__init__()
