@@ -8,7 +8,8 @@
 4. one epoch of ``dcm`` (ResNet-20 pair, bf16, channels_last) on the real CIFAR-10 images, when
    ``--data-dir`` holds them (``benchmarks/device_data.py`` prepares a subset small enough to
    travel to a lent machine);
-5. with more than one GPU, a multi-GPU row: data-parallel ``dcm`` under ``torchrun``.
+5. with more than one GPU, a multi-GPU row: ``bench_dist`` (data- and network-parallel ``dml``
+   and ``dcm`` under ``torchrun``, NCCL) on two GPUs.
 
 Each stage runs in its own process with its own time limit, so one failure leaves the others'
 figures; everything goes to ``OUT/device-<gpu>.json`` and ``.md``.
@@ -103,10 +104,9 @@ def main() -> None:
         stages["dcm_epoch"] = {"skipped": "no --data-dir with the CIFAR-10 images"}
     if torch.cuda.device_count() > 1:
         stages["multi_gpu"] = run(
-            [py, "-m", "torch.distributed.run", "--standalone",
-             f"--nproc-per-node={torch.cuda.device_count()}", "benchmarks/bench_dist.py",
-             "--device", "cuda", "--name", f"device-bench_dist-{tag}"], left(60),
-            out / "device-multi-gpu.log")
+            [py, "benchmarks/bench_dist.py", "--device", "cuda", "--archs", "resnet110",
+             "--nproc", "2", "--batch", "128", "--rounds", "2",
+             "--name", f"device-bench_dist-{tag}"], left(90), out / "device-multi-gpu.log")
 
     step_file = ROOT / "benchmarks/results" / f"device-bench_step-{tag}.json"
     rows = json.loads(step_file.read_text())["rows"] if step_file.is_file() else []
@@ -131,7 +131,7 @@ def main() -> None:
         lines += ["", f"One epoch of dcm (ResNet-20 ×2, real CIFAR-10 images, bf16): "
                       f"{s['seconds']:.1f} s, test top-1 error {s['test_top1']}"]
     (out / f"device-{tag}.md").write_text("\n".join(lines) + "\n")
-    for f in (ROOT / "benchmarks/results").glob(f"device-bench_step-{tag}.*"):
+    for f in (ROOT / "benchmarks/results").glob(f"device-bench_*-{tag}.*"):
         (out / f.name).write_bytes(f.read_bytes())
     print("\n".join(lines))
 

@@ -88,10 +88,12 @@ def test_test_loader_in_order_every_sample_once_no_augmentation():
 
 
 def test_data_parallel_shards_are_disjoint():
+    """The batch size is the global batch: two ranks' batches of 2 make the single process's
+    batch of 4, every sample once per epoch."""
     x, y = _data(50)
     shards = [DeviceLoader(x, y, 4, train=True, seed=2, rank=r, world_size=2) for r in range(2)]
     ids = [torch.cat([b for _, b in s.epoch(1)]) for s in shards]
-    assert len(shards[0]) == len(shards[1]) == 6
+    assert len(shards[0]) == len(shards[1]) == 12
     assert not set(ids[0].tolist()) & set(ids[1].tolist())
     test = [DeviceLoader(x, y, 8, train=False, rank=r, world_size=3) for r in range(3)]
     covered = sorted(torch.cat([b for t in test for _, b in t]).tolist())

@@ -9,11 +9,13 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 from dcmkd import __version__
+from dcmkd.engine import distributed
 from dcmkd.engine.build import Built, build, evaluate_built, load_run
 from dcmkd.engine.config import resolve
 from dcmkd.engine.loop import TrainingDiverged
@@ -117,8 +119,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = _train_config(args)
     trainer = Trainer(cfg)
     summary = trainer.fit()
-    errs = ", ".join(f"{n} {e:.2f}%" for n, e in zip(summary["nets"], summary["test_top1"]))
-    print(f"{trainer.run_dir}: {summary['method']} test top-1 error {errs}")
+    if int(os.environ.get("RANK", "0")) == 0:   # under torchrun, rank 0 speaks
+        errs = ", ".join(f"{n} {e:.2f}%" for n, e in zip(summary["nets"],
+                                                          summary.get("test_top1") or []))
+        print(f"{trainer.run_dir}: {summary['method']} test top-1 error {errs}")
     return 0
 
 
@@ -191,9 +195,11 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     exp = load_experiment(args.experiment)
     overrides: list = [*flag_overrides(args), *args.overrides, {"quiet": not args.progress}]
     rows = [r for spec in args.rows or [] for r in spec.split(",") if r] or None
-    paths = reproduce(exp, rows=rows, seeds=args.seeds, scale=args.scale, out=args.root,
+    columns = [c for spec in args.columns or [] for c in spec.split(",") if c] or None
+    paths = reproduce(exp, rows=rows, columns=columns, seeds=args.seeds, scale=args.scale, out=args.root,
                       overrides=overrides, standins=args.standins, dry_run=args.dry_run,
-                      jobs=args.jobs, devices=[d for d in (args.devices or "").split(",") if d])
+                      jobs=args.jobs, devices=[d for d in (args.devices or "").split(",") if d],
+                      nproc_per_run=args.nproc_per_run)
     if paths:
         print(paths["table_md"].read_text())
         print("wrote " + ", ".join(str(p) for p in paths.values()))
@@ -287,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("overrides", nargs="*", help="dotted overrides key=value for every run")
     r.add_argument("--list", action="store_true", help="list the bundled experiments")
     r.add_argument("--rows", action="append", help="row names, comma-separated (default: all)")
+    r.add_argument("--columns", action="append",
+                   help="column names, comma-separated (default: all); the table shows the "
+                        "other columns' finished runs")
     r.add_argument("--seeds", type=int, help="seeds 0..N-1 (default: the paper's run count; "
                    "1 for smoke)")
     r.add_argument("--scale", default="full", choices=("full", "quick", "smoke"),
@@ -303,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "between them); default: one per --devices entry, else 1")
     r.add_argument("--devices", help="comma-separated devices for the workers, e.g. "
                    "cuda:0,cuda:1 (worker i takes device i mod N)")
+    r.add_argument("--nproc-per-run", type=int, default=1,
+                   help="train each run under torchrun with N processes on this node "
+                   "(data-parallel; with --devices, N devices per run)")
     r.add_argument("--dry-run", action="store_true", help="list the runs, train nothing")
     r.set_defaults(func=cmd_reproduce)
 
@@ -359,7 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dcmkd: error: {one_line(e)}", file=sys.stderr)
         return 3
     except (UnknownNameError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
-            IsADirectoryError, ImportError, TypeError) as e:
+            IsADirectoryError, ImportError) as e:
         print(f"dcmkd: error: {one_line(e)}", file=sys.stderr)
         return 2
     except OSError as e:
@@ -372,6 +384,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\ndcmkd: interrupted; every file of the run is intact: rerun the same command to "
               "resume from its last checkpoint", file=sys.stderr)
         return 130
+    finally:
+        distributed.shutdown()   # under torchrun: leave the process group before exiting
 
 
 if __name__ == "__main__":

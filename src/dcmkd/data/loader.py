@@ -11,8 +11,14 @@ exactly the batches an uninterrupted run would have seen.
 - :class:`StreamLoader`: a DataLoader with workers decodes uint8 batches (ImageNet); augmentation
   and normalisation then run on the device the same way.
 
-With ``world_size > 1`` each rank takes every ``world_size``-th sample of the same order
-(data-parallel training); training ranks all get the same number of batches.
+With ``world_size > 1`` (data-parallel training) ``batch_size`` is the **global** batch: every
+rank walks the same global batches and takes every ``world_size``-th sample of each, so a
+rank's batch holds ``batch_size / world_size`` samples and the ranks' batches together are the
+single-process batch. :class:`DeviceLoader` augments the whole global batch with a generator
+that does not depend on the rank before taking its rows, so its batches are exactly those of a
+single process whatever the number of ranks (a run resumes exactly at another world size);
+:class:`StreamLoader` decodes only its rows and augments them with a per-rank generator.
+Evaluation loaders split the samples (``rank::world_size``), their counts summed afterwards.
 """
 from __future__ import annotations
 
@@ -50,30 +56,40 @@ class _EpochSchedule:
         self.mean, self.std = tuple(mean), tuple(std)
         self.drop_last = train if drop_last is None else drop_last
         self.rank, self.world_size = rank, world_size
-        # training ranks get equally many samples (the remainder of the shuffle is dropped)
-        usable = (num_samples // world_size) * world_size if train else num_samples
-        self.num_samples = len(range(rank, usable, world_size))
+        if train and batch_size % world_size:
+            raise ValueError(f"the global batch of {batch_size} does not split over "
+                             f"{world_size} processes: use a multiple of {world_size}")
+        # training walks the global order; evaluation splits the samples over the ranks
+        self.num_samples = num_samples if train else len(range(rank, num_samples, world_size))
         if self.num_samples == 0:
             raise ValueError(f"no samples for rank {rank} of {world_size} ({num_samples} in all)")
+
+    @property
+    def rank_batch_size(self) -> int:
+        """The samples of one batch on this rank (training: the global batch / world size)."""
+        return self.batch_size // self.world_size if self.train else self.batch_size
 
     def __len__(self) -> int:
         n, b = self.num_samples, self.batch_size
         return n // b if self.drop_last else math.ceil(n / b)
 
     def indices(self, epoch: int) -> torch.Tensor:
-        """This rank's sample order for ``epoch`` (CPU int64): shuffled when training."""
+        """The order of ``epoch`` (CPU int64): training, the global shuffled order (the same on
+        every rank); evaluation, this rank's share in stored order."""
         if self.train:
             g = torch.Generator().manual_seed(derive_seed(self.seed, epoch))
-            order = torch.randperm(self.dataset_size, generator=g)
-        else:
-            order = torch.arange(self.dataset_size)
-        usable = self.num_samples * self.world_size if self.train else self.dataset_size
-        return order[:usable][self.rank::self.world_size]
+            return torch.randperm(self.dataset_size, generator=g)
+        return torch.arange(self.dataset_size)[self.rank::self.world_size]
 
-    def batch_generator(self, epoch: int, batch: int) -> torch.Generator:
-        """The generator that drives the augmentation of one batch, on the loader's device."""
+    def batch_generator(self, epoch: int, batch: int, rank: int = 0) -> torch.Generator:
+        """The generator that drives the augmentation of one batch, on the loader's device
+        (``rank``: for loaders that augment only their own rows)."""
         g = torch.Generator(device=self.device)
-        return g.manual_seed(derive_seed(self.seed, epoch, batch, self.rank, 1))
+        return g.manual_seed(derive_seed(self.seed, epoch, batch, rank, 1))
+
+    def rows(self) -> slice:
+        """This rank's rows of a global training batch."""
+        return slice(self.rank, None, self.world_size)
 
     def _batches(self, epoch: int, start_batch: int, device: torch.device | None = None
                  ) -> Iterator[tuple[int, torch.Tensor]]:
@@ -85,9 +101,9 @@ class _EpochSchedule:
         for b in range(start_batch, len(self)):
             yield b, order[b * self.batch_size:(b + 1) * self.batch_size]
 
-    def _finish(self, x: torch.Tensor, epoch: int, batch: int) -> torch.Tensor:
+    def _finish(self, x: torch.Tensor, epoch: int, batch: int, rank: int = 0) -> torch.Tensor:
         if self.augment is not None:
-            x = self.augment(x, self.batch_generator(epoch, batch))
+            x = self.augment(x, self.batch_generator(epoch, batch, rank))
         return normalize(x, self.mean, self.std)
 
 
@@ -117,10 +133,14 @@ class DeviceLoader(_EpochSchedule):
         self.labels = torch.as_tensor(labels, dtype=torch.int64).to(self.device)
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
-        """Batches ``start_batch, …, len(self)-1`` of ``epoch``."""
+        """Batches ``start_batch, …, len(self)-1`` of ``epoch`` (a training rank's rows of
+        each global batch, augmented as part of it)."""
         for b, idx in self._batches(epoch, start_batch, self.device):
-            yield self._finish(self.images.index_select(0, idx), epoch, b), \
-                self.labels.index_select(0, idx)
+            x = self._finish(self.images.index_select(0, idx), epoch, b)
+            y = self.labels.index_select(0, idx)
+            if self.train and self.world_size > 1:
+                x, y = x[self.rows()], y[self.rows()]
+            yield x, y
 
     def __iter__(self) -> Iterator[Batch]:
         """One pass in epoch 0's order (what evaluation loops use)."""
@@ -165,11 +185,13 @@ class StreamLoader(_EpochSchedule):
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
         """Batches ``start_batch, …, len(self)-1`` of ``epoch``."""
         plan = list(self._batches(epoch, start_batch))
+        if self.train and self.world_size > 1:   # decode only this rank's rows
+            plan = [(b, idx[self.rows()]) for b, idx in plan]
         self._sampler.batches = [idx.tolist() for _, idx in plan]
         for (b, _), (x, y) in zip(plan, self._loader):
             x = x.to(self.device, non_blocking=True)
             y = torch.as_tensor(y, dtype=torch.int64).to(self.device, non_blocking=True)
-            yield self._finish(x, epoch, b), y
+            yield self._finish(x, epoch, b, self.rank), y
 
     def __iter__(self) -> Iterator[Batch]:
         """One pass in epoch 0's order (what evaluation loops use)."""

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from dcmkd.data import Data, DataConfig, build_data
+from dcmkd.engine import distributed
 from dcmkd.engine.config import ConfigError, resolve
 from dcmkd.engine.device import Precision, pick_device
 from dcmkd.engine.loop import evaluate
@@ -55,9 +56,12 @@ def build(cfg: dict[str, Any]) -> Built:
     if cfg["optim"]["name"] not in OPTIMIZERS:
         raise UnknownNameError("optimizer", cfg["optim"]["name"], OPTIMIZERS)
     settings = TrainSettings.from_config(cfg)
-    device = pick_device(settings.device)
+    ctx = distributed.context(settings.parallel, len(cfg["nets"]), settings.device,
+                              settings.dist_timeout)
+    device = pick_device(distributed.device_of(ctx, settings.device))
     torch.manual_seed(cfg["seed"])
-    data = build_data(DataConfig.from_dict(cfg["data"]), device, cfg["seed"])
+    shard = {"rank": ctx.replica, "world_size": ctx.replicas} if ctx is not None else {}
+    data = build_data(DataConfig.from_dict(cfg["data"]), device, cfg["seed"], **shard)
     method = build_method(cfg, cfg["num_classes"] or data.num_classes)
     return Built(method, data, settings)
 

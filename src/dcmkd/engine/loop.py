@@ -7,17 +7,23 @@ No tensor value is read on the host inside a training step: losses, accuracies a
 non-finite-loss flag accumulate on the device and are read together once per ``log_every`` steps,
 at a checkpoint and at the end of an epoch (the progress bar refreshes from those reads).
 Autocast covers the forward pass and the loss, not the backward.
+
+Under ``torchrun`` the same loop runs on every rank (:mod:`dcmkd.engine.distributed`): rank 0
+alone holds the lock and writes the run folder; decisions (refusals, a finished run, a
+divergence) are taken on the reduced figures or broadcast, so every rank takes them together.
 """
 from __future__ import annotations
 
 import json
 import sys
 import time
+from contextlib import nullcontext
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
 from dcmkd.data.batches import Batches, as_batches
+from dcmkd.engine import distributed
 from dcmkd.engine.device import Precision, compile_networks, environment, pick_device
 from dcmkd.engine.plots import plot_test_error
 from dcmkd.engine.settings import TrainSettings
@@ -42,31 +48,65 @@ def fit(method: Method, data: Any, run: RunFolder | str, settings: TrainSettings
     as ``config.yaml`` (default: a description of the method and the settings). Rerunning on an
     interrupted folder resumes it; a finished folder returns its summary; a folder holding
     another run is refused (:class:`~dcmkd.run_folder.RunConflict`), and so is a folder another
-    process is writing (:class:`~dcmkd.run_folder.RunLocked`).
+    process is writing (:class:`~dcmkd.run_folder.RunLocked`). Under ``torchrun`` every rank
+    calls it (see :mod:`dcmkd.engine.distributed`).
     """
     settings = settings or TrainSettings()
     run = run if isinstance(run, RunFolder) else RunFolder(run)
-    log = (lambda s: None) if settings.quiet else log
-    train_batches, test_batches = _split(data, test, settings.seed)
+    ctx = distributed.context(settings.parallel, len(method.networks), settings.device,
+                              settings.dist_timeout)
+    main = ctx is None or ctx.is_main
+    log = log if main and not settings.quiet else (lambda s: None)
+    train_batches, test_batches = _split(data, test, settings.seed, ctx)
     identity = config if config is not None else describe(method, settings)
-    with run.lock():
-        run.check(identity)
-        if run.finished:
+    with run.lock() if main else nullcontext():
+        summary = agree(ctx, lambda: run.read_summary() if check_run(run, identity) else None)
+        if summary is not None:
             log(f"{run}: finished run, not redone")
-            return run.read_summary()  # type: ignore[return-value]
+            return summary
         try:
             return _train(method, train_batches, test_batches, getattr(data, "noisy_indices", None),
-                          run, settings, identity, log)
+                          run, settings, identity, ctx, log)
         except BaseException:
-            run.discard_start()   # a start that wrote no checkpoint leaves nothing behind
+            if main:
+                run.discard_start()   # a start that wrote no checkpoint leaves nothing behind
             raise
+
+
+def check_run(run: RunFolder, identity: dict[str, Any]) -> bool:
+    """Refuse another run's folder; True when the folder holds this run, finished."""
+    run.check(identity)
+    return run.finished
+
+
+def agree(ctx: distributed.Distributed | None, decide: Callable[[], Any]) -> Any:
+    """``decide()`` on rank 0, its result on every rank; an error raised by it is raised on
+    every rank (the same class and message)."""
+    if ctx is None:
+        return decide()
+    outcome: tuple[str, Any, str] = ("", None, "")
+    error: BaseException | None = None
+    if ctx.is_main:
+        try:
+            outcome = ("value", decide(), "")
+        except Exception as e:  # noqa: BLE001 - raised on every rank below
+            error, outcome = e, ("error", type(e), str(e))
+    kind, value, message = ctx.broadcast_object(outcome)
+    if kind == "error":
+        if error is not None:
+            raise error
+        remote = value.__new__(value)
+        Exception.__init__(remote, message)
+        raise remote
+    return value
 
 
 def _train(method: Method, train_batches: Batches, test_batches: Batches | None,
            noisy: torch.Tensor | None, run: RunFolder, settings: TrainSettings,
-           identity: dict[str, Any], log: Log) -> dict[str, Any]:
-    # -- set up: device, precision, the method's optimisation, the run folder
-    device = pick_device(settings.device)
+           identity: dict[str, Any], ctx: distributed.Distributed | None, log: Log
+           ) -> dict[str, Any]:
+    # -- set up: device, precision, processes, the method's optimisation, the run folder
+    device = pick_device(distributed.device_of(ctx, settings.device))
     if settings.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
@@ -75,42 +115,45 @@ def _train(method: Method, train_batches: Batches, test_batches: Batches | None,
     method.to(device)
     if settings.channels_last:
         method.to(memory_format=torch.channels_last)
+    grad_allreduce = ctx is not None and distribute_method(method, ctx, settings, device)
     method.configure_optimization(settings.optim, settings.schedule)
     precision = Precision(settings.precision, device)
     if settings.compile:
         compile_networks(method.networks, log)
-    ctx = Context(method, run, settings, device, precision, identity,
-                  DivergenceGuard(settings.divergence_factor), log)
-    run.write_config(identity)
-    run.write_environment(environment(device))
-    if noisy is not None:
-        run.write_noisy_labels(noisy)
+    loop = Context(method, run, settings, device, precision, identity,
+                   DivergenceGuard(settings.divergence_factor), log, ctx, grad_allreduce)
+    if loop.main:
+        run.write_config(identity)
+        run.write_environment(environment(device))
+        if noisy is not None:
+            run.write_noisy_labels(noisy)
 
-    # -- resume, or start from the seed
+    # -- resume, or start from the seed (one stream per rank, as timm seeds them)
     epoch, start_batch, history, partial = 0, 0, [], None
     if run.has_checkpoint:
-        epoch, start_batch, history, partial = ctx.restore(run.load_checkpoint())
+        epoch, start_batch, history, partial = loop.restore(run.load_checkpoint())
         log(f"resuming {run} at epoch {epoch + 1}, batch {start_batch}")
     else:
-        torch.manual_seed(settings.seed)
-    writer = _tensorboard(run) if settings.tensorboard else None
+        torch.manual_seed(settings.seed + (ctx.rank if ctx is not None else 0))
+    writer = _tensorboard(run) if settings.tensorboard and loop.main else None
 
     # -- train
     while not method.training_done(epoch):
-        record = train_epoch(ctx, train_batches, epoch, start_batch, partial, history)
+        record = train_epoch(loop, train_batches, epoch, start_batch, partial, history)
         start_batch, partial = 0, None
         last = method.training_done(epoch + 1)   # a phased method knows only after end_epoch
         evaluated = False
         if test_batches is not None and method.evaluate_epoch(epoch) and \
                 ((epoch + 1) % settings.eval_every == 0 or last):
-            record.update(evaluate(method, test_batches, device, precision, settings))
+            record.update(evaluate(method, test_batches, device, precision, settings, ctx))
             evaluated = True
         record.update(method.end_epoch(epoch))
         if test_batches is not None and not evaluated and method.training_done(epoch + 1):
-            record.update(evaluate(method, test_batches, device, precision, settings))
+            record.update(evaluate(method, test_batches, device, precision, settings, ctx))
         history.append(record)
-        ctx.checkpoint(epoch + 1, 0, history)
-        run.write_metrics(history)
+        loop.checkpoint(epoch + 1, 0, history)
+        if loop.main:
+            run.write_metrics(history)
         log(epoch_line(record, method))
         if writer is not None:
             for k, v in record.items():
@@ -119,7 +162,25 @@ def _train(method: Method, train_batches: Batches, test_batches: Batches | None,
         epoch += 1
     if writer is not None:
         writer.close()
-    return finish(method, run, history, settings, log)
+    return finish(loop, history)
+
+
+def distribute_method(method: Method, ctx: distributed.Distributed, settings: TrainSettings,
+                device: torch.device) -> bool:
+    """Spread ``method`` over the processes; returns whether the loop must average gradients
+    itself (a method whose step does not go through DDP-wrapped networks)."""
+    trainable = method.trainable_networks
+    if ctx.mode == "networks":
+        shapes = [net.num_classifiers for net in method.networks]
+        method.shard(ctx.network, lambda own: ctx.gather_logits(own, shapes))
+        trainable = [ctx.network]
+    for n in trainable:
+        if settings.sync_bn and ctx.replicas > 1:
+            distributed.convert_sync_batchnorm(method.networks[n], ctx.data_group,
+                                               device.type == "cuda")
+        if method.routes_networks and ctx.replicas > 1:
+            method.route(n, distributed.wrap_data_parallel(ctx, method.networks[n]))
+    return not method.routes_networks and ctx.replicas > 1
 
 
 def train_epoch(ctx: "Context", batches: Batches, epoch: int, start: int,
@@ -129,9 +190,11 @@ def train_epoch(ctx: "Context", batches: Batches, epoch: int, start: int,
     method, settings = ctx.method, ctx.settings
     method.train()
     steps = len(batches)
-    meter = Meter(ctx.device, [net.classifier_names for net in method.networks], start, partial)
-    step = Step(method, ctx.precision, settings.clip_grad_norm)
-    progress = Progress(epoch, steps, start, settings.quiet, ctx.log)
+    meter = Meter(ctx.device, [net.classifier_names for net in method.networks], start,
+                  ctx.own_partial(partial))
+    step = Step(method, ctx.precision, settings.clip_grad_norm,
+                ctx.dist if ctx.grad_allreduce else None)
+    progress = Progress(epoch, steps, start, settings.quiet or not ctx.main, ctx.log)
     every = settings.checkpoint_every_steps
     for i, (x, y) in enumerate(batches.epoch(epoch, start), start=start):
         x, y = _to_device(x, y, ctx.device, settings.channels_last)
@@ -147,7 +210,7 @@ def train_epoch(ctx: "Context", batches: Batches, epoch: int, start: int,
     progress.close()
     seconds = meter.seconds()
     record: dict[str, Any] = {"epoch": epoch + 1, "lr": method.lr_at(epoch), "seconds": seconds,
-                              "images_per_s": meter.samples / max(seconds, 1e-9)}
+                              "images_per_s": meter.total_samples / max(seconds, 1e-9)}
     record.update(means)
     return record
 
@@ -156,13 +219,18 @@ class Step:
     """``step(loss, terms=None)``, what a method calls to update its networks: zero the
     gradients, back-propagate (scaled for fp16, outside autocast), clip, step the optimiser."""
 
-    def __init__(self, method: Method, precision: Precision, clip: float | None):
+    def __init__(self, method: Method, precision: Precision, clip: float | None,
+                 average_over: distributed.Distributed | None = None):
         self.method, self.scaler, self.clip = method, precision.scaler, clip
+        self.average_over = average_over
 
     def __call__(self, loss: torch.Tensor, terms: dict[str, torch.Tensor] | None = None) -> None:
         optimizer = self.method.optimizer
         optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        if self.average_over is not None:   # methods not routed through DDP
+            distributed.allreduce_gradients(
+                self.average_over, [p for g in optimizer.param_groups for p in g["params"]])
         if self.clip:
             self.scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(
@@ -193,7 +261,7 @@ class Meter:
                          for k, v in partial["sums"].items()}
             self.samples, self.elapsed = int(partial["samples"]), float(partial["seconds"])
             self._last = dict(partial["sums"])
-        self._read_samples = self.samples
+        self._read_samples = self.total_samples = self.samples
         self.interval_loss: float | None = None   # mean summed loss since the previous read
         self.loss_terms: list[str] = []
 
@@ -219,30 +287,35 @@ class Meter:
         self.samples += b
         self.step += 1
 
-    def read(self, epoch: int) -> dict[str, float]:
-        """The epoch's means so far (one host read of every sum and flag)."""
+    def read(self, epoch: int, ctx: distributed.Distributed | None = None) -> dict[str, float]:
+        """The epoch's means so far (one host read of every sum and flag; under torchrun
+        the sums of every rank)."""
         keys, bad_keys = list(self.sums), list(self.bad)
         values = torch.stack([*(self.sums[k].float() for k in keys),
                               *(self.bad[k] for k in bad_keys)]).tolist() if keys else []
-        sums, bad = values[:len(keys)], values[len(keys):]
-        first = [s for s in bad if s >= 0]
+        current = dict(zip(keys, values[:len(keys)]))
+        firsts = dict(zip(bad_keys, values[len(keys):]))
+        samples = self.samples
+        if ctx is not None:
+            current, samples, firsts = ctx.reduce_sums(current, self.samples, firsts)
+        first = [s for s in firsts.values() if s >= 0]
         if first:
             at = int(min(first))
-            terms = [k for k, s in zip(bad_keys, bad) if s == at]
+            terms = [k for k, s in firsts.items() if s == at]
             raise TrainingDiverged(f"non-finite loss at epoch {epoch + 1}, batch {at} in "
-                                   f"{', '.join(terms)}; the last good checkpoint is kept")
-        current = dict(zip(keys, sums))
+                                   f"{', '.join(sorted(terms))}; the last good checkpoint is kept")
         total = sum(v for k, v in current.items() if not k.endswith("/acc"))
         before = sum(v for k, v in self._last.items() if not k.endswith("/acc"))
-        fresh = self.samples - self._read_samples
+        fresh = samples - self._read_samples
         self.interval_loss = (total - before) / fresh if fresh else None
         self.loss_terms = [k for k in current if not k.endswith("/acc")]
-        self._last, self._read_samples = current, self.samples
-        return {k: v / max(self.samples, 1) for k, v in current.items()}
+        self._last, self._read_samples, self.total_samples = current, samples, samples
+        return {k: v / max(samples, 1) for k, v in current.items()}
 
     def state(self) -> dict[str, Any]:
-        """The sums of the last :meth:`read`, for a mid-epoch checkpoint."""
-        return {"sums": dict(self._last), "samples": self.samples, "seconds": self.seconds()}
+        """The (all ranks') sums of the last :meth:`read`, for a mid-epoch checkpoint."""
+        return {"sums": dict(self._last), "samples": self.total_samples,
+                "seconds": self.seconds()}
 
     def seconds(self) -> float:
         return self.elapsed + time.perf_counter() - self.t0
@@ -250,8 +323,10 @@ class Meter:
 
 @torch.no_grad()
 def evaluate(method: Method, batches: Batches, device: torch.device, precision: Precision,
-             settings: TrainSettings) -> dict[str, float]:
-    """Top-1 and top-5 test error (%) of every classifier of every network (one host read)."""
+             settings: TrainSettings, dist: distributed.Distributed | None = None
+             ) -> dict[str, float]:
+    """Top-1 and top-5 test error (%) of every classifier of every network (one host read;
+    under torchrun each rank evaluates its share and the counts are summed)."""
     method.eval()
     misses: dict[str, torch.Tensor] = {}
     count = 0
@@ -270,16 +345,26 @@ def evaluate(method: Method, batches: Batches, device: torch.device, precision: 
         count += len(y)
     keys = list(misses)
     values = torch.stack([misses[k].float() for k in keys]).tolist() if keys else []
-    return {k: 100.0 * v / max(count, 1) for k, v in zip(keys, values)}
+    totals = dict(zip(keys, values))
+    if dist is not None:
+        totals, count, _ = dist.reduce_sums(totals, count)
+    return {k: 100.0 * v / max(count, 1) for k, v in totals.items()}
 
 
-def finish(method: Method, run: RunFolder, history: list[dict], settings: TrainSettings,
-           log: Log) -> dict[str, Any]:
-    """Export the networks, plot, and write the summary (last: it marks the run finished)."""
+def finish(loop: Context, history: list[dict]) -> dict[str, Any]:
+    """Export the networks, plot, and write the summary (last: it marks the run finished);
+    under torchrun rank 0 writes and every rank returns the summary."""
+    method, run, settings, log = loop.method, loop.run, loop.settings, loop.log
+    if loop.dist is not None:
+        loop.dist.sync_networks(method.networks)
+        for net in method.networks:   # exports hold plain BatchNorm
+            distributed.revert_sync_batchnorm(net)
     models = [model_name(net) for net in method.networks]
     exported = method.export()
     for n, net in enumerate(exported):
-        check_finite(net.state_dict(), f"exported network {n}")
+        check_finite(net.state_dict(), f"exported network {n}", loop.dist)
+    if not loop.main:
+        return loop.dist.broadcast_object()  # type: ignore[union-attr]
     paths = run.export_networks(exported, models)
     evaluated = [r for r in history if "test/net0/C1/top1" in r]
     nets = range(len(models))
@@ -300,65 +385,128 @@ def finish(method: Method, run: RunFolder, history: list[dict], settings: TrainS
         except ImportError:
             log("matplotlib is not installed: no test_error.png")
     run.write_summary(summary)
+    if loop.dist is not None:
+        loop.dist.broadcast_object(summary)
     return summary
 
 
 # -- the run's context: checkpoints, reads, divergence ------------------------------------------
 class Context:
     """What the loop carries through a run: the method, its folder and settings, the device
-    and precision, what defines the run, the divergence guard and the log."""
+    and precision, what defines the run, the divergence guard, the log, and the processes
+    (``dist``: None in a single process; ``grad_allreduce``: the loop averages gradients)."""
 
     def __init__(self, method: Method, run: RunFolder, settings: TrainSettings,
                  device: torch.device, precision: Precision, identity: dict[str, Any],
-                 guard: "DivergenceGuard", log: Log):
+                 guard: "DivergenceGuard", log: Log,
+                 dist: distributed.Distributed | None = None, grad_allreduce: bool = False):
         self.method, self.run, self.settings = method, run, settings
         self.device, self.precision, self.identity = device, precision, identity
         self.guard, self.log = guard, log
+        self.dist, self.grad_allreduce = dist, grad_allreduce
+        self.main = dist is None or dist.is_main
 
     def read(self, meter: "Meter", epoch: int, batch: int) -> dict[str, float]:
-        """Read the meter (one host read) and apply the divergence rule."""
-        means = meter.read(epoch)
+        """Read the meter (one host read; under torchrun reduced over the ranks) and apply
+        the divergence rule."""
+        means = meter.read(epoch, self.dist)
         self.guard.check(meter.interval_loss, meter.loss_terms, epoch, batch)
         return means
+
+    def own_partial(self, partial: dict | None) -> dict | None:
+        """The share of a checkpoint's running sums (every rank's) this rank carries: all of
+        them on rank 0 of a replica group, none on the others; in network-parallel training
+        only this rank's network's."""
+        if partial is None or self.dist is None:
+            return partial
+        if self.dist.replica != 0:
+            return {"sums": {}, "samples": 0, "seconds": partial["seconds"]}
+        if self.dist.network is not None:
+            prefix = f"train/net{self.dist.network}/"
+            return {**partial, "sums": {k: v for k, v in partial["sums"].items()
+                                        if k.startswith(prefix)}}
+        return partial
 
     def checkpoint(self, epoch: int, batch: int, history: list[dict],
                    partial: dict | None = None) -> None:
         """Save everything a resumed run needs to continue exactly (``batch`` > 0: mid-epoch,
-        with the epoch's running sums in ``partial``); refuses non-finite weights."""
+        with the epoch's running sums in ``partial``); refuses non-finite weights. Under
+        torchrun: every network's weights reach rank 0, the optimiser states of
+        network-parallel ranks are merged, every rank's RNG state is kept; rank 0 writes."""
+        d = self.dist
+        if d is not None:
+            d.sync_networks(self.method.networks)
         state = self.method.state_dict()
         check_finite(state, f"the weights after epoch {epoch + (batch > 0)}"
-                            + (f", batch {batch}" if batch else ""))
+                            + (f", batch {batch}" if batch else ""), d)
+        optimizer = self.method.optimizer.state_dict()
         rng = {"cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        self.run.save_checkpoint({
-            "epoch": epoch, "batch": batch, "method": state,
-            "optimizer": self.method.optimizer.state_dict(),
-            "scaler": self.precision.scaler.state_dict(), "rng": rng,
-            "history": json.dumps(history), "partial": json.dumps(partial),
-            "guard": json.dumps(self.guard.state()), "config": json.dumps(self.identity)})
+        world = 1
+        if d is not None:
+            if d.network is not None:
+                optimizer = merge_optimizer_states(d.gather_objects(optimizer))
+            rng = {"ranks": d.gather_objects(rng)}
+            world = d.world
+        if self.main:
+            self.run.save_checkpoint({
+                "epoch": epoch, "batch": batch, "method": state, "optimizer": optimizer,
+                "scaler": self.precision.scaler.state_dict(), "rng": rng,
+                "history": json.dumps(history), "partial": json.dumps(partial),
+                "guard": json.dumps(self.guard.state()), "config": json.dumps(self.identity),
+                "world_size": world})
 
     def restore(self, ckpt: dict[str, Any]) -> tuple[int, int, list[dict], dict | None]:
-        """Load a checkpoint; returns (epoch, batch, history, the epoch's partial sums)."""
+        """Load a checkpoint; returns (epoch, batch, history, the epoch's partial sums). A run
+        checkpointed at another world size resumes with the same weights, optimiser and data
+        order; the random streams of the ranks are seeded afresh (said in the log)."""
         self.method.load_state_dict(ckpt["method"])   # a phased method restores its phase first
         self.method.optimizer.load_state_dict(ckpt["optimizer"])
         self.precision.scaler.load_state_dict(ckpt["scaler"])
-        torch.set_rng_state(ckpt["rng"]["cpu"])
-        if "cuda" in ckpt["rng"] and self.device.type == "cuda":
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], self.device)
+        rank = self.dist.rank if self.dist is not None else 0
+        world = self.dist.world if self.dist is not None else 1
+        ranks = ckpt["rng"].get("ranks", [ckpt["rng"]])
+        saved_world = int(ckpt.get("world_size", len(ranks)))
+        if saved_world == world:
+            rng = ranks[rank]
+            torch.set_rng_state(rng["cpu"])
+            if "cuda" in rng and self.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"], self.device)
+        else:
+            torch.manual_seed(self.settings.seed + rank + 1000 * int(ckpt["epoch"]))
+            self.log(f"checkpointed with {saved_world} process(es), resumed with {world}: the "
+                     "weights, optimiser state and data order are the same; each rank's random "
+                     "stream (dropout) is seeded afresh, and a loader that augments per rank "
+                     "(a streamed dataset) crops differently")
         self.guard.load_state(json.loads(ckpt.get("guard") or "{}"))
         partial = json.loads(ckpt.get("partial") or "null")
         return int(ckpt["epoch"]), int(ckpt["batch"]), json.loads(ckpt["history"]), partial
 
 
-def check_finite(state: dict[str, torch.Tensor], what: str) -> None:
+def merge_optimizer_states(states: list[dict[str, Any]]) -> dict[str, Any]:
+    """One optimiser state from the ranks of network-parallel training: every rank built the
+    same optimiser over every network and holds the state of its own network's parameters
+    only, so the states are disjoint and their union is the single-process state."""
+    merged = {"state": {}, "param_groups": states[0]["param_groups"]}
+    for s in states:
+        merged["state"].update(s["state"])
+    return merged
+
+
+def check_finite(state: dict[str, torch.Tensor], what: str,
+                 dist: distributed.Distributed | None = None) -> None:
     """Raise :class:`TrainingDiverged` if a floating tensor of ``state`` holds a NaN or an
-    infinity (one host read; a second pass names the tensors)."""
+    infinity (one host read; a second pass names the tensors). Under torchrun every rank
+    raises when any rank finds one."""
     floats = [(k, v) for k, v in state.items()
               if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel()]
-    if not floats or bool(torch.stack([torch.isfinite(v).all() for _, v in floats]).all()):
+    ok = not floats or bool(torch.stack([torch.isfinite(v).all() for _, v in floats]).all())
+    if dist is not None:
+        ok = dist.min_over_all(float(ok)) > 0
+    if ok:
         return
-    bad = [k for k, v in floats if not bool(torch.isfinite(v).all())]
+    bad = [k for k, v in floats if not bool(torch.isfinite(v).all())] or ["on another rank"]
     raise TrainingDiverged(f"non-finite values in {what} ({', '.join(bad[:3])}"
                            f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''}); nothing "
                            "was saved, the last good checkpoint is kept")
@@ -464,14 +612,23 @@ def epoch_line(r: dict[str, Any], method: Method) -> str:
 
 
 # -- helpers --------------------------------------------------------------------------------------
-def _split(data: Any, test: Iterable | None, seed: int) -> tuple[Batches, Batches | None]:
-    """(train, test) batches from the library's ``Data`` or a training iterable + ``test``."""
+def _split(data: Any, test: Iterable | None, seed: int,
+           ctx: distributed.Distributed | None = None) -> tuple[Batches, Batches | None]:
+    """(train, test) batches from the library's ``Data`` or a training iterable + ``test``;
+    under torchrun the library's loaders must be sharded over the data replicas."""
     if hasattr(data, "train") and hasattr(data, "test") and test is None:
         train, evaluation = (as_batches(data.train, seed, "data.train"),
                              as_batches(data.test, seed, "data.test"))
     else:
         train, evaluation = as_batches(data, seed, "data"), (None if test is None else
                                                              as_batches(test, seed, "test"))
+    if ctx is not None:
+        for b in (train, evaluation):
+            shards = getattr(b, "world_size", None)
+            if shards is not None and shards != ctx.replicas:
+                raise ValueError(f"the data are split over {shards} process(es) but this run has "
+                                 f"{ctx.replicas} data replica(s): build them with "
+                                 f"rank={ctx.replica}, world_size={ctx.replicas}")
     if len(train) == 0:
         size, batch = getattr(train, "num_samples", "?"), getattr(train, "batch_size", "?")
         raise ValueError(f"the training set ({size} samples) holds no full batch of {batch}: no "

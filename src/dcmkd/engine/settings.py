@@ -39,6 +39,10 @@ class TrainSettings:
     eval_every: int = 1
     quiet: bool = False
     tensorboard: bool = False
+    # under torchrun (dcmkd.engine.distributed): data-parallel, or one network per rank group
+    parallel: str = "data"                # data | networks
+    sync_bn: bool = False                 # BatchNorm statistics over the data replicas
+    dist_timeout: float = 300.0           # seconds a rank waits for a peer before failing
 
     def __post_init__(self) -> None:
         check_choice("precision", self.precision, PRECISIONS)
@@ -48,6 +52,9 @@ class TrainSettings:
         if self.checkpoint_every_steps < 0:
             raise ValueError(f"checkpoint_every_steps must be ≥ 0, got "
                              f"{self.checkpoint_every_steps}")
+        check_choice("parallel", self.parallel, ("data", "networks"))
+        if self.dist_timeout <= 0:
+            raise ValueError(f"dist_timeout must be > 0 seconds, got {self.dist_timeout}")
         if self.divergence_factor < 0:
             raise ValueError(f"divergence_factor must be ≥ 0, got {self.divergence_factor}")
         if self.clip_grad_norm is not None and self.clip_grad_norm <= 0:

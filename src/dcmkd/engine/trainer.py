@@ -5,11 +5,13 @@ networks and data); the config path is :func:`dcmkd.engine.build.build`.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+from dcmkd.engine import distributed
 from dcmkd.engine.build import build
-from dcmkd.engine.loop import Log, TrainingDiverged, fit
+from dcmkd.engine.loop import Log, TrainingDiverged, check_run, agree, fit
 from dcmkd.run_folder import RunFolder, default_run_path
 
 
@@ -31,14 +33,19 @@ class Trainer:
         return self.run.path
 
     def fit(self) -> dict[str, Any]:
-        with self.run.lock():   # one writer per folder, from the check to the summary
-            self.run.check(self.cfg)
-            if self.run.finished:
-                if not self.cfg["quiet"]:
+        cfg = self.cfg
+        ctx = distributed.context(cfg["parallel"], len(cfg["nets"]), cfg["device"],
+                                  cfg["dist_timeout"])
+        main = ctx is None or ctx.is_main
+        with self.run.lock() if main else nullcontext():   # one writer, check to summary
+            summary = agree(ctx, lambda: self.run.read_summary()
+                            if check_run(self.run, cfg) else None)
+            if summary is not None:
+                if main and not cfg["quiet"]:
                     self.log(f"{self.run}: finished run, not redone")
-                return self.run.read_summary()  # type: ignore[return-value]
-            built = build(self.cfg)
-            return fit(built.method, built.data, self.run, built.settings, config=self.cfg,
+                return summary
+            built = build(cfg)
+            return fit(built.method, built.data, self.run, built.settings, config=cfg,
                        log=self.log)
 
 

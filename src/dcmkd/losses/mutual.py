@@ -60,7 +60,7 @@ class LinkMatrix:
         check_choice("link pattern", pattern, LINK_PATTERNS)
         frozen = set(frozen)
         nodes = [(n, c) for n, k in enumerate(num_classifiers) for c in range(k)]
-        links = torch.zeros(len(nodes), len(nodes), dtype=torch.bool)
+        links = torch.zeros(len(nodes), len(nodes), dtype=torch.bool, device="cpu")
         for a, (m, i) in enumerate(nodes):
             for b, (n, j) in enumerate(nodes):
                 if m == n or n in frozen:
@@ -91,7 +91,7 @@ class LinkMatrix:
         cache = self.__dict__.setdefault("_masks", {})
         if device not in cache:
             nodes = self.nodes
-            same = torch.tensor([[i == j for (_, j) in nodes] for (_, i) in nodes])
+            same = torch.tensor([[i == j for (_, j) in nodes] for (_, i) in nodes], device="cpu")
             cache[device] = (self.links.to(device), same.to(device))
         return cache[device]
 

@@ -94,6 +94,29 @@ class Method(nn.Module):
     def trainable_networks(self) -> list[int]:
         return [n for n in range(len(self.networks)) if n not in self.frozen]
 
+    # -- several processes (dcmkd.engine.distributed) ------------------------------------------
+    #: True when every forward of a trainable network goes through :meth:`network`, so the
+    #: loop may route it through a DistributedDataParallel wrapper; otherwise (a method that
+    #: runs parts of its networks, as SSKD's stages do) the loop averages the gradients over
+    #: the data replicas after each backward
+    routes_networks: bool = False
+
+    def network(self, n: int) -> nn.Module:
+        """What network ``n``'s forward goes through: the network, or its wrapper."""
+        return self.__dict__.get("_routes", {}).get(n, self.networks[n])
+
+    def route(self, n: int, module: nn.Module) -> None:
+        """Send network ``n``'s forward through ``module`` (a DDP wrapper of it; kept out of
+        the state_dict)."""
+        self.__dict__.setdefault("_routes", {})[n] = module
+
+    def shard(self, owner: int, gather: Callable[[list[torch.Tensor]], list[list[torch.Tensor]]]
+              ) -> None:
+        """Network-parallel training: this process trains network ``owner`` only; ``gather``
+        turns its classifiers' logits into every network's (the peers' detached)."""
+        raise ValueError(f"parallel=networks is for the mutual methods (dml, dml_ds, dcm, dcm1, "
+                         f"dcm2), not '{self.name or type(self).__name__}'")
+
     # -- optimisation (the base: one SGD, the run's schedule) -----------------------------------
     def configure_optimization(self, optim: SGDSettings, schedule: Schedule) -> None:
         """Receive the run's optimiser settings and schedule (before training and before a

@@ -113,8 +113,20 @@ class MutualMethod(Method):
         self.term_names = term_names or {}
         self.train()
 
+    routes_networks = True
+    owner: int | None = None     # network-parallel: the one network this process trains
+
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "pattern": self.pattern, **asdict(self.options)}
+
+    def shard(self, owner: int, gather: Callable[[list[torch.Tensor]], list[list[torch.Tensor]]]
+              ) -> None:
+        if self.frozen or self.update != "simultaneous":
+            raise ValueError("parallel=networks needs networks trained together at once "
+                             "(dml, dml_ds, dcm, dcm1, dcm2 with loss.update=simultaneous)")
+        if not 0 <= owner < len(self.networks):
+            raise ValueError(f"network {owner} does not exist ({len(self.networks)} networks)")
+        self.owner, self._gather = owner, gather
 
     def begin_step(self, epoch: float) -> float:
         """Sets the rate and the ramp-up factor of the distillation weights β and γ (DML's and
@@ -124,14 +136,26 @@ class MutualMethod(Method):
         return super().begin_step(epoch)
 
     def _logits(self, images: torch.Tensor) -> list[list[torch.Tensor]]:
+        if self.owner is not None:   # network-parallel: own logits live, the peers' gathered
+            own = list(self.network(self.owner)(images))
+            out = self._gather(own)
+            out[self.owner] = own
+            return out
         out = []
         for n, net in enumerate(self.networks):
             if n in self.frozen:
                 with torch.no_grad():
                     out.append(list(net(images)))
             else:
-                out.append(list(net(images)))
+                out.append(list(self.network(n)(images)))
         return out
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> list[list[torch.Tensor]]:
+        if self.owner is not None:
+            return [list(net(images)) if n == self.owner else []
+                    for n, net in enumerate(self.networks)]
+        return super().predict(images)
 
     def _named(self, loss: MutualLoss, networks: Sequence[int]) -> dict[str, torch.Tensor]:
         return {f"net{n}/{self.term_names.get(t, t)}": v
@@ -145,6 +169,9 @@ class MutualMethod(Method):
     def forward(self, images: torch.Tensor, targets: torch.Tensor) -> StepOutput:
         logits = self._logits(images)
         loss = self.loss(logits, targets)
+        if self.owner is not None:   # this process's network: its L_n and its classifiers
+            return StepOutput(self._named(loss, [self.owner]),
+                              [z if n == self.owner else [] for n, z in enumerate(logits)])
         return StepOutput(self._named(loss, self.trainable_networks), logits)
 
     def training_step(self, images: torch.Tensor, targets: torch.Tensor, step: StepFn,

@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import subprocess
+import sys
+import tempfile
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
@@ -23,7 +26,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from dcmkd.engine.config import merge, parse_override, resolve, validate
+from dcmkd.engine.config import dump, merge, parse_override, resolve, validate
 from dcmkd.engine.trainer import Trainer
 from dcmkd.methods import METHODS
 from dcmkd.recipes.experiment import Cell, Experiment, _deep_merge, slug, teacher_reference
@@ -59,8 +62,9 @@ def cell_config(exp: Experiment, cell: Cell, seed: int, scale: str = "full",
     """The resolved run config of ``cell`` at ``scale`` for ``seed``.
 
     Layers, later winning: the paper recipe of the cell's backbones, the experiment's ``base``,
-    the row's and cell's ``config``, the scale, the user's ``overrides``, then seed and folder.
-    A change of ``epochs`` (by the scale or the user) shortens the schedule with it."""
+    the row's and cell's ``config``, the scale, the cell's own ``scales`` entry for it, the
+    user's ``overrides``, then seed and folder. A change of ``epochs`` (by the scale or the
+    user) shortens the schedule with it."""
     check_choice("scale", scale, SCALES)
     user = _as_dict(overrides)
     full = resolve(_deep_merge(exp.base, cell.config))
@@ -70,7 +74,7 @@ def cell_config(exp: Experiment, cell: Cell, seed: int, scale: str = "full",
         layer = smoke_overrides(full["nets"], standins)
     else:
         layer = dict(exp.scales.get("full") or {})
-    layer = _deep_merge(layer, user)
+    layer = _deep_merge(_deep_merge(layer, cell.scales.get(scale) or {}), user)
     epochs = layer.pop("epochs", full["epochs"])
     cfg = merge(shorten(full, int(epochs)), layer)
     cfg["seed"] = seed
@@ -78,10 +82,12 @@ def cell_config(exp: Experiment, cell: Cell, seed: int, scale: str = "full",
     return validate(cfg)
 
 
-def plan(exp: Experiment, *, rows: list[str] | None = None, seeds: int | Sequence[int] = 1,
+def plan(exp: Experiment, *, rows: list[str] | None = None, columns: list[str] | None = None,
+         seeds: int | Sequence[int] = 1,
          scale: str = "full", out: str | Path = "runs/reproduce",
          overrides: Sequence[str | dict] = (), standins: bool = False) -> list[PlannedRun]:
-    """Every run the chosen rows need (their teachers first), in the order they will be run."""
+    """Every run the chosen rows and columns need (their teachers first), in the order they
+    will be run: seed by seed, each seed in table order."""
     seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
     base_dir = Path(out) / exp.name / scale
     runs: list[PlannedRun] = []
@@ -112,7 +118,7 @@ def plan(exp: Experiment, *, rows: list[str] | None = None, seeds: int | Sequenc
         return run
 
     for seed in seed_list:
-        for cell in exp.select_rows(rows):
+        for cell in exp.select(rows, columns):
             add(cell, seed)
     return runs
 
@@ -123,22 +129,49 @@ class RunsFailed(RuntimeError):
     """Runs of a parallel reproduction failed (each named with its error)."""
 
 
-_WORKER_DEVICE: str | None = None
+_WORKER: dict[str, Any] = {"devices": None, "threads": None, "nproc": 1}
 
 
-def _init_worker(devices: "mp.Queue[str | None]", threads: int) -> None:
-    """Worker start-up: take a device from the queue and this worker's share of the CPU."""
-    global _WORKER_DEVICE
-    _WORKER_DEVICE = devices.get()
+def _init_worker(devices: "mp.Queue[list[str] | None]", threads: int, nproc: int) -> None:
+    """Worker start-up: take its devices from the queue and its share of the CPU."""
+    _WORKER.update(devices=devices.get(), threads=threads, nproc=nproc)
     torch.set_num_threads(threads)
 
 
 def _train_in_worker(config: dict[str, Any], run_dir: str) -> float:
+    # progress bars of several processes would interleave
+    return train_run(dict(config, quiet=True), Path(run_dir), **_WORKER)
+
+
+def train_run(config: dict[str, Any], run_dir: Path, *, nproc: int = 1,
+              devices: Sequence[str] | None = None, threads: int | None = None,
+              log: Callable[[str], None] | None = None) -> float:
+    """Train one planned run; returns its seconds. ``nproc > 1``: under ``torchrun`` on this
+    node (``nproc`` processes, data-parallel unless the config says ``parallel``), on
+    ``devices`` (one per process) when given; otherwise in this process."""
     t0 = time.perf_counter()
-    cfg = dict(config, quiet=True)  # progress bars of several processes would interleave
-    if _WORKER_DEVICE is not None:
-        cfg["device"] = _WORKER_DEVICE
-    Trainer(cfg, run_dir).fit()
+    if nproc == 1:
+        cfg = dict(config, device=devices[0]) if devices else config
+        Trainer(cfg, run_dir, **({"log": log} if log else {})).fit()
+        return time.perf_counter() - t0
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads or 1))
+    cfg = dict(config)
+    if devices:
+        if not all(d.startswith("cuda") for d in devices):
+            raise ValueError(f"--nproc-per-run takes CUDA devices, got {list(devices)}")
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(d.partition(":")[2] or "0" for d in devices)
+        cfg["device"] = "cuda"
+    with tempfile.TemporaryDirectory(prefix="dcmkd-run-") as tmp:
+        path = Path(tmp) / "config.yaml"
+        path.write_text(dump(cfg))
+        p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                            f"--nproc-per-node={nproc}", "-m", "dcmkd.cli", "train", str(path),
+                            "-o", str(run_dir), "-q"], env=env, capture_output=True, text=True)
+    if p.returncode != 0:
+        errors = [line for line in p.stderr.splitlines() if line.startswith("dcmkd: error:")]
+        raise RunsFailed(f"{run_dir}: " + (errors[-1][len("dcmkd: error: "):] if errors else
+                                           f"torchrun exited with status {p.returncode}: "
+                                           f"{(p.stderr.strip().splitlines() or [''])[-1]}"))
     return time.perf_counter() - t0
 
 
@@ -150,26 +183,35 @@ def relative_cost(run: PlannedRun) -> float:
     return len(cfg["nets"]) * (3 if aux else 1) * cfg["epochs"]
 
 
+def worker_devices(devices: Sequence[str], worker: int, nproc: int = 1) -> list[str] | None:
+    """The devices of worker ``worker``: ``nproc`` consecutive entries of ``devices``
+    (cycling), or None (each run's own device)."""
+    if not devices:
+        return None
+    return [devices[(worker * nproc + k) % len(devices)] for k in range(nproc)]
+
+
 def run_parallel(todo: Sequence[PlannedRun], jobs: int, devices: Sequence[str] = (),
-                 log: Callable[[str], None] = print) -> None:
+                 log: Callable[[str], None] = print, nproc: int = 1) -> None:
     """Train ``todo`` in ``jobs`` worker processes, each run once its teachers are finished.
 
-    Worker ``i`` uses ``devices[i % len(devices)]`` (default: each run's own ``device``) and
-    ``cpu_count // jobs`` threads. The costliest runs (:func:`relative_cost`) start first. As in
-    a sequential reproduction, a failed run stops the
-    launching of new runs; those already running finish (an interrupted one would resume
+    Worker ``i`` uses ``nproc`` entries of ``devices`` (:func:`worker_devices`; default: each
+    run's own ``device``) and ``cpu_count // (jobs · nproc)`` threads per process; with
+    ``nproc > 1`` a worker trains its runs under torchrun. The costliest runs
+    (:func:`relative_cost`) start first. As in a sequential reproduction, a failed run stops
+    the launching of new runs; those already running finish (an interrupted one would resume
     anyway), then :class:`RunsFailed` names the failures."""
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = max(1, (os.cpu_count() or 1) // (jobs * nproc))
     ctx = mp.get_context("spawn")  # no fork of a process that may hold CUDA or OpenMP state
     queue = ctx.Queue()
     for i in range(jobs):
-        queue.put(devices[i % len(devices)] if devices else None)
+        queue.put(worker_devices(devices, i, nproc))
     waiting = sorted(todo, key=relative_cost, reverse=True)
     unfinished: set[Path] = {r.run_dir for r in todo}
     running: dict[Future, PlannedRun] = {}
     failures: list[str] = []
     with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker,
-                             initargs=(queue, threads)) as pool:
+                             initargs=(queue, threads, nproc)) as pool:
         while running or (waiting and not failures):
             for r in [r for r in waiting if not unfinished.intersection(r.teachers)]:
                 if len(running) == jobs or failures:
@@ -194,25 +236,29 @@ def run_parallel(todo: Sequence[PlannedRun], jobs: int, devices: Sequence[str] =
                            + "; ".join(failures))
 
 
-def reproduce(exp: Experiment, *, rows: list[str] | None = None, seeds: int | None = None,
+def reproduce(exp: Experiment, *, rows: list[str] | None = None,
+              columns: list[str] | None = None, seeds: int | None = None,
               scale: str = "full", out: str | Path = "runs/reproduce",
               overrides: Sequence[str | dict] = (), standins: bool = False, dry_run: bool = False,
-              jobs: int | None = None, devices: Sequence[str] = (),
+              jobs: int | None = None, devices: Sequence[str] = (), nproc_per_run: int = 1,
               log: Callable[[str], None] = print) -> dict[str, Path]:
     """Train the missing runs, then write ``table.md``, ``table.csv`` and the curves.
 
     ``seeds``: how many (seeds 0..N-1); default the paper's number of runs, 1 for ``smoke``.
     ``jobs``/``devices``: train that many runs at once (:func:`run_parallel`); default one job
-    per device of ``devices``, else 1.
+    per ``nproc_per_run`` devices of ``devices``, else 1. ``nproc_per_run > 1``: each run under
+    torchrun with that many processes (one node).
     Returns the paths written (``table_md``, ``table_csv``, ``curves``)."""
-    jobs = jobs if jobs is not None else max(1, len(devices))
+    if nproc_per_run < 1:
+        raise ValueError(f"--nproc-per-run must be at least 1, got {nproc_per_run}")
+    jobs = jobs if jobs is not None else max(1, len(devices) // nproc_per_run)
     if jobs < 1:
         raise ValueError(f"jobs must be at least 1, got {jobs}")
 
     if seeds is None:
         seeds = 1 if scale == "smoke" else exp.seeds
-    runs = plan(exp, rows=rows, seeds=seeds, scale=scale, out=out, overrides=overrides,
-                standins=standins)
+    runs = plan(exp, rows=rows, columns=columns, seeds=seeds, scale=scale, out=out,
+                overrides=overrides, standins=standins)
     todo = [r for r in runs if not r.done]
     log(f"{exp.name} ({scale}): {len(runs)} runs, {len(runs) - len(todo)} finished, "
         f"{len(todo)} to train")
@@ -221,9 +267,11 @@ def reproduce(exp: Experiment, *, rows: list[str] | None = None, seeds: int | No
             log(f"[{i}/{len(todo)}] {r.cell.key} seed {r.seed}: {r.config['method']} "
                 f"{'+'.join(r.config['nets'])}, {r.config['epochs']} epochs → {r.run_dir}")
             if not dry_run:
-                Trainer(r.config, r.run_dir, log=log).fit()
+                train_run(r.config, r.run_dir, nproc=nproc_per_run,
+                          devices=worker_devices(devices, 0, nproc_per_run),
+                          threads=max(1, (os.cpu_count() or 1) // nproc_per_run), log=log)
     elif todo:
-        run_parallel(todo, min(jobs, len(todo)), devices, log)
+        run_parallel(todo, min(jobs, len(todo)), devices, log, nproc_per_run)
     if dry_run:
         return {}
     return write_experiment_report(exp, runs, Path(out) / exp.name / scale, scale=scale)

@@ -1,0 +1,346 @@
+"""Several processes, launched by ``torchrun``: data-parallel, network-parallel, or both.
+
+The processes form a 2-D mesh ``networks × data`` (``torch.distributed.device_mesh``):
+
+- **data-parallel** (``parallel=data``, the default under torchrun): a ``1 × W`` mesh. Every
+  rank holds every network; each trainable network is wrapped in ``DistributedDataParallel``
+  (a frozen teacher is not); the recipe's batch is the *global* batch, split over the ranks.
+- **network-parallel** (``parallel=networks``): an ``N × D`` mesh for the N networks of a mutual
+  method (``dml``, ``dml_ds``, ``dcm``, ``dcm1``, ``dcm2``), D = W / N data replicas. The ranks
+  of one replica read the same batch; after the forward pass they all-gather the detached
+  logits of every classifier, and each computes its own network's loss L_n (DCM Algorithm 1:
+  the targets are detached, so no gradient crosses ranks) and steps its own network. With
+  D > 1 each network is also data-parallel over its D replicas.
+
+Only rank 0 writes the run folder. Metrics, evaluation counts and the non-finite flags are
+reduced over the ranks, so every rank takes the same decisions. Process groups use NCCL on
+GPUs and gloo on CPUs; their timeout (``dist_timeout`` seconds) bounds how long a rank waits
+for a peer that died (torchrun then ends the job, or restarts it with ``--max-restarts``).
+"""
+from __future__ import annotations
+
+import atexit
+import os
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+PARALLEL_MODES = ("data", "networks")
+
+_CONTEXT: "Distributed | None" = None
+
+
+def launched() -> bool:
+    """Whether this process was started by torchrun (or another launcher setting the
+    ``WORLD_SIZE`` / ``RANK`` environment) with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+@dataclass
+class Distributed:
+    """This process's place in the mesh and the process groups it talks through."""
+
+    rank: int
+    world: int
+    local_rank: int
+    networks: int                 # size of the networks dimension (1: data-parallel)
+    replicas: int                 # size of the data dimension
+    network: int | None           # the network this rank owns (None: all of them)
+    replica: int                  # this rank's data shard
+    data_group: Any = None        # the ranks that share this rank's network(s)
+    network_group: Any = None     # the ranks that share this rank's batch
+    mode: str = "data"
+    bytes_sent: dict[str, int] = field(default_factory=lambda: {"all_reduce": 0,
+                                                                 "all_gather": 0})
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # -- collectives -------------------------------------------------------------------------
+    def sum_over_replicas(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum a tensor over the data replicas (in place); returns it."""
+        if self.replicas > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.data_group)
+        return t
+
+    def min_over_all(self, value: float) -> float:
+        t = torch.tensor([value], dtype=torch.float64, device=self.device_for_collectives())
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return float(t.item())
+
+    def merge_over_networks(self, values: dict[str, dict]) -> dict[str, dict]:
+        """Union, field by field, of the dicts of dicts of the ranks of this batch
+        (network-parallel: each rank holds its own network's entries)."""
+        if self.networks == 1:
+            return values
+        parts: list[dict[str, dict]] = [{} for _ in range(self.networks)]
+        dist.all_gather_object(parts, values, group=self.network_group)
+        return {k: {key: v for p in parts for key, v in p[k].items()} for k in values}
+
+    def gather_logits(self, own: Sequence[torch.Tensor], shapes: Sequence[int]
+                      ) -> list[list[torch.Tensor]]:
+        """Every network's classifier logits, detached, on every rank of this batch:
+        ``shapes[n]`` is network n's number of classifiers (padded to the largest for the
+        all-gather)."""
+        k_max = max(shapes)
+        stacked = torch.stack([z.detach() for z in own])
+        if stacked.shape[0] < k_max:
+            pad = stacked.new_zeros((k_max - stacked.shape[0], *stacked.shape[1:]))
+            stacked = torch.cat([stacked, pad])
+        out = [torch.empty_like(stacked) for _ in range(self.networks)]
+        dist.all_gather(out, stacked.contiguous(), group=self.network_group)
+        self.bytes_sent["all_gather"] += stacked.numel() * stacked.element_size()
+        return [list(t[:k]) for t, k in zip(out, shapes)]
+
+    def reduce_sums(self, sums: dict[str, float], count: int,
+                    firsts: dict[str, float] | None = None
+                    ) -> tuple[dict[str, float], int, dict[str, float]]:
+        """Combine one rank's running sums (and a sample count) with the other ranks': summed
+        over the data replicas, united over the networks. ``firsts`` (the step at which a loss
+        first became non-finite, -1 if never) take the earliest over the replicas."""
+        firsts = dict(firsts or {})
+        if self.replicas > 1:
+            keys, bad_keys = sorted(sums), sorted(firsts)
+            t = torch.tensor([*(sums[k] for k in keys), float(count)], dtype=torch.float64,
+                             device=self.device_for_collectives())
+            dist.all_reduce(t, group=self.data_group)
+            values = t.tolist()
+            sums, count = dict(zip(keys, values[:-1])), int(values[-1])
+            if bad_keys:
+                b = torch.tensor([firsts[k] if firsts[k] >= 0 else float("inf") for k in bad_keys],
+                                 dtype=torch.float64, device=self.device_for_collectives())
+                dist.all_reduce(b, op=dist.ReduceOp.MIN, group=self.data_group)
+                firsts = {k: (v if v != float("inf") else -1.0)
+                          for k, v in zip(bad_keys, b.tolist())}
+        if self.networks > 1:
+            merged = self.merge_over_networks({"sums": sums, "firsts": firsts})
+            sums, firsts = merged["sums"], merged["firsts"]
+        return sums, count, firsts
+
+    def broadcast_object(self, obj: Any = None, src: int = 0) -> Any:
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, on every rank (ordered by rank)."""
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def owner_rank(self, network: int) -> int:
+        """The rank (replica 0) that owns ``network`` in network-parallel training."""
+        return network * self.replicas
+
+    def sync_networks(self, networks: nn.ModuleList) -> None:
+        """Network-parallel: give every rank every network's current weights (each network
+        broadcast from its owner), before rank 0 checkpoints or exports them."""
+        if self.network is None:
+            return
+        for n, net in enumerate(networks):
+            for t in [*net.parameters(), *net.buffers()]:
+                dist.broadcast(t.data, src=self.owner_rank(n))
+
+    def device_for_collectives(self) -> torch.device:
+        return torch.device("cuda", torch.cuda.current_device()) \
+            if dist.get_backend() == "nccl" else torch.device("cpu")
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+
+def context(parallel: str = "data", num_networks: int = 1, device: str = "auto",
+            timeout: float = 300.0) -> Distributed | None:
+    """This process's :class:`Distributed` context, initialising the process group the first
+    time (None in a single process). ``parallel=networks`` needs the world size to be a
+    multiple of ``num_networks``."""
+    global _CONTEXT
+    if _CONTEXT is not None:
+        return _CONTEXT
+    if not launched():
+        if parallel == "networks":
+            raise ValueError("parallel=networks needs one process per network: launch with "
+                             "torchrun --nproc-per-node N (N = the number of networks)")
+        return None
+    if parallel not in PARALLEL_MODES:
+        raise ValueError(f"parallel must be one of {PARALLEL_MODES}, got {parallel!r}")
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device != "cpu" and torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        backend, wait = "nccl" if use_cuda else "gloo", timedelta(seconds=timeout)
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if attempt is not None and "MASTER_ADDR" in os.environ:
+            # a restarted job (torchrun --max-restarts) must not read the peer addresses that
+            # the previous attempt left in the rendezvous store: one key space per attempt
+            agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+            base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                 world, is_master=not agent and rank == 0, timeout=wait)
+            dist.init_process_group(backend, store=dist.PrefixStore(f"dcmkd/{attempt}", base),
+                                    rank=rank, world_size=world, timeout=wait)
+        else:
+            dist.init_process_group(backend, timeout=wait)
+        atexit.register(shutdown)   # a process group left alive can abort the interpreter
+    networks = num_networks if parallel == "networks" else 1
+    if world % networks:
+        raise ValueError(f"parallel=networks: {world} processes cannot hold {networks} "
+                         f"networks equally (use a multiple of {networks})")
+    replicas = world // networks
+    mesh = torch.distributed.device_mesh.init_device_mesh(
+        "cuda" if use_cuda else "cpu", (networks, replicas), mesh_dim_names=("networks", "data"))
+    _CONTEXT = Distributed(
+        rank, world, local_rank, networks, replicas,
+        network=rank // replicas if parallel == "networks" else None, replica=rank % replicas,
+        data_group=mesh.get_group("data"), network_group=mesh.get_group("networks"),
+        mode=parallel)
+    return _CONTEXT
+
+
+def device_of(ctx: Distributed | None, name: str) -> str:
+    """The device a rank trains on: its own GPU under torchrun (cuda:LOCAL_RANK)."""
+    if ctx is not None and name in ("auto", "cuda") and torch.cuda.is_available():
+        return f"cuda:{ctx.local_rank}"
+    return name
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """A sum over a process group that autograd sees through: the gradient of a sum of the
+    ranks' inputs with respect to each input is the sum of the ranks' output gradients."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: Any) -> torch.Tensor:  # noqa: D102
+        ctx.group = group
+        out = x.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # noqa: D102
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class GroupBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm whose training statistics are those of the batch of every rank of
+    ``group``: the same forward and backward as one process on the whole batch. For devices
+    without torch's fused ``SyncBatchNorm`` (which needs a GPU): the per-channel sums are
+    all-reduced with ``torch.distributed.nn``'s differentiable all-reduce, so autograd
+    all-reduces their gradients too. Evaluation uses the running statistics, as BatchNorm."""
+
+    def __init__(self, *args: Any, group: Any = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.group = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or dist.get_world_size(self.group) == 1:
+            return super().forward(x)
+        c = x.shape[1]
+        xf = x.float()
+        local = torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)),
+                           xf.new_tensor([x.numel() / c])])
+        total = _AllReduceSum.apply(local, self.group)
+        count = total[-1]
+        mean = total[:c] / count
+        var = total[c:2 * c] / count - mean * mean
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                m = self.momentum if self.momentum is not None else \
+                    1.0 / float(self.num_batches_tracked)
+                unbiased = var * count / (count - 1).clamp_min(1)
+                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                self.running_var.mul_(1 - m).add_(unbiased.detach(), alpha=m)
+        y = (xf - mean[None, :, None, None]) * torch.rsqrt(var + self.eps)[None, :, None, None]
+        if self.affine:
+            y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+        return y.to(x.dtype)
+
+
+def convert_sync_batchnorm(module: nn.Module, group: Any, cuda: bool) -> nn.Module:
+    """Every ``BatchNorm2d`` of ``module`` synchronised over ``group``: torch's
+    ``SyncBatchNorm`` on GPUs, :class:`GroupBatchNorm2d` elsewhere (weights and statistics
+    kept). Children are replaced in place; the root is returned."""
+    if cuda:
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group=group)
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm2d:
+            new = GroupBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
+                                   child.track_running_stats, group=group)
+            new.load_state_dict(child.state_dict())
+            new.to(next(iter(child.state_dict().values())).device)
+            new.train(child.training)
+            setattr(module, name, new)
+        else:
+            convert_sync_batchnorm(child, group, cuda)
+    return module
+
+
+def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
+    """Every synchronised BatchNorm of ``module`` back to a plain ``BatchNorm2d`` (weights and
+    statistics kept), in place: for exporting trained networks."""
+    for name, child in module.named_children():
+        if isinstance(child, (nn.SyncBatchNorm, GroupBatchNorm2d)):
+            plain = nn.BatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
+                                   child.track_running_stats)
+            plain.load_state_dict(child.state_dict())
+            plain.to(next(iter(child.state_dict().values())).device)
+            plain.train(child.training)
+            setattr(module, name, plain)
+        else:
+            revert_sync_batchnorm(child)
+    return module
+
+
+def wrap_data_parallel(ctx: Distributed, module: nn.Module) -> nn.Module:
+    """``module`` (a trainable network) in DistributedDataParallel over this rank's data
+    replicas; counts the bytes each gradient all-reduce sends."""
+    device_ids = [ctx.local_rank] if next(module.parameters()).is_cuda else None
+    ddp = nn.parallel.DistributedDataParallel(module, device_ids=device_ids,
+                                              process_group=ctx.data_group)
+
+    def counting_allreduce(state, bucket):  # no annotations: DDP inspects them at runtime
+        buf = bucket.buffer()
+        ctx.bytes_sent["all_reduce"] += buf.numel() * buf.element_size()
+        buf.div_(ctx.replicas)
+        return dist.all_reduce(buf, group=ctx.data_group, async_op=True).get_future().then(
+            lambda fut: fut.value()[0])
+
+    ddp.register_comm_hook(None, counting_allreduce)
+    return ddp
+
+
+def allreduce_gradients(ctx: Distributed, params: Sequence[nn.Parameter]) -> None:
+    """Average the gradients over the data replicas (for methods whose step does not go
+    through a DDP-wrapped network: SSKD's stages, the feature baselines)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if ctx.replicas == 1 or not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    ctx.bytes_sent["all_reduce"] += flat.numel() * flat.element_size()
+    dist.all_reduce(flat, group=ctx.data_group)
+    flat /= ctx.replicas
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def shutdown() -> None:
+    global _CONTEXT
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _CONTEXT = None
+
+
+__all__ = ["Distributed", "context", "launched", "device_of", "wrap_data_parallel",
+           "allreduce_gradients", "convert_sync_batchnorm", "revert_sync_batchnorm",
+           "GroupBatchNorm2d", "shutdown",
+           "PARALLEL_MODES"]

@@ -1,0 +1,151 @@
+"""torch.distributed, launched by torchrun, on CPU (gloo, processes on loopback): data-parallel
+and network-parallel training equal one process, the data are sharded exactly, only rank 0
+writes, a dead rank ends the job and the rerun resumes to the uninterrupted weights."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dcmkd.data import DeviceLoader
+from dcmkd.data.augment import cifar_train
+from dcmkd.engine.config import resolve
+from dcmkd.engine.trainer import Trainer
+from dcmkd.run_folder import RunFolder
+from dcmkd.weights import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "dist_worker.py"
+TINY = ["nets=resnet20,resnet20", "data.name=synthetic", "data.image_size=8",
+        "data.train_subset=48", "data.batch_size=16", "data.test_batch_size=16", "epochs=1",
+        "device=cpu", "deterministic=true", "schedule.name=constant", "optim.lr=0.05"]
+#: float32 sums in another order (a gradient averaged over ranks, BatchNorm statistics from
+#: summed moments): weights after 3 SGD steps agree to this, losses to a tenth of it
+TOL = 1e-4
+
+
+def torchrun(n: int, *args: str, env: dict | None = None, timeout: float = 240,
+             restarts: int = 0) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={n}", f"--max-restarts={restarts}", str(WORKER), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def single(tmp_path: Path, name: str, *args: str) -> Path:
+    out = tmp_path / name
+    Trainer(resolve(None, [*args, f"out={out}", "quiet=true"])).fit()
+    return out
+
+
+def assert_same_run(a: Path, b: Path, tol: float = TOL) -> None:
+    ma, mb = RunFolder(a).read_metrics(), RunFolder(b).read_metrics()
+    for ra, rb in zip(ma, mb):
+        for k, v in ra.items():
+            if k.startswith(("train/", "test/")) and not k.endswith("/acc"):
+                assert rb[k] == pytest.approx(v, rel=tol / 10, abs=tol / 10), k
+    for name in RunFolder(a).read_summary()["exported"]:
+        wa, wb = load_file(a / name), load_file(b / name)
+        for k in wa:
+            if wa[k].is_floating_point():
+                assert torch.allclose(wa[k], wb[k], rtol=tol * 10, atol=tol), (name, k)
+
+
+# -- sharding (in one process) -------------------------------------------------------------
+def test_ranks_together_see_the_single_process_batches_augmented_alike():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (40, 3, 8, 8), generator=g, dtype=torch.uint8)
+    y = torch.arange(40)
+    one = DeviceLoader(x, y, 8, train=True, seed=3, augment=cifar_train)
+    for world in (2, 4):
+        ranks = [DeviceLoader(x, y, 8, train=True, seed=3, augment=cifar_train, rank=r,
+                              world_size=world) for r in range(world)]
+        assert all(len(r) == len(one) == 5 for r in ranks)
+        for epoch in (0, 3):
+            single_batches = list(one.epoch(epoch))
+            per_rank = [list(r.epoch(epoch)) for r in ranks]
+            seen = torch.cat([yb for batches in per_rank for _, yb in batches])
+            assert sorted(seen.tolist()) == list(range(40))            # each sample once
+            for b, (xs, ys) in enumerate(single_batches):
+                xr = torch.stack([per_rank[r][b][0] for r in range(world)], 1).flatten(0, 1)
+                yr = torch.stack([per_rank[r][b][1] for r in range(world)], 1).flatten()
+                assert torch.equal(yr, ys) and torch.equal(xr, xs)     # the same crops
+            resumed = list(ranks[1].epoch(epoch, start_batch=3))
+            assert all(torch.equal(a[0], b[0]) for a, b in zip(resumed, per_rank[1][3:]))
+    with pytest.raises(ValueError, match="does not split over 3 processes"):
+        DeviceLoader(x, y, 8, train=True, rank=0, world_size=3)
+
+
+# -- data-parallel ---------------------------------------------------------------------------
+def test_data_parallel_with_sync_bn_equals_one_process_and_only_rank_0_writes(tmp_path):
+    for method, nets in (("ind", "nets=resnet20"), ("dml", TINY[0]), ("dcm", TINY[0])):
+        args = [f"method={method}", *TINY[1:], nets, "sync_bn=true"]
+        p = torchrun(2, "train", str(tmp_path / f"ddp-{method}"), *args)
+        assert p.returncode == 0, p.stderr[-3000:]
+        ref = single(tmp_path, f"one-{method}", *args)
+        assert_same_run(ref, tmp_path / f"ddp-{method}")
+    assert sorted(p.name for p in (tmp_path / "ddp-dcm").iterdir()) == sorted(
+        p.name for p in (tmp_path / "one-dcm").iterdir())
+
+
+# -- network-parallel ------------------------------------------------------------------------
+def test_network_parallel_dcm_of_two_networks_equals_one_process(tmp_path):
+    args = ["method=dcm", *TINY]
+    p = torchrun(2, "train", str(tmp_path / "np"), *args, "parallel=networks")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert_same_run(single(tmp_path, "one", *args), tmp_path / "np")
+
+
+def test_network_parallel_dml_of_three_networks_gives_each_its_own_gradient(tmp_path):
+    p = torchrun(3, "gradients", str(tmp_path / "g"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    results = [json.loads((tmp_path / f"g.rank{r}.json").read_text()) for r in range(3)]
+    assert [r["network"] for r in results] == [0, 1, 2]
+    for r in results:
+        assert r["max_abs_error"] < 1e-6 and r["peers_untouched"]
+        assert r["sharded_loss"] == pytest.approx(r["loss"], rel=1e-6)
+
+
+def test_both_at_once_two_networks_times_two_replicas_equal_one_process(tmp_path):
+    args = ["method=dcm", *TINY, "sync_bn=true"]
+    p = torchrun(4, "train", str(tmp_path / "mesh"), *args, "parallel=networks")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert_same_run(single(tmp_path, "one", *args), tmp_path / "mesh")
+
+
+# -- faults ------------------------------------------------------------------------------------
+def test_a_dead_rank_ends_the_job_and_the_rerun_resumes_to_the_same_weights(tmp_path):
+    args = ["method=dml", *TINY, "epochs=2", "checkpoint_every_steps=1"]
+    ref = tmp_path / "ref"
+    assert torchrun(2, "train", str(ref), *args).returncode == 0
+    kill = {"DCMKD_TEST_KILL_RANK": "1", "DCMKD_TEST_KILL_AT": "1.5"}
+    t0 = time.time()
+    p = torchrun(2, "train", str(tmp_path / "cut"), *args, env=kill)
+    assert p.returncode != 0 and time.time() - t0 < 120
+    assert load_file(tmp_path / "cut" / "checkpoint.pt")["epoch"] == 1
+    p = torchrun(2, "train", str(tmp_path / "cut"), *args)          # the same command again
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert_same_run(ref, tmp_path / "cut", tol=1e-6)
+    p = torchrun(2, "train", str(tmp_path / "auto"), *args, env=kill, restarts=1)
+    assert p.returncode == 0, p.stderr[-3000:]                      # torchrun restarted it
+    assert_same_run(ref, tmp_path / "auto", tol=1e-6)
+
+
+def test_reproduce_trains_each_run_under_torchrun(tmp_path):
+    from dcmkd.recipes import load_experiment, reproduce
+
+    exp = load_experiment("quick-cifar10")
+    same = [{"device": "cpu", "sync_bn": True, "deterministic": True}]
+    paths = reproduce(exp, scale="smoke", out=tmp_path / "r", nproc_per_run=2, overrides=same,
+                      log=lambda s: None)
+    reproduce(exp, scale="smoke", out=tmp_path / "one", overrides=same, log=lambda s: None)
+    assert paths["table_md"].is_file()
+    for run in sorted((tmp_path / "r").rglob("summary.json")):
+        twin = tmp_path / "one" / run.relative_to(tmp_path / "r")
+        assert_same_run(twin.parent, run.parent)
