@@ -109,12 +109,26 @@ def test_cell_config_layers_recipe_row_cell_scale_and_user():
 
 
 def test_quick_protocol_of_the_published_result():
+    """The small-budget protocol (issue 13): 1,000 images, 120 epochs, batch 32, the
+    distillation weights ramped over 30 epochs except in the paper-loss column, and nothing of
+    it at the full scale."""
     exp = load_experiment("quick-cifar10")
     cfg = cell_config(exp, exp.cell("ResNet-20 ×2/DCM"), 0, "quick")
-    assert cfg["epochs"] == 8 and cfg["schedule"]["name"] == "multistep"
-    assert cfg["schedule"]["milestones"] == [0.5, 0.75]
-    assert cfg["schedule"]["warmup_epochs"] == 1 and cfg["data"]["train_subset"] == 5000
-    assert cfg["data"]["batch_size"] == 64 and cfg["optim"]["weight_decay"] == 1e-4
+    assert cfg["epochs"] == 120 and cfg["schedule"]["name"] == "multistep"
+    assert cfg["schedule"]["milestones"] == [0.5, 0.75] and cfg["eval_every"] == 10
+    assert cfg["schedule"]["warmup_epochs"] == 1 and cfg["data"]["train_subset"] == 1000
+    assert cfg["data"]["batch_size"] == 32 and cfg["optim"]["weight_decay"] == 1e-4
+    assert cfg["loss"]["rampup"] == 30 and cfg["data"]["name"] == "folder"
+    paper = cell_config(exp, exp.cell("ResNet-20 ×2/DCM paper loss"), 0, "quick")
+    assert paper["loss"]["rampup"] == 0 and {k: v for k, v in paper.items() if k != "loss"} == \
+        {k: v for k, v in cfg.items() if k != "loss"}
+    noisy = cell_config(exp, exp.cell("ResNet-20 ×2 (20% noisy labels)/DCM"), 0, "quick")
+    assert noisy["data"]["label_noise"] == 0.2
+    pair = cell_config(exp, exp.cell("ResNet-56 + ResNet-20/DCM"), 0, "quick")
+    assert pair["optim"]["weight_decay"] == 5e-4 and pair["data"]["batch_size"] == 32
+    for cell in exp.cells:   # the paper's settings at the full scale
+        full = cell_config(exp, cell, 0, "full")
+        assert full["loss"]["rampup"] == 0 and full["epochs"] in (200,)
 
 
 def test_teacher_runs_first_and_its_export_is_passed(tmp_path):
@@ -134,3 +148,14 @@ def test_row_selection_and_unknown_row():
     assert len(plan(exp, rows=["WRN-28-10 ×2"], seeds=2)) == 6
     with pytest.raises(UnknownNameError, match="WRN-28-10 ×2"):
         plan(exp, rows=["WRN-28-10 x2"])
+
+
+def test_column_selection_keeps_seed_major_order_and_teachers():
+    quick = load_experiment("quick-cifar10")
+    runs = plan(quick, rows=["ResNet-20 ×2"], columns=["Ind", "DCM"], seeds=2)
+    assert [(r.cell.column, r.seed) for r in runs] == [("Ind", 0), ("DCM", 0), ("Ind", 1),
+                                                       ("DCM", 1)]
+    kd = plan(load_experiment("dcm-kd"), columns=["KD"], seeds=1)
+    assert [r.cell.column for r in kd] == ["Teacher", "KD"]   # the hidden teacher comes along
+    with pytest.raises(UnknownNameError, match="DCM"):
+        plan(quick, columns=["dcm"])

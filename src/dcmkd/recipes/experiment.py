@@ -17,7 +17,9 @@ Each ``*.yaml`` file of this folder is one experiment::
           Ind: {config: {method: ind, nets: [resnet164]}, net: [0, 0], paper: ["22.56(0.20)", ...]}
           DML: {config: {method: dml}, paper: ["20.69(0.25)", "20.72(0.14)"]}
 
-A cell is one run configuration (trained once per seed). ``net`` maps each reported network to
+A cell is one run configuration (trained once per seed); its own ``scales`` (e.g.
+``{quick: {loss: {rampup: 0}}}``) apply after the experiment's scale, for a cell that must
+differ from the others at that scale. ``net`` maps each reported network to
 the index of a network of that run (default: 0, 1, …): an ``ind`` run of one backbone serves both
 columns of a ×2 pair, as in the paper. ``hidden: true`` marks a run others depend on (a teacher)
 that the table does not show; ``teacher_weights: "@ROW/COLUMN"`` refers to that cell's first
@@ -38,7 +40,7 @@ from dcmkd.registry import UnknownNameError
 _EXPERIMENT_KEYS = ("name", "title", "source", "networks", "columns", "seeds", "base", "scales",
                     "rows", "notes")
 _ROW_KEYS = ("name", "config", "cells")
-_CELL_KEYS = ("config", "paper", "net", "hidden")
+_CELL_KEYS = ("config", "paper", "net", "hidden", "scales")
 _NUMBER = r"(\d+(?:\.\d+)?)"
 
 
@@ -90,6 +92,7 @@ class Cell:
     paper: tuple[PaperValue, ...]   # one per reported network
     net: tuple[int, ...]            # index into the run's networks, per reported network
     hidden: bool = False
+    scales: dict[str, dict[str, Any]] = field(default_factory=dict)  # this cell's, per scale
 
     @property
     def key(self) -> str:
@@ -116,14 +119,15 @@ class Experiment:
                 return c
         raise UnknownNameError(f"cell of {self.name}", key, [c.key for c in self.cells])
 
-    def select_rows(self, rows: list[str] | None) -> list[Cell]:
-        """The cells of the chosen rows (all rows by default), in table order."""
-        if not rows:
-            return list(self.cells)
-        for r in rows:
-            if r not in self.rows:
-                raise UnknownNameError(f"row of {self.name}", r, self.rows)
-        return [c for c in self.cells if c.row in rows]
+    def select(self, rows: list[str] | None = None,
+               columns: list[str] | None = None) -> list[Cell]:
+        """The cells of the chosen rows and columns (all by default), in table order."""
+        for names, known, what in ((rows, self.rows, "row"), (columns, self.columns, "column")):
+            for name in names or ():
+                if name not in known:
+                    raise UnknownNameError(f"{what} of {self.name}", name, known)
+        return [c for c in self.cells
+                if (not rows or c.row in rows) and (not columns or c.column in columns)]
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "experiment") -> "Experiment":
@@ -152,7 +156,8 @@ class Experiment:
                 config = _deep_merge(r.get("config") or {}, spec.get("config") or {})
                 cells.append(Cell(str(r["name"]), str(col), config,
                                   tuple(PaperValue.parse(p) for p in paper) or
-                                  tuple(PaperValue() for _ in networks), net, hidden))
+                                  tuple(PaperValue() for _ in networks), net, hidden,
+                                  dict(spec.get("scales") or {})))
         exp = cls(str(d["name"]), str(d["title"]), str(d.get("source", "")), networks, columns,
                   tuple(rows), tuple(cells), int(d.get("seeds", 5)), dict(d.get("base") or {}),
                   dict(d.get("scales") or {}), str(d.get("notes", "")))
