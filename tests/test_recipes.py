@@ -119,6 +119,7 @@ def test_quick_protocol_of_the_published_result():
     assert cfg["schedule"]["warmup_epochs"] == 1 and cfg["data"]["train_subset"] == 1000
     assert cfg["data"]["batch_size"] == 32 and cfg["optim"]["weight_decay"] == 1e-4
     assert cfg["loss"]["rampup"] == 30 and cfg["data"]["name"] == "folder"
+    assert resolve("demo", ["method=dcm"])["loss"]["rampup"] == 3   # the same 25% in the demo
     paper = cell_config(exp, exp.cell("ResNet-20 ×2/DCM paper loss"), 0, "quick")
     assert paper["loss"]["rampup"] == 0 and {k: v for k, v in paper.items() if k != "loss"} == \
         {k: v for k, v in cfg.items() if k != "loss"}
@@ -159,3 +160,37 @@ def test_column_selection_keeps_seed_major_order_and_teachers():
     assert [r.cell.column for r in kd] == ["Teacher", "KD"]   # the hidden teacher comes along
     with pytest.raises(UnknownNameError, match="DCM"):
         plan(quick, columns=["dcm"])
+
+
+def test_a_worker_ends_when_its_parent_is_killed():
+    """A reproduction killed by SIGKILL must not leave its workers training (and holding the
+    locks of their run folders)."""
+    import subprocess
+    import sys
+    import time
+    child = ("import sys, time\n"
+             "from dcmkd.recipes.runner import exit_with_parent\n"
+             "exit_with_parent(int(sys.argv[1]), 0.05)\n"   # the pid the parent passed
+             "time.sleep(60)\n")
+    parent = ("import os, subprocess, sys, time\n"
+              f"p = subprocess.Popen([sys.executable, '-c', {child!r}, str(os.getpid())])\n"
+              "print(p.pid, flush=True)\n"
+              "time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True)
+    pid = int(proc.stdout.readline())
+    assert _alive(pid)
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 20
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(pid)
+
+
+def _alive(pid: int) -> bool:
+    """Running (not a zombie waiting to be reaped by whoever adopted it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
@@ -132,10 +134,28 @@ class RunsFailed(RuntimeError):
 _WORKER: dict[str, Any] = {"devices": None, "threads": None, "nproc": 1}
 
 
-def _init_worker(devices: "mp.Queue[list[str] | None]", threads: int, nproc: int) -> None:
-    """Worker start-up: take its devices from the queue and its share of the CPU."""
+def exit_with_parent(parent_pid: int, interval: float = 1.0) -> threading.Thread:
+    """Send this process SIGTERM once ``parent_pid`` is no longer its parent, so a worker whose
+    reproduction was killed stops (a training run checkpoints and ends, as on any SIGTERM)
+    instead of training on unseen and holding its run folder's lock. A daemon thread polling
+    ``os.getppid()``: no platform-specific parent-death signal."""
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(interval)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    thread = threading.Thread(target=watch, name="exit-with-parent", daemon=True)
+    thread.start()
+    return thread
+
+
+def _init_worker(devices: "mp.Queue[list[str] | None]", threads: int, nproc: int,
+                 parent_pid: int) -> None:
+    """Worker start-up: take its devices from the queue and its share of the CPU; end with
+    the parent."""
     _WORKER.update(devices=devices.get(), threads=threads, nproc=nproc)
     torch.set_num_threads(threads)
+    exit_with_parent(parent_pid)
 
 
 def _train_in_worker(config: dict[str, Any], run_dir: str) -> float:
@@ -211,7 +231,7 @@ def run_parallel(todo: Sequence[PlannedRun], jobs: int, devices: Sequence[str] =
     running: dict[Future, PlannedRun] = {}
     failures: list[str] = []
     with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker,
-                             initargs=(queue, threads, nproc)) as pool:
+                             initargs=(queue, threads, nproc, os.getpid())) as pool:
         while running or (waiting and not failures):
             for r in [r for r in waiting if not unfinished.intersection(r.teachers)]:
                 if len(running) == jobs or failures:
