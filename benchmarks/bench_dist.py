@@ -89,12 +89,14 @@ def measure(method_name: str, arch: str, batch: int, steps: int, warmup: int, de
         sync(dev)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    if ctx is not None:   # the slowest rank sets the pace
-        times = [max(t) for t in zip(*ctx.gather_objects(times))]
-        sent = ctx.gather_objects(dict(ctx.bytes_sent))
+    measured = 0.0
+    if ctx is not None:   # the slowest rank sets the pace (rank 0 writes the row)
+        all_times = ctx.gather_to_main(times)
+        sent = ctx.gather_to_main(dict(ctx.bytes_sent))
+        if not ctx.is_main:
+            return {}
+        times = [max(t) for t in zip(*all_times)]
         measured = max(s["all_reduce"] + s["all_gather"] for s in sent) / steps
-    else:
-        measured = 0.0
     step_s = statistics.median(times)
     return {"method": method_name, "arch": arch, "mode": mode or "single",
             "processes": ctx.world if ctx else 1, "threads": torch.get_num_threads(),

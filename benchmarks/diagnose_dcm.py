@@ -9,7 +9,7 @@ classifiers predict the same class), the norm of each network's pooled features,
 accuracy. Writes ``benchmarks/results/diagnose_dcm.json`` and ``diagnose_dcm.png``.
 
     python benchmarks/diagnose_dcm.py --data-dir data --images 4000 --epochs 3
-    python benchmarks/diagnose_dcm.py --methods dcm --variant ramp=loss.ramp_epochs=2
+    python benchmarks/diagnose_dcm.py --methods dcm --variant ramp=loss.rampup=2
 """
 from __future__ import annotations
 

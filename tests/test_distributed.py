@@ -94,9 +94,27 @@ def test_data_parallel_with_sync_bn_equals_one_process_and_only_rank_0_writes(tm
         p.name for p in (tmp_path / "one-dcm").iterdir())
 
 
+def test_stage_wise_methods_data_parallel_equal_one_process(tmp_path):
+    """SSKD (plateau decisions on every replica's feature distance; the task head
+    re-initialised on rank 0's stream and given to every replica) and FitNets (its regressor's
+    BatchNorm synchronised too), through the loop's own gradient averaging."""
+    teacher = single(tmp_path, "teacher", "method=ind", "nets=resnet20", *TINY[1:])
+    weights = f"teacher_weights={teacher / 'net0_resnet20.pt'}"
+    # SSKD: 10 epochs (4 stages of 2, the head) of 3 steps, so float32 round-off of the
+    # synchronised BN moments grows to ~1e-4 by the deepest stage; a replica with its own head
+    # or its own plateau decisions is off by percents
+    for method, tol in (("sskd", 1e-3), ("fitnets", TOL)):
+        args = [f"method={method}", *TINY, weights, "sync_bn=true", "epochs=2"]
+        p = torchrun(2, "train", str(tmp_path / f"ddp-{method}"), *args)
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert_same_run(single(tmp_path, f"one-{method}", *args), tmp_path / f"ddp-{method}",
+                        tol)
+
+
 # -- network-parallel ------------------------------------------------------------------------
 def test_network_parallel_dcm_of_two_networks_equals_one_process(tmp_path):
-    args = ["method=dcm", *TINY]
+    # the clipping binds (DCM's gradient norm starts near 5): its norm is both networks'
+    args = ["method=dcm", *TINY, "optim.clip_grad_norm=0.5"]
     p = torchrun(2, "train", str(tmp_path / "np"), *args, "parallel=networks")
     assert p.returncode == 0, p.stderr[-3000:]
     assert_same_run(single(tmp_path, "one", *args), tmp_path / "np")
@@ -149,3 +167,61 @@ def test_reproduce_trains_each_run_under_torchrun(tmp_path):
     for run in sorted((tmp_path / "r").rglob("summary.json")):
         twin = tmp_path / "one" / run.relative_to(tmp_path / "r")
         assert_same_run(twin.parent, run.parent)
+
+
+# -- in one process: the checks that guard a distributed run ------------------------------------
+class _FakeContext:
+    """A data replica 1 of 2 whose peer (replica 0) carried the checkpoint's sums."""
+    rank, replica, replicas, networks, network = 1, 1, 2, 1, None
+
+    def __init__(self, peer: dict[str, float], peer_samples: int):
+        self.peer, self.peer_samples = peer, peer_samples
+
+    def reduce_sums(self, sums, count, firsts=None):
+        total = {k: v + self.peer.get(k, 0.0) for k, v in sums.items()}
+        return total, count + self.peer_samples, dict(firsts or {})
+
+
+def test_after_a_mid_epoch_resume_every_replica_reads_the_same_interval_loss():
+    from dcmkd.engine.loop import Meter
+    from dcmkd.methods.base import StepOutput
+
+    partial = {"sums": {"train/net0/ce": 10.0}, "samples": 10, "seconds": 1.0}   # mean 1
+    share = {"sums": {}, "samples": 0, "seconds": 1.0}          # replica 1 carries nothing
+    meter = Meter(torch.device("cpu"), [["C1"]], 5, partial, share)
+    y = torch.tensor([0, 1])
+    meter.add(StepOutput({"net0/ce": torch.tensor(1.0)}, [[torch.eye(2)]]), y)
+    peer = {"train/net0/ce": 10.0 + 2 * 3.0, "train/net0/C1/acc": 0.0}   # replica 0: loss 3
+    means = meter.read(0, _FakeContext(peer, 10 + 2))
+    assert means["train/net0/ce"] == pytest.approx(18.0 / 14)
+    assert meter.interval_loss == pytest.approx((18.0 - 10.0) / 4)   # the 4 new samples only
+
+
+def test_an_unsharded_training_dataloader_is_refused_under_torchrun():
+    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+    from dcmkd.data.batches import as_batches
+    from dcmkd.engine.loop import _check_shard
+
+    ds = TensorDataset(torch.zeros(8, 3, 4, 4), torch.zeros(8, dtype=torch.long))
+    ctx = _FakeContext({}, 0)
+    with pytest.raises(ValueError, match="DistributedSampler"):
+        _check_shard(as_batches(DataLoader(ds, batch_size=2), 0), ctx, print, True)
+    _check_shard(as_batches(DataLoader(ds, batch_size=2), 0), ctx, print, False)  # test set
+    wrong = DataLoader(ds, batch_size=2, sampler=DistributedSampler(ds, 2, rank=0))
+    with pytest.raises(ValueError, match="rank 0 of 2 but this process is data replica 1"):
+        _check_shard(as_batches(wrong, 0), ctx, print, True)
+    right = DataLoader(ds, batch_size=2, sampler=DistributedSampler(ds, 2, rank=1))
+    _check_shard(as_batches(right, 0), ctx, print, True)
+    x, y = torch.zeros(10, 3, 4, 4, dtype=torch.uint8), torch.zeros(10, dtype=torch.long)
+    with pytest.raises(ValueError, match="drop_last=False over 2 processes"):
+        DeviceLoader(x, y, 4, train=True, drop_last=False, rank=0, world_size=2)
+
+
+def test_devices_of_a_run_under_torchrun_index_the_inherited_gpus():
+    from dcmkd.recipes.runner import visible_devices
+
+    assert visible_devices([0, 1], None) == "0,1"
+    assert visible_devices([1, 2], "4,5,6,7") == "5,6"        # a SLURM allocation
+    with pytest.raises(ValueError, match="cuda:4 is not among the 4 GPU"):
+        visible_devices([4], "4,5,6,7")

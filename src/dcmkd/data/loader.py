@@ -59,6 +59,9 @@ class _EpochSchedule:
         if train and batch_size % world_size:
             raise ValueError(f"the global batch of {batch_size} does not split over "
                              f"{world_size} processes: use a multiple of {world_size}")
+        if train and world_size > 1 and not self.drop_last and num_samples % batch_size:
+            raise ValueError(f"drop_last=False over {world_size} processes: the last partial "
+                             "batch would split unevenly (some ranks empty); keep drop_last")
         # training walks the global order; evaluation splits the samples over the ranks
         self.num_samples = num_samples if train else len(range(rank, num_samples, world_size))
         if self.num_samples == 0:

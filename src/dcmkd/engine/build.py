@@ -61,7 +61,8 @@ def build(cfg: dict[str, Any]) -> Built:
     device = pick_device(distributed.device_of(ctx, settings.device))
     torch.manual_seed(cfg["seed"])
     shard = {"rank": ctx.replica, "world_size": ctx.replicas} if ctx is not None else {}
-    data = build_data(DataConfig.from_dict(cfg["data"]), device, cfg["seed"], **shard)
+    data = distributed.in_turn(ctx, lambda: build_data(DataConfig.from_dict(cfg["data"]),
+                                                       device, cfg["seed"], **shard))
     method = build_method(cfg, cfg["num_classes"] or data.num_classes)
     return Built(method, data, settings)
 

@@ -1,6 +1,7 @@
 """Several processes, launched by ``torchrun``: data-parallel, network-parallel, or both.
 
-The processes form a 2-D mesh ``networks × data`` (``torch.distributed.device_mesh``):
+The processes form a 2-D mesh ``networks × data``, one process group per row and per column,
+each with the run's ``dist_timeout``:
 
 - **data-parallel** (``parallel=data``, the default under torchrun): a ``1 × W`` mesh. Every
   rank holds every network; each trainable network is wrapped in ``DistributedDataParallel``
@@ -23,7 +24,7 @@ import atexit
 import os
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -67,6 +68,41 @@ class Distributed:
         if self.replicas > 1:
             dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.data_group)
         return t
+
+    def sum_floats(self, values: Sequence[float]) -> list[float]:
+        """Numbers summed over the data replicas (a method's own per-epoch statistics, e.g.
+        SSKD's feature distance, so every replica takes the same decision)."""
+        if self.replicas == 1:
+            return list(values)
+        t = torch.tensor(list(values), dtype=torch.float64, device=self.device_for_collectives())
+        dist.all_reduce(t, group=self.data_group)
+        return t.tolist()
+
+    def sync_replicas(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Give every data replica replica 0's values of ``tensors`` (parameters and buffers):
+        BN running statistics that each replica updated from its own shard, and whatever a
+        method re-initialised from a rank's own random stream."""
+        if self.replicas == 1:
+            return
+        src = self.rank - self.replica   # replica 0 of this rank's data group
+        by_kind: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+        for t in tensors:
+            if t.numel():
+                by_kind.setdefault((t.dtype, t.device), []).append(t.data)
+        for group in by_kind.values():   # one broadcast per dtype and device
+            flat = torch.cat([t.reshape(-1) for t in group])
+            dist.broadcast(flat, src=src, group=self.data_group)
+            offset = 0
+            for t in group:
+                t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                offset += t.numel()
+
+    def joint_norm(self, norm: torch.Tensor) -> torch.Tensor:
+        """Network-parallel: the 2-norm over every network of this batch from each rank's own
+        network's ``norm`` (the clipping norm of one process)."""
+        sq = norm.detach().double().reshape(1).pow(2).to(self.device_for_collectives())
+        dist.all_reduce(sq, group=self.network_group)
+        return sq.sqrt().reshape(()).to(norm.device, norm.dtype)
 
     def min_over_all(self, value: float) -> float:
         t = torch.tensor([value], dtype=torch.float64, device=self.device_for_collectives())
@@ -127,10 +163,11 @@ class Distributed:
         dist.broadcast_object_list(box, src=src)
         return box[0]
 
-    def gather_objects(self, obj: Any) -> list[Any]:
-        """Every rank's ``obj``, on every rank (ordered by rank)."""
-        out: list[Any] = [None] * self.world
-        dist.all_gather_object(out, obj)
+    def gather_to_main(self, obj: Any) -> list[Any] | None:
+        """Every rank's ``obj`` on rank 0 (ordered by rank), None on the others. Move tensors
+        to the CPU first: an object is unpickled onto the device it was sent from."""
+        out: list[Any] | None = [None] * self.world if self.is_main else None
+        dist.gather_object(obj, out, dst=0)
         return out
 
     def owner_rank(self, network: int) -> int:
@@ -193,19 +230,60 @@ def context(parallel: str = "data", num_networks: int = 1, device: str = "auto",
         raise ValueError(f"parallel=networks: {world} processes cannot hold {networks} "
                          f"networks equally (use a multiple of {networks})")
     replicas = world // networks
-    mesh = torch.distributed.device_mesh.init_device_mesh(
-        "cuda" if use_cuda else "cpu", (networks, replicas), mesh_dim_names=("networks", "data"))
+    wait = timedelta(seconds=timeout)
+    # rank = network · replicas + replica; every rank creates every group, in the same order
+    data_group = _subgroup([[n * replicas + d for d in range(replicas)]
+                            for n in range(networks)], world, wait)
+    network_group = _subgroup([[n * replicas + d for n in range(networks)]
+                               for d in range(replicas)], world, wait)
     _CONTEXT = Distributed(
         rank, world, local_rank, networks, replicas,
         network=rank // replicas if parallel == "networks" else None, replica=rank % replicas,
-        data_group=mesh.get_group("data"), network_group=mesh.get_group("networks"),
-        mode=parallel)
+        data_group=data_group, network_group=network_group, mode=parallel)
     return _CONTEXT
 
 
+def in_turn(ctx: Distributed | None, make: Callable[[], Any]) -> Any:
+    """``make()`` on rank 0 first, then on the first rank of every other node, then on the
+    rest: data that a process downloads, extracts or caches are prepared once per file
+    system, before the other processes read them. An error is raised after the turns, so
+    no rank waits for one that failed."""
+    if ctx is None:
+        return make()
+    turn = 0 if ctx.rank == 0 else 1 if ctx.local_rank == 0 else 2
+    result, error = None, None
+    for t in range(3):
+        if t == turn:
+            try:
+                result = make()
+            except Exception as e:  # noqa: BLE001 - raised after the last turn
+                error = e
+        dist.barrier()
+    if error is not None:
+        raise error
+    return result
+
+
+def _subgroup(rank_lists: list[list[int]], world: int, timeout: timedelta) -> Any:
+    """This rank's group among ``rank_lists`` (one list per group), with ``timeout`` (torch's
+    own default, 10 or 30 minutes, would apply to a subgroup otherwise); the default group
+    when one list holds every rank."""
+    if len(rank_lists[0]) == world:
+        return dist.group.WORLD
+    group, _ = dist.new_subgroups_by_enumeration(rank_lists, timeout=timeout)
+    return group
+
+
 def device_of(ctx: Distributed | None, name: str) -> str:
-    """The device a rank trains on: its own GPU under torchrun (cuda:LOCAL_RANK)."""
-    if ctx is not None and name in ("auto", "cuda") and torch.cuda.is_available():
+    """The device a rank trains on: its own GPU under torchrun (cuda:LOCAL_RANK); an explicit
+    ``cuda:N`` would put every rank on one GPU and is refused."""
+    if ctx is None:
+        return name
+    if name.startswith("cuda:"):
+        raise ValueError(f"device={name}: under torchrun each process takes the GPU of its "
+                         "local rank; use device=cuda (or auto), and CUDA_VISIBLE_DEVICES to "
+                         "choose the GPUs")
+    if name in ("auto", "cuda") and torch.cuda.is_available():
         return f"cuda:{ctx.local_rank}"
     return name
 
@@ -249,7 +327,7 @@ class GroupBatchNorm2d(nn.BatchNorm2d):
         total = _AllReduceSum.apply(local, self.group)
         count = total[-1]
         mean = total[:c] / count
-        var = total[c:2 * c] / count - mean * mean
+        var = (total[c:2 * c] / count - mean * mean).clamp_min(0)   # E[x²] − mean², rounded
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked += 1
@@ -266,36 +344,29 @@ class GroupBatchNorm2d(nn.BatchNorm2d):
 
 def convert_sync_batchnorm(module: nn.Module, group: Any, cuda: bool) -> nn.Module:
     """Every ``BatchNorm2d`` of ``module`` synchronised over ``group``: torch's
-    ``SyncBatchNorm`` on GPUs, :class:`GroupBatchNorm2d` elsewhere (weights and statistics
-    kept). Children are replaced in place; the root is returned."""
-    if cuda:
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group=group)
-    for name, child in module.named_children():
-        if type(child) is nn.BatchNorm2d:
-            new = GroupBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
-                                   child.track_running_stats, group=group)
-            new.load_state_dict(child.state_dict())
-            new.to(next(iter(child.state_dict().values())).device)
-            new.train(child.training)
-            setattr(module, name, new)
-        else:
-            convert_sync_batchnorm(child, group, cuda)
+    ``SyncBatchNorm`` on GPUs, :class:`GroupBatchNorm2d` elsewhere. The modules change class
+    in place (same parameters, statistics and identity), so a method that holds references to
+    its networks' layers (SSKD's stage partitions) runs the synchronised ones. Returns
+    ``module``."""
+    for m in module.modules():
+        if type(m) is nn.BatchNorm2d:
+            if cuda:
+                m.__class__ = nn.SyncBatchNorm
+                m.process_group = group
+            else:
+                m.__class__ = GroupBatchNorm2d
+                m.group = group
     return module
 
 
 def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
-    """Every synchronised BatchNorm of ``module`` back to a plain ``BatchNorm2d`` (weights and
-    statistics kept), in place: for exporting trained networks."""
-    for name, child in module.named_children():
-        if isinstance(child, (nn.SyncBatchNorm, GroupBatchNorm2d)):
-            plain = nn.BatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
-                                   child.track_running_stats)
-            plain.load_state_dict(child.state_dict())
-            plain.to(next(iter(child.state_dict().values())).device)
-            plain.train(child.training)
-            setattr(module, name, plain)
-        else:
-            revert_sync_batchnorm(child)
+    """Every synchronised BatchNorm of ``module`` back to a plain ``BatchNorm2d`` (in place,
+    weights and statistics kept): for exporting trained networks."""
+    for m in module.modules():
+        if type(m) in (nn.SyncBatchNorm, GroupBatchNorm2d):
+            m.__class__ = nn.BatchNorm2d
+            for attr in ("process_group", "group"):
+                m.__dict__.pop(attr, None)
     return module
 
 
@@ -340,7 +411,7 @@ def shutdown() -> None:
     _CONTEXT = None
 
 
-__all__ = ["Distributed", "context", "launched", "device_of", "wrap_data_parallel",
+__all__ = ["Distributed", "context", "in_turn", "launched", "device_of", "wrap_data_parallel",
            "allreduce_gradients", "convert_sync_batchnorm", "revert_sync_batchnorm",
            "GroupBatchNorm2d", "shutdown",
            "PARALLEL_MODES"]

@@ -57,7 +57,7 @@ def fit(method: Method, data: Any, run: RunFolder | str, settings: TrainSettings
                               settings.dist_timeout)
     main = ctx is None or ctx.is_main
     log = log if main and not settings.quiet else (lambda s: None)
-    train_batches, test_batches = _split(data, test, settings.seed, ctx)
+    train_batches, test_batches = _split(data, test, settings.seed, ctx, log)
     identity = config if config is not None else describe(method, settings)
     with run.lock() if main else nullcontext():
         summary = agree(ctx, lambda: run.read_summary() if check_run(run, identity) else None)
@@ -135,12 +135,21 @@ def _train(method: Method, train_batches: Batches, test_batches: Batches | None,
         log(f"resuming {run} at epoch {epoch + 1}, batch {start_batch}")
     else:
         torch.manual_seed(settings.seed + (ctx.rank if ctx is not None else 0))
+    if ctx is not None:   # every rank must resume from the same checkpoint
+        mine = (epoch, start_batch)
+        first = ctx.broadcast_object(mine)
+        if ctx.min_over_all(float(first == mine)) == 0:
+            raise ValueError(f"the processes see different checkpoints in {run} (rank 0: epoch "
+                             f"{first[0]}, batch {first[1]}; rank {ctx.rank}: epoch {mine[0]}, "
+                             f"batch {mine[1]}): the run folder must be one file system that "
+                             "every rank sees alike")
     writer = _tensorboard(run) if settings.tensorboard and loop.main else None
 
     # -- train
     while not method.training_done(epoch):
         record = train_epoch(loop, train_batches, epoch, start_batch, partial, history)
         start_batch, partial = 0, None
+        loop.sync_replicas()
         last = method.training_done(epoch + 1)   # a phased method knows only after end_epoch
         evaluated = False
         if test_batches is not None and method.evaluate_epoch(epoch) and \
@@ -148,6 +157,7 @@ def _train(method: Method, train_batches: Batches, test_batches: Batches | None,
             record.update(evaluate(method, test_batches, device, precision, settings, ctx))
             evaluated = True
         record.update(method.end_epoch(epoch))
+        loop.sync_replicas()   # a next phase may have re-initialised a part on every rank
         if test_batches is not None and not evaluated and method.training_done(epoch + 1):
             record.update(evaluate(method, test_batches, device, precision, settings, ctx))
         history.append(record)
@@ -171,13 +181,22 @@ def distribute_method(method: Method, ctx: distributed.Distributed, settings: Tr
     itself (a method whose step does not go through DDP-wrapped networks)."""
     trainable = method.trainable_networks
     if ctx.mode == "networks":
+        if settings.precision == "fp16":
+            raise ValueError("parallel=networks with precision=fp16: each rank's loss scaler "
+                             "would skip steps on its own; use precision=bf16 (no scaling)")
         shapes = [net.num_classifiers for net in method.networks]
         method.shard(ctx.network, lambda own: ctx.gather_logits(own, shapes))
         trainable = [ctx.network]
+    if ctx.replicas > 1:
+        method.sum_over_replicas = ctx.sum_floats   # a method's own per-epoch statistics
+    cuda = device.type == "cuda"
+    if settings.sync_bn and ctx.replicas > 1:
+        for name, child in method.named_children():   # the method's own layers (a regressor)
+            if name != "networks":
+                distributed.convert_sync_batchnorm(child, ctx.data_group, cuda)
     for n in trainable:
         if settings.sync_bn and ctx.replicas > 1:
-            distributed.convert_sync_batchnorm(method.networks[n], ctx.data_group,
-                                               device.type == "cuda")
+            distributed.convert_sync_batchnorm(method.networks[n], ctx.data_group, cuda)
         if method.routes_networks and ctx.replicas > 1:
             method.route(n, distributed.wrap_data_parallel(ctx, method.networks[n]))
     return not method.routes_networks and ctx.replicas > 1
@@ -191,9 +210,10 @@ def train_epoch(ctx: "Context", batches: Batches, epoch: int, start: int,
     method.train()
     steps = len(batches)
     meter = Meter(ctx.device, [net.classifier_names for net in method.networks], start,
-                  ctx.own_partial(partial))
+                  partial, ctx.own_partial(partial))
     step = Step(method, ctx.precision, settings.clip_grad_norm,
-                ctx.dist if ctx.grad_allreduce else None)
+                ctx.dist if ctx.grad_allreduce else None,
+                ctx.dist if ctx.dist is not None and ctx.dist.networks > 1 else None)
     progress = Progress(epoch, steps, start, settings.quiet or not ctx.main, ctx.log)
     every = settings.checkpoint_every_steps
     for i, (x, y) in enumerate(batches.epoch(epoch, start), start=start):
@@ -220,9 +240,13 @@ class Step:
     gradients, back-propagate (scaled for fp16, outside autocast), clip, step the optimiser."""
 
     def __init__(self, method: Method, precision: Precision, clip: float | None,
-                 average_over: distributed.Distributed | None = None):
+                 average_over: distributed.Distributed | None = None,
+                 networks_over: distributed.Distributed | None = None):
+        """``average_over``: average the gradients over its data replicas (methods not
+        routed through DDP); ``networks_over``: network-parallel, where the clipping norm is
+        that of every network's gradient, as in one process."""
         self.method, self.scaler, self.clip = method, precision.scaler, clip
-        self.average_over = average_over
+        self.average_over, self.networks_over = average_over, networks_over
 
     def __call__(self, loss: torch.Tensor, terms: dict[str, torch.Tensor] | None = None) -> None:
         optimizer = self.method.optimizer
@@ -233,8 +257,13 @@ class Step:
                 self.average_over, [p for g in optimizer.param_groups for p in g["params"]])
         if self.clip:
             self.scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(
-                [p for g in optimizer.param_groups for p in g["params"]], self.clip)
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            if self.networks_over is None:
+                torch.nn.utils.clip_grad_norm_(params, self.clip)
+            else:   # this rank holds its own network's gradients only
+                own = [p.grad for p in params if p.grad is not None]
+                norm = self.networks_over.joint_norm(torch.nn.utils.get_total_norm(own))
+                torch.nn.utils.clip_grads_with_norm_(params, self.clip, norm)
         self.scaler.step(optimizer)
         self.scaler.update()
 
@@ -248,7 +277,10 @@ class Meter:
     :class:`TrainingDiverged` naming the first non-finite step and its terms."""
 
     def __init__(self, device: torch.device, names: list[list[str]], start: int,
-                 partial: dict[str, Any] | None = None):
+                 partial: dict[str, Any] | None = None, share: dict[str, Any] | None = None):
+        """``partial``: the running sums of every rank saved at a mid-epoch checkpoint (what
+        the last read returned); ``share``: the part of them this rank carries on (default
+        all of them, one process)."""
         self.device, self.names = device, names
         self.sums: dict[str, torch.Tensor] = {}
         self.bad: dict[str, torch.Tensor] = {}
@@ -256,12 +288,15 @@ class Meter:
         self.step = torch.full((), start, device=device, dtype=torch.float32)
         self.elapsed, self.t0 = 0.0, time.perf_counter()
         self._last: dict[str, float] = {}
-        if partial is not None:
+        self._read_samples = 0
+        share = partial if share is None else share
+        if partial is not None and share is not None:
             self.sums = {k: torch.tensor(v, device=device, dtype=torch.float32)
-                         for k, v in partial["sums"].items()}
-            self.samples, self.elapsed = int(partial["samples"]), float(partial["seconds"])
-            self._last = dict(partial["sums"])
-        self._read_samples = self.total_samples = self.samples
+                         for k, v in share["sums"].items()}
+            self.samples, self.elapsed = int(share["samples"]), float(partial["seconds"])
+            # the reduced figures of the last read, identical on every rank
+            self._last, self._read_samples = dict(partial["sums"]), int(partial["samples"])
+        self.total_samples = self._read_samples
         self.interval_loss: float | None = None   # mean summed loss since the previous read
         self.loss_terms: list[str] = []
 
@@ -413,6 +448,16 @@ class Context:
         self.guard.check(meter.interval_loss, meter.loss_terms, epoch, batch)
         return means
 
+    def sync_replicas(self) -> None:
+        """Give the data replicas replica 0's weights and buffers (BN statistics each replica
+        updated from its own shard; anything a method re-initialised from a rank's own random
+        stream, as SSKD's task head), so they evaluate, checkpoint and go on as one."""
+        d = self.dist
+        if d is None or d.replicas == 1:
+            return
+        own = self.method if d.network is None else self.method.networks[d.network]
+        d.sync_replicas([*own.parameters(), *own.buffers()])
+
     def own_partial(self, partial: dict | None) -> dict | None:
         """The share of a checkpoint's running sums (every rank's) this rank carries: all of
         them on rank 0 of a replica group, none on the others; in network-parallel training
@@ -446,8 +491,9 @@ class Context:
         world = 1
         if d is not None:
             if d.network is not None:
-                optimizer = merge_optimizer_states(d.gather_objects(optimizer))
-            rng = {"ranks": d.gather_objects(rng)}
+                states = d.gather_to_main(_to_cpu(optimizer))
+                optimizer = merge_optimizer_states(states) if states is not None else {}
+            rng = {"ranks": d.gather_to_main(rng)}
             world = d.world
         if self.main:
             self.run.save_checkpoint({
@@ -482,6 +528,17 @@ class Context:
         self.guard.load_state(json.loads(ckpt.get("guard") or "{}"))
         partial = json.loads(ckpt.get("partial") or "null")
         return int(ckpt["epoch"]), int(ckpt["batch"]), json.loads(ckpt["history"]), partial
+
+
+def _to_cpu(obj: Any) -> Any:
+    """``obj`` with every tensor moved to the CPU (dicts, lists and tuples walked)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
 
 
 def merge_optimizer_states(states: list[dict[str, Any]]) -> dict[str, Any]:
@@ -613,7 +670,8 @@ def epoch_line(r: dict[str, Any], method: Method) -> str:
 
 # -- helpers --------------------------------------------------------------------------------------
 def _split(data: Any, test: Iterable | None, seed: int,
-           ctx: distributed.Distributed | None = None) -> tuple[Batches, Batches | None]:
+           ctx: distributed.Distributed | None = None, log: Log = print
+           ) -> tuple[Batches, Batches | None]:
     """(train, test) batches from the library's ``Data`` or a training iterable + ``test``;
     under torchrun the library's loaders must be sharded over the data replicas."""
     if hasattr(data, "train") and hasattr(data, "test") and test is None:
@@ -624,16 +682,40 @@ def _split(data: Any, test: Iterable | None, seed: int,
                                                              as_batches(test, seed, "test"))
     if ctx is not None:
         for b in (train, evaluation):
-            shards = getattr(b, "world_size", None)
-            if shards is not None and shards != ctx.replicas:
-                raise ValueError(f"the data are split over {shards} process(es) but this run has "
-                                 f"{ctx.replicas} data replica(s): build them with "
-                                 f"rank={ctx.replica}, world_size={ctx.replicas}")
+            _check_shard(b, ctx, log, b is train)
     if len(train) == 0:
         size, batch = getattr(train, "num_samples", "?"), getattr(train, "batch_size", "?")
         raise ValueError(f"the training set ({size} samples) holds no full batch of {batch}: no "
                          "training step would run (lower data.batch_size, or use more data)")
     return train, evaluation
+
+
+def _check_shard(batches: Batches | None, ctx: distributed.Distributed, log: Log,
+                 train: bool) -> None:
+    """Under torchrun each data replica must read its own share: the library's loaders built
+    with this replica's rank and world size; a ``DataLoader`` with a ``DistributedSampler``
+    (for training; an unsharded test set is only evaluated several times over)."""
+    if batches is None:
+        return
+    sampler = getattr(getattr(batches, "iterable", None), "sampler", None)
+    if hasattr(batches, "world_size"):
+        where = (batches.rank, batches.world_size)   # type: ignore[attr-defined]
+    elif isinstance(sampler, torch.utils.data.DistributedSampler):
+        where = (sampler.rank, sampler.num_replicas)
+    elif not train or ctx.replicas == 1:
+        return
+    elif isinstance(getattr(batches, "iterable", None), torch.utils.data.DataLoader):
+        raise ValueError("under torchrun every data replica would read the same batches: give "
+                         f"the training DataLoader a DistributedSampler(dataset, "
+                         f"num_replicas={ctx.replicas}, rank={ctx.replica})")
+    else:
+        log("the training batches do not say how they are split over the processes: each data "
+            "replica must give different batches (the global batch is their union)")
+        return
+    if where != (ctx.replica, ctx.replicas):
+        raise ValueError(f"the data are split as rank {where[0]} of {where[1]} but this process "
+                         f"is data replica {ctx.replica} of {ctx.replicas}: build them with "
+                         f"rank={ctx.replica}, world_size={ctx.replicas}")
 
 
 def _to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device, channels_last: bool

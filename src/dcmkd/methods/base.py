@@ -101,6 +101,13 @@ class Method(nn.Module):
     #: the data replicas after each backward
     routes_networks: bool = False
 
+    @staticmethod
+    def sum_over_replicas(values: list[float]) -> list[float]:
+        """Numbers summed over the data replicas (one process: themselves); the loop replaces
+        it under torchrun. For a method's own decisions from training statistics (SSKD's
+        plateau rule), so every replica decides alike."""
+        return values
+
     def network(self, n: int) -> nn.Module:
         """What network ``n``'s forward goes through: the network, or its wrapper."""
         return self.__dict__.get("_routes", {}).get(n, self.networks[n])

@@ -267,7 +267,9 @@ class SSKD(Method):
         if ph.kind == "head":
             done = self._done_epochs >= self.head_epochs
         else:
-            distance = float(self._dist_sum) / max(self._dist_count, 1)
+            total, count = self.sum_over_replicas([float(self._dist_sum),
+                                                   float(self._dist_count)])
+            distance = total / max(count, 1)   # over every replica's samples
             record["sskd/distance"] = distance
             if self.stage_schedule == "plateau":
                 self.plateau.step(distance)

@@ -136,9 +136,9 @@ _WORKER: dict[str, Any] = {"devices": None, "threads": None, "nproc": 1}
 
 def exit_with_parent(parent_pid: int, interval: float = 1.0) -> threading.Thread:
     """Send this process SIGTERM once ``parent_pid`` is no longer its parent, so a worker whose
-    reproduction was killed stops (a training run checkpoints and ends, as on any SIGTERM)
-    instead of training on unseen and holding its run folder's lock. A daemon thread polling
-    ``os.getppid()``: no platform-specific parent-death signal."""
+    reproduction was killed ends (its run resumes from its last checkpoint, as after any
+    SIGTERM) instead of training on unseen and holding its run folder's lock. A daemon thread
+    polling ``os.getppid()``: no platform-specific parent-death signal."""
     def watch() -> None:
         while os.getppid() == parent_pid:
             time.sleep(interval)
@@ -155,6 +155,8 @@ def _init_worker(devices: "mp.Queue[list[str] | None]", threads: int, nproc: int
     the parent."""
     _WORKER.update(devices=devices.get(), threads=threads, nproc=nproc)
     torch.set_num_threads(threads)
+    # SIGTERM unwinds (a torchrun child is stopped on the way out) instead of killing outright
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     exit_with_parent(parent_pid)
 
 
@@ -179,20 +181,42 @@ def train_run(config: dict[str, Any], run_dir: Path, *, nproc: int = 1,
     if devices:
         if not all(d.startswith("cuda") for d in devices):
             raise ValueError(f"--nproc-per-run takes CUDA devices, got {list(devices)}")
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(d.partition(":")[2] or "0" for d in devices)
+        env["CUDA_VISIBLE_DEVICES"] = visible_devices(
+            [int(d.partition(":")[2] or 0) for d in devices], os.environ.get("CUDA_VISIBLE_DEVICES"))
         cfg["device"] = "cuda"
     with tempfile.TemporaryDirectory(prefix="dcmkd-run-") as tmp:
         path = Path(tmp) / "config.yaml"
         path.write_text(dump(cfg))
-        p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                            f"--nproc-per-node={nproc}", "-m", "dcmkd.cli", "train", str(path),
-                            "-o", str(run_dir), "-q"], env=env, capture_output=True, text=True)
+        # its own session, so that a stopped worker stops torchrun and its processes too
+        p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                              f"--nproc-per-node={nproc}", "-m", "dcmkd.cli", "train", str(path),
+                              "-o", str(run_dir), "-q"], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            _, stderr = p.communicate()
+        except BaseException:
+            os.killpg(p.pid, signal.SIGTERM)
+            p.wait(timeout=60)
+            raise
     if p.returncode != 0:
-        errors = [line for line in p.stderr.splitlines() if line.startswith("dcmkd: error:")]
+        errors = [line for line in stderr.splitlines() if line.startswith("dcmkd: error:")]
         raise RunsFailed(f"{run_dir}: " + (errors[-1][len("dcmkd: error: "):] if errors else
                                            f"torchrun exited with status {p.returncode}: "
-                                           f"{(p.stderr.strip().splitlines() or [''])[-1]}"))
+                                           f"{(stderr.strip().splitlines() or [''])[-1]}"))
     return time.perf_counter() - t0
+
+
+def visible_devices(indices: Sequence[int], inherited: str | None) -> str:
+    """``CUDA_VISIBLE_DEVICES`` for the GPUs ``cuda:i`` of this process: indices into the list
+    this process inherited (a SLURM allocation's ``4,5,6,7``), else physical indices."""
+    if not inherited:
+        return ",".join(str(i) for i in indices)
+    visible = [v.strip() for v in inherited.split(",") if v.strip()]
+    for i in indices:
+        if not 0 <= i < len(visible):
+            raise ValueError(f"cuda:{i} is not among the {len(visible)} GPU(s) of "
+                             f"CUDA_VISIBLE_DEVICES={inherited}")
+    return ",".join(visible[i] for i in indices)
 
 
 def relative_cost(run: PlannedRun) -> float:
