@@ -203,9 +203,11 @@ def test_ctrl_c_stops_cleanly_and_the_run_resumes(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "dcmkd.cli", "train", "-m", "dml", "-n", "resnet20,resnet20",
            *TINY, "-e", "4", "-o", str(out), "data.train_subset=1024"]  # 64 steps an epoch:
-    # epochs 2-4 outlast the signal even on a loaded machine
+    # epochs 2-4 outlast the signal even on a loaded machine. A shell's background job
+    # ignores SIGINT, and Python keeps an ignored SIGINT ignored: give the child the default
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+                         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not (out / "checkpoint.pt").exists() and time.time() < deadline:
         time.sleep(0.2)
