@@ -51,3 +51,14 @@ def test_describe_text_and_apfc(capsys):
 def test_bad_names_exit_nonzero_with_one_line(capsys, argv, needle):
     code, out, err = run(capsys, *argv)
     assert code == 2 and needle in err and err.count("\n") == 1
+
+
+def test_python_dash_m_dcmkd_is_the_command():
+    """``python -m dcmkd`` (what ``torchrun -m dcmkd`` runs) is ``dcmkd``."""
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "dcmkd", "train", "-m", "nope"],
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and "unknown method 'nope'" in p.stderr.lower() \
+        and "Traceback" not in p.stderr, p.stderr
