@@ -194,3 +194,12 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_parallel_runs_start_seed_by_seed_the_costliest_first():
+    from dcmkd.recipes.runner import launch_order
+
+    runs = plan(load_experiment("quick-cifar10"), rows=["ResNet-20 ×2"],
+                columns=["Ind", "DML", "DCM"], seeds=2)
+    assert [(r.cell.column, r.seed) for r in launch_order(runs)] == [
+        ("DCM", 0), ("DML", 0), ("Ind", 0), ("DCM", 1), ("DML", 1), ("Ind", 1)]

@@ -227,6 +227,14 @@ def relative_cost(run: PlannedRun) -> float:
     return len(cfg["nets"]) * (3 if aux else 1) * cfg["epochs"]
 
 
+def launch_order(todo: Sequence[PlannedRun]) -> list[PlannedRun]:
+    """The order a parallel reproduction starts its runs: seed by seed, so that one cut short
+    leaves whole seeds (a table whose columns compare) rather than every seed of its costliest
+    column; within a seed the costliest first (:func:`relative_cost`), so that no long run is
+    left running alone at the end."""
+    return sorted(todo, key=lambda r: (r.seed, -relative_cost(r)))
+
+
 def worker_devices(devices: Sequence[str], worker: int, nproc: int = 1) -> list[str] | None:
     """The devices of worker ``worker``: ``nproc`` consecutive entries of ``devices``
     (cycling), or None (each run's own device)."""
@@ -241,8 +249,8 @@ def run_parallel(todo: Sequence[PlannedRun], jobs: int, devices: Sequence[str] =
 
     Worker ``i`` uses ``nproc`` entries of ``devices`` (:func:`worker_devices`; default: each
     run's own ``device``) and ``cpu_count // (jobs · nproc)`` threads per process; with
-    ``nproc > 1`` a worker trains its runs under torchrun. The costliest runs
-    (:func:`relative_cost`) start first. As in a sequential reproduction, a failed run stops
+    ``nproc > 1`` a worker trains its runs under torchrun. Runs start in
+    :func:`launch_order` (seed by seed, the costliest of a seed first). As in a sequential reproduction, a failed run stops
     the launching of new runs; those already running finish (an interrupted one would resume
     anyway), then :class:`RunsFailed` names the failures."""
     threads = max(1, (os.cpu_count() or 1) // (jobs * nproc))
@@ -250,7 +258,7 @@ def run_parallel(todo: Sequence[PlannedRun], jobs: int, devices: Sequence[str] =
     queue = ctx.Queue()
     for i in range(jobs):
         queue.put(worker_devices(devices, i, nproc))
-    waiting = sorted(todo, key=relative_cost, reverse=True)
+    waiting = launch_order(todo)
     unfinished: set[Path] = {r.run_dir for r in todo}
     running: dict[Future, PlannedRun] = {}
     failures: list[str] = []
