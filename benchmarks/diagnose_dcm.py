@@ -9,7 +9,8 @@ classifiers predict the same class), the norm of each network's pooled features,
 accuracy. Writes ``benchmarks/results/diagnose_dcm.json`` and ``diagnose_dcm.png``.
 
     python benchmarks/diagnose_dcm.py --data-dir data --images 4000 --epochs 3
-    python benchmarks/diagnose_dcm.py --methods dcm --variant ramp=loss.rampup=2
+    python benchmarks/diagnose_dcm.py --methods "" --variant "dcm ramp=loss.rampup=7.5" --epochs 1 \
+        --baseline benchmarks/results/diagnose_dcm.json:dcm --out benchmarks/results/diagnose_dcm_ramp
 """
 from __future__ import annotations
 
@@ -85,7 +86,7 @@ def run(cfg: dict, data, epochs: int, log_every: int) -> list[dict]:
                                                  for p in params if p.grad is not None))
             opt.step()
             record["loss"] = float(total.detach())
-            record.update({k: float(v) for k, v in out.losses.items()})
+            record.update({k: float(v.detach()) for k, v in out.losses.items()})
             with torch.no_grad():
                 classes = out.logits[0][0].shape[1]
                 preds = []
@@ -149,6 +150,9 @@ def main() -> None:
                     help="NAME=key=value[,key=value]: a DCM run with these overrides")
     ap.add_argument("--log-every", type=int, default=1, help="gradient split every N steps")
     ap.add_argument("--out", default=str(RESULTS_DIR / "diagnose_dcm"))
+    ap.add_argument("--baseline", action="append", default=[],
+                    help="PATH.json:LABEL: a method of an earlier run to draw alongside (the "
+                         "same data and settings), e.g. results/diagnose_dcm.json:dcm")
     ap.add_argument("overrides", nargs="*", default=[
         "optim.lr=0.1", "data.batch_size=64", "schedule.name=multistep",
         "schedule.milestones=[0.5,0.75]", "schedule.warmup_epochs=1", "optim.weight_decay=0.0005"])
@@ -161,6 +165,9 @@ def main() -> None:
         name, _, rest = v.partition("=")
         runs.append((name, "dcm", rest.split(",")))
     results = {}
+    for spec in args.baseline:
+        path, _, label = spec.rpartition(":")
+        results[f"{label} (earlier run)"] = json.loads(Path(path).read_text())["results"][label]
     t0 = time.perf_counter()
     data = None
     for label, method, extra in runs:
