@@ -112,12 +112,16 @@ def test_stage_wise_methods_data_parallel_equal_one_process(tmp_path):
 
 
 # -- network-parallel ------------------------------------------------------------------------
+def assert_network_parallel_equals_one_process(tmp_path: Path, n: int, args: list[str]) -> None:
+    p = torchrun(n, "train", str(tmp_path / "np"), *args, "parallel=networks")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert_same_run(single(tmp_path, "one", *args), tmp_path / "np")
+
+
 def test_network_parallel_dcm_of_two_networks_equals_one_process(tmp_path):
     # the clipping binds (DCM's gradient norm starts near 5): its norm is both networks'
     args = ["method=dcm", *TINY, "optim.clip_grad_norm=0.5"]
-    p = torchrun(2, "train", str(tmp_path / "np"), *args, "parallel=networks")
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert_same_run(single(tmp_path, "one", *args), tmp_path / "np")
+    assert_network_parallel_equals_one_process(tmp_path, 2, args)
 
 
 def test_network_parallel_dml_of_three_networks_gives_each_its_own_gradient(tmp_path):
@@ -131,10 +135,7 @@ def test_network_parallel_dml_of_three_networks_gives_each_its_own_gradient(tmp_
 
 
 def test_both_at_once_two_networks_times_two_replicas_equal_one_process(tmp_path):
-    args = ["method=dcm", *TINY, "sync_bn=true"]
-    p = torchrun(4, "train", str(tmp_path / "mesh"), *args, "parallel=networks")
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert_same_run(single(tmp_path, "one", *args), tmp_path / "mesh")
+    assert_network_parallel_equals_one_process(tmp_path, 4, ["method=dcm", *TINY, "sync_bn=true"])
 
 
 # -- faults ------------------------------------------------------------------------------------
