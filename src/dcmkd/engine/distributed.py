@@ -63,12 +63,6 @@ class Distributed:
         return self.rank == 0
 
     # -- collectives -------------------------------------------------------------------------
-    def sum_over_replicas(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum a tensor over the data replicas (in place); returns it."""
-        if self.replicas > 1:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.data_group)
-        return t
-
     def sum_floats(self, values: Sequence[float]) -> list[float]:
         """Numbers summed over the data replicas (a method's own per-epoch statistics, e.g.
         SSKD's feature distance, so every replica takes the same decision)."""
