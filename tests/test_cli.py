@@ -62,3 +62,20 @@ def test_python_dash_m_dcmkd_is_the_command():
                        capture_output=True, text=True)
     assert p.returncode == 2 and "unknown method 'nope'" in p.stderr.lower() \
         and "Traceback" not in p.stderr, p.stderr
+
+
+def test_every_package_imports_on_its_own():
+    """``import dcmkd.report`` first must not be a circular import (it once was: report reads
+    experiments, whose package imported the runner, which imported report)."""
+    import subprocess
+    import sys
+    code = ("import importlib, sys\n"
+            "for name in sys.argv[1:]:\n"
+            "    for m in [m for m in sys.modules if m == 'dcmkd' or m.startswith('dcmkd.')]:\n"
+            "        del sys.modules[m]\n"
+            "    importlib.import_module(name)\n")
+    packages = ["dcmkd." + p for p in ("report", "recipes", "engine", "data", "methods",
+                                       "models", "heads", "losses", "run_folder", "cli")]
+    done = subprocess.run([sys.executable, "-c", code, *packages], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -59,6 +59,26 @@ def test_incomplete_cells_say_so(tmp_path):
     assert "— · 22.56(0.20)" in md                     # no Ind run finished
 
 
+def test_table_only_writes_the_finished_runs_and_trains_nothing(tmp_path, capsys):
+    exp = load_experiment("dcm-table1")
+    runs = plan(exp, rows=["ResNet-164 ×2"], seeds=2, out=tmp_path)
+    with pytest.raises(ValueError, match="no run of dcm-table1 .* is finished"):
+        reproduce(exp, rows=["ResNet-164 ×2"], seeds=2, out=tmp_path, table_only=True)
+    dml = [r for r in runs if r.cell.column == "DML"]
+    fake_run(dml[0], [20.0, 21.0])
+    dml[1].run_dir.mkdir(parents=True)                  # seed 1 still training: no summary yet
+    (dml[1].run_dir / "metrics.jsonl").write_text('{"epoch": 1, "test/net0/C1/top1": 90.0}\n')
+    paths = reproduce(exp, rows=["ResNet-164 ×2"], seeds=2, out=tmp_path, table_only=True)
+    md = paths["table_md"].read_text()
+    assert "20.00 [1/2 runs] · 20.69(0.25)" in md and "21.00 [1/2 runs]" in md
+    assert "— · 22.56(0.20)" in md                      # Ind: nothing finished, nothing trained
+    assert not any(r.run_dir.exists() for r in runs if r.cell.column != "DML")
+    with pytest.raises(SystemExit) as refused:                 # one or the other
+        main(["reproduce", "dcm-table1", "--table-only", "--dry-run"])
+    assert refused.value.code == 2
+    assert "not allowed with" in capsys.readouterr().err
+
+
 def test_report_groups_arbitrary_runs_by_config(tmp_path):
     exp = load_experiment("dcm-table7")
     runs = plan(exp, rows=["0.2", "0.5"], seeds=2, out=tmp_path)

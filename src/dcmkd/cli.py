@@ -198,6 +198,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     columns = [c for spec in args.columns or [] for c in spec.split(",") if c] or None
     paths = reproduce(exp, rows=rows, columns=columns, seeds=args.seeds, scale=args.scale, out=args.root,
                       overrides=overrides, standins=args.standins, dry_run=args.dry_run,
+                      table_only=args.table_only,
                       jobs=args.jobs, devices=[d for d in (args.devices or "").split(",") if d],
                       nproc_per_run=args.nproc_per_run)
     if paths:
@@ -315,7 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--nproc-per-run", type=int, default=1,
                    help="train each run under torchrun with N processes on this node "
                    "(data-parallel; with --devices, N devices per run)")
-    r.add_argument("--dry-run", action="store_true", help="list the runs, train nothing")
+    what = r.add_mutually_exclusive_group()
+    what.add_argument("--dry-run", action="store_true", help="list the runs, train nothing")
+    what.add_argument("--table-only", action="store_true",
+                      help="train nothing; write the table of the runs finished so far")
     r.set_defaults(func=cmd_reproduce)
 
     rep = sub.add_parser("report", help="the results table and curves of any run folders")

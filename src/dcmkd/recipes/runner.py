@@ -34,7 +34,6 @@ from dcmkd.methods import METHODS
 from dcmkd.recipes.experiment import Cell, Experiment, _deep_merge, slug, teacher_reference
 from dcmkd.recipes.scales import SCALES, quick_overrides, shorten, smoke_overrides
 from dcmkd.registry import check_choice
-from dcmkd.report import write_experiment_report
 from dcmkd.run_folder import RunFolder
 
 
@@ -292,15 +291,23 @@ def reproduce(exp: Experiment, *, rows: list[str] | None = None,
               columns: list[str] | None = None, seeds: int | None = None,
               scale: str = "full", out: str | Path = "runs/reproduce",
               overrides: Sequence[str | dict] = (), standins: bool = False, dry_run: bool = False,
-              jobs: int | None = None, devices: Sequence[str] = (), nproc_per_run: int = 1,
-              log: Callable[[str], None] = print) -> dict[str, Path]:
+              table_only: bool = False, jobs: int | None = None, devices: Sequence[str] = (),
+              nproc_per_run: int = 1, log: Callable[[str], None] = print) -> dict[str, Path]:
     """Train the missing runs, then write ``table.md``, ``table.csv`` and the curves.
+
+    ``dry_run``: list the missing runs, write nothing. ``table_only``: train nothing and write
+    the table of the runs finished so far (cells short of their seeds say ``[k/n runs]``; runs
+    still training elsewhere are not counted); a ValueError if none is finished.
 
     ``seeds``: how many (seeds 0..N-1); default the paper's number of runs, 1 for ``smoke``.
     ``jobs``/``devices``: train that many runs at once (:func:`run_parallel`); default one job
     per ``nproc_per_run`` devices of ``devices``, else 1. ``nproc_per_run > 1``: each run under
     torchrun with that many processes (one node).
     Returns the paths written (``table_md``, ``table_csv``, ``curves``)."""
+    # imported here: dcmkd.report reads experiments (dcmkd.recipes), so a module-level import
+    # would make `import dcmkd.report` on its own circular
+    from dcmkd.report import write_experiment_report
+
     if nproc_per_run < 1:
         raise ValueError(f"--nproc-per-run must be at least 1, got {nproc_per_run}")
     jobs = jobs if jobs is not None else max(1, len(devices) // nproc_per_run)
@@ -313,7 +320,12 @@ def reproduce(exp: Experiment, *, rows: list[str] | None = None,
                 overrides=overrides, standins=standins)
     todo = [r for r in runs if not r.done]
     log(f"{exp.name} ({scale}): {len(runs)} runs, {len(runs) - len(todo)} finished, "
-        f"{len(todo)} to train")
+        f"{len(todo)} {'not finished' if table_only else 'to train'}")
+    if table_only:
+        if len(todo) == len(runs):
+            raise ValueError(f"no run of {exp.name} ({scale}, seeds 0-{seeds - 1}) is finished "
+                             f"under {out}: train them first (without --table-only)")
+        return write_experiment_report(exp, runs, Path(out) / exp.name / scale, scale=scale)
     if dry_run or jobs == 1:
         for i, r in enumerate(todo, 1):
             log(f"[{i}/{len(todo)}] {r.cell.key} seed {r.seed}: {r.config['method']} "

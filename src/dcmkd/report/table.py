@@ -8,6 +8,7 @@ from typing import Iterable, Sequence
 
 from dcmkd.recipes.experiment import Experiment, slug
 from dcmkd.report.results import CellStats, RunResult, fmt
+from dcmkd.weights import atomic_write_text
 
 
 def collect(exp: Experiment, runs: Iterable) -> list[CellStats]:
@@ -122,8 +123,8 @@ def write_experiment_report(exp: Experiment, runs: Sequence, folder: str | Path,
     stats = collect(exp, runs)
     seeds = len({r.seed for r in runs}) or None
     paths = {"table_md": folder / "table.md", "table_csv": folder / "table.csv"}
-    paths["table_md"].write_text(markdown(exp, stats, scale=scale, seeds=seeds))
-    paths["table_csv"].write_text(to_csv(exp, stats, scale))
+    atomic_write_text(paths["table_md"], markdown(exp, stats, scale=scale, seeds=seeds))
+    atomic_write_text(paths["table_csv"], to_csv(exp, stats, scale))
     try:
         from dcmkd.report.curves import plot_row_curves
     except ImportError:  # matplotlib is an optional dependency
