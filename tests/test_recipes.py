@@ -187,6 +187,47 @@ def test_a_worker_ends_when_its_parent_is_killed():
     assert not _alive(pid)
 
 
+def test_a_worker_killed_parent_mid_run_leaves_no_process_and_an_unlocked_resumable_run(tmp_path):
+    """The same through the real pool worker, mid-run: the worker unwinds the run (its folder
+    unlocked, its checkpoint resumable) and exits instead of waiting for another run forever."""
+    import subprocess
+    import sys
+    import time
+    run = tmp_path / "run"
+    parent = ("import multiprocessing as mp, os, sys, time\n"
+              "from concurrent.futures import ProcessPoolExecutor\n"
+              "from dcmkd.engine.config import resolve\n"
+              "from dcmkd.recipes import runner\n"
+              "cfg = resolve(None, ['method=ind', 'nets=resnet20', 'data.name=synthetic',\n"
+              "    'data.image_size=8', 'data.train_subset=32', 'data.batch_size=16',\n"
+              "    'epochs=100000', 'quiet=true', 'device=cpu', 'eval_every=100000'])\n"
+              "ctx = mp.get_context('spawn')\n"
+              "queue = ctx.Queue()\n"
+              "queue.put(None)\n"
+              "pool = ProcessPoolExecutor(1, mp_context=ctx, initializer=runner._init_worker,\n"
+              "                           initargs=(queue, 1, 1, os.getpid()))\n"
+              "pool.submit(runner._train_in_worker, cfg, sys.argv[1])\n"
+              "while not os.path.exists(os.path.join(sys.argv[1], 'checkpoint.pt')):\n"
+              "    time.sleep(0.1)\n"
+              "print(*pool._processes, flush=True)\n"
+              "time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", parent, str(run)], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        worker = int(proc.stdout.readline())
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 60
+    while _alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(worker)
+    from dcmkd.run_folder import RunFolder
+    folder = RunFolder(run)
+    with folder.lock():                       # RunLocked if the worker still held it
+        assert folder.has_checkpoint and not folder.finished
+
+
 def _alive(pid: int) -> bool:
     """Running (not a zombie waiting to be reaped by whoever adopted it)."""
     try:

@@ -131,6 +131,7 @@ class RunsFailed(RuntimeError):
 
 
 _WORKER: dict[str, Any] = {"devices": None, "threads": None, "nproc": 1}
+_PARENT: list[int] = []   # the reproduction that started this worker (set in the worker)
 
 
 def exit_with_parent(parent_pid: int, interval: float = 1.0) -> threading.Thread:
@@ -153,6 +154,7 @@ def _init_worker(devices: "mp.Queue[list[str] | None]", threads: int, nproc: int
     """Worker start-up: take its devices from the queue and its share of the CPU; end with
     the parent."""
     _WORKER.update(devices=devices.get(), threads=threads, nproc=nproc)
+    _PARENT[:] = [parent_pid]
     torch.set_num_threads(threads)
     # SIGTERM unwinds (a torchrun child is stopped on the way out) instead of killing outright
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
@@ -160,8 +162,14 @@ def _init_worker(devices: "mp.Queue[list[str] | None]", threads: int, nproc: int
 
 
 def _train_in_worker(config: dict[str, Any], run_dir: str) -> float:
-    # progress bars of several processes would interleave
-    return train_run(dict(config, quiet=True), Path(run_dir), **_WORKER)
+    try:  # progress bars of several processes would interleave: quiet
+        return train_run(dict(config, quiet=True), Path(run_dir), **_WORKER)
+    finally:
+        # Orphaned (exit_with_parent's SIGTERM unwound the run, its folder unlocked): leave now.
+        # Returning would hand the exception to the pool's worker loop, which would then wait
+        # for the next run forever on a queue whose writer is gone.
+        if _PARENT and os.getppid() != _PARENT[0]:
+            os._exit(128 + signal.SIGTERM)
 
 
 def train_run(config: dict[str, Any], run_dir: Path, *, nproc: int = 1,
