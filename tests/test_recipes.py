@@ -165,9 +165,7 @@ def test_column_selection_keeps_seed_major_order_and_teachers():
 def test_a_worker_ends_when_its_parent_is_killed():
     """A reproduction killed by SIGKILL must not leave its workers training (and holding the
     locks of their run folders)."""
-    import subprocess
     import sys
-    import time
     child = ("import sys, time\n"
              "from dcmkd.recipes.runner import exit_with_parent\n"
              "exit_with_parent(int(sys.argv[1]), 0.05)\n"   # the pid the parent passed
@@ -176,23 +174,14 @@ def test_a_worker_ends_when_its_parent_is_killed():
               f"p = subprocess.Popen([sys.executable, '-c', {child!r}, str(os.getpid())])\n"
               "print(p.pid, flush=True)\n"
               "time.sleep(60)\n")
-    proc = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True)
-    pid = int(proc.stdout.readline())
-    assert _alive(pid)
-    proc.kill()
-    proc.wait()
-    deadline = time.monotonic() + 20
-    while _alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    pid = _child_of_killed_parent([sys.executable, "-c", parent], seconds=20)
     assert not _alive(pid)
 
 
 def test_a_worker_killed_parent_mid_run_leaves_no_process_and_an_unlocked_resumable_run(tmp_path):
     """The same through the real pool worker, mid-run: the worker unwinds the run (its folder
     unlocked, its checkpoint resumable) and exits instead of waiting for another run forever."""
-    import subprocess
     import sys
-    import time
     run = tmp_path / "run"
     parent = ("import multiprocessing as mp, os, sys, time\n"
               "from concurrent.futures import ProcessPoolExecutor\n"
@@ -211,21 +200,29 @@ def test_a_worker_killed_parent_mid_run_leaves_no_process_and_an_unlocked_resuma
               "    time.sleep(0.1)\n"
               "print(*pool._processes, flush=True)\n"
               "time.sleep(600)\n")
-    proc = subprocess.Popen([sys.executable, "-c", parent, str(run)], stdout=subprocess.PIPE,
-                            text=True)
-    try:
-        worker = int(proc.stdout.readline())
-    finally:
-        proc.kill()
-        proc.wait()
-    deadline = time.monotonic() + 60
-    while _alive(worker) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not _alive(worker)
+    assert not _alive(_child_of_killed_parent([sys.executable, "-c", parent, str(run)], 60))
     from dcmkd.run_folder import RunFolder
     folder = RunFolder(run)
     with folder.lock():                       # RunLocked if the worker still held it
         assert folder.has_checkpoint and not folder.finished
+
+
+def _child_of_killed_parent(argv: list[str], seconds: float) -> int:
+    """Start ``argv`` (which prints the pid of a process it started), SIGKILL it once the pid
+    is printed, and wait up to ``seconds`` for that process to end; returns the pid."""
+    import subprocess
+    import time
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    try:
+        pid = int(proc.stdout.readline())
+        assert _alive(pid)
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + seconds
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return pid
 
 
 def _alive(pid: int) -> bool:
