@@ -15,8 +15,10 @@ from dcmkd.recipes import list_experiments, load_experiment, plan, reproduce
 from dcmkd.report import collect, markdown, report_runs, to_csv
 
 
-def fake_run(run, top1: list[float], top5: list[float] | None = None, epochs: int = 3) -> None:
-    """A finished run folder for ``run`` (a PlannedRun) with the given last-epoch errors."""
+def fake_run(run, top1: list[float], top5: list[float] | None = None, epochs: int = 3,
+             seconds: float | None = None) -> None:
+    """A finished run folder for ``run`` (a PlannedRun) with the given last-epoch errors (and
+    training time, when given)."""
     d = run.run_dir
     d.mkdir(parents=True, exist_ok=True)
     (d / "config.yaml").write_text(dump(run.config))
@@ -24,7 +26,8 @@ def fake_run(run, top1: list[float], top5: list[float] | None = None, epochs: in
     history = [{"epoch": e + 1, **{f"test/net{n}/C1/top1": t + 10 * (epochs - 1 - e)
                                    for n, t in enumerate(top1)}} for e in range(epochs)]
     (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
-    (d / "summary.json").write_text(json.dumps({"test_top1": top1, "test_top5": top5}))
+    timed = {} if seconds is None else {"seconds": seconds}
+    (d / "summary.json").write_text(json.dumps({"test_top1": top1, "test_top5": top5, **timed}))
 
 
 def test_mean_std_and_paper_difference(tmp_path):
@@ -57,6 +60,21 @@ def test_incomplete_cells_say_so(tmp_path):
     md = markdown(exp, collect(exp, runs))
     assert "20.00 [1/2 runs] · 20.69(0.25)" in md
     assert "— · 22.56(0.20)" in md                     # no Ind run finished
+
+
+def test_training_time_per_cell_counts_each_run_once(tmp_path):
+    exp = load_experiment("dcm-table1")
+    runs = plan(exp, rows=["ResNet-164 ×2"], seeds=2, out=tmp_path)
+    minutes = {"Ind": [10, 20], "DML": [30, 60], "DCM": [45, None]}   # DCM seed 1 untimed
+    for r in runs:
+        fake_run(r, [20.0, 21.0], seconds=None if minutes[r.cell.column][r.seed] is None
+                 else 60 * minutes[r.cell.column][r.seed])
+    stats = collect(exp, runs)
+    md = markdown(exp, stats)
+    assert "ResNet-164 ×2: Ind 15.0, DML 45.0, DCM 45.0." in md   # Ind serves both networks
+    rows = list(csv.DictReader(io.StringIO(to_csv(exp, stats))))
+    assert {r["mean_train_minutes"] for r in rows if r["column"] == "DML"} == {"45.0000"}
+    assert "Training time" not in markdown(exp, collect(exp, plan(exp, seeds=1, out=tmp_path / "x")))
 
 
 def test_table_only_writes_the_finished_runs_and_trains_nothing(tmp_path, capsys):

@@ -27,7 +27,8 @@ def plot_row_curves(stats: Sequence[CellStats], networks: Sequence[str], title: 
             curves = [[dict(c)[e] for e in common] for c in s.curves]
             epochs = common
             mean = [sum(v) / len(v) for v in zip(*curves)]
-            line, = ax.plot(epochs, mean, label=f"{s.column} ({len(curves)} seeds)")
+            seeds = f"{len(curves)} seed" + ("s" if len(curves) > 1 else "")
+            line, = ax.plot(epochs, mean, label=f"{s.column} ({seeds})")
             if len(curves) > 1:
                 ax.fill_between(epochs, [min(v) for v in zip(*curves)],
                                 [max(v) for v in zip(*curves)], color=line.get_color(),

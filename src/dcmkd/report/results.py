@@ -57,6 +57,7 @@ class CellStats:
     top1: list[float] = field(default_factory=list)
     top5: list[float] = field(default_factory=list)
     curves: list[list[tuple[int, float]]] = field(default_factory=list)   # (epoch, error)
+    seconds: list[float] = field(default_factory=list)   # training time of each finished run
     planned: int = 0
 
     @property
@@ -70,6 +71,12 @@ class CellStats:
     @property
     def std(self) -> float | None:
         return statistics.stdev(self.top1) if len(self.top1) > 1 else None
+
+    @property
+    def mean_minutes(self) -> float | None:
+        """Mean training time of the finished runs (the sum of their epochs' training seconds;
+        evaluation excluded), in minutes."""
+        return statistics.fmean(self.seconds) / 60 if self.seconds else None
 
     @property
     def mean_top5(self) -> float | None:

@@ -41,6 +41,8 @@ def collect(exp: Experiment, runs: Iterable) -> list[CellStats]:
             if top5 is not None:
                 s.top5.append(top5)
             s.curves.append(result.curve(j))
+            if "seconds" in result.summary:
+                s.seconds.append(float(result.summary["seconds"]))
     return list(stats.values())
 
 
@@ -89,14 +91,30 @@ def markdown(exp: Experiment, stats: Sequence[CellStats], *, scale: str = "full"
         entries = [(_entry(by_key[(row, c, n)], with_top5) if (row, c, n) in by_key else "")
                    for c in columns for n in exp.networks]
         lines.append("| " + " | ".join([row, models, *entries]) + " |")
+    times = _training_times(exp, stats, columns)
+    if times:
+        lines += ["", "Training time per run, minutes (mean over the finished runs; evaluation "
+                  "not included): " + " · ".join(times) + "."]
     if exp.notes:
         lines += ["", exp.notes.strip()]
     return "\n".join(lines) + "\n"
 
 
+def _training_times(exp: Experiment, stats: Sequence[CellStats], columns: Sequence[str]) -> list[str]:
+    """``ROW: COLUMN m, …`` for every row with a timed run (one run serves all its networks)."""
+    first = {(s.row, s.column): s for s in reversed(stats)}    # the Net1 entry of each cell
+    out = []
+    for row in exp.rows:
+        cells = [f"{c} {first[(row, c)].mean_minutes:.1f}" for c in columns
+                 if (row, c) in first and first[(row, c)].mean_minutes is not None]
+        if cells:
+            out.append(f"{row}: " + ", ".join(cells))
+    return out
+
+
 CSV_FIELDS = ("experiment", "scale", "row", "column", "network", "model", "runs", "planned",
               "mean_top1", "std_top1", "mean_top5", "paper_top1", "paper_std", "paper_top5",
-              "diff_top1", "values_top1")
+              "diff_top1", "values_top1", "mean_train_minutes")
 
 
 def to_csv(exp: Experiment, stats: Sequence[CellStats], scale: str = "full") -> str:
@@ -107,7 +125,7 @@ def to_csv(exp: Experiment, stats: Sequence[CellStats], scale: str = "full") -> 
         w.writerow([exp.name, scale, s.row, s.column, s.network, s.model, s.runs, s.planned,
                     _num(s.mean), _num(s.std), _num(s.mean_top5), _num(s.paper.top1),
                     _num(s.paper.std), _num(s.paper.top5), _num(s.diff),
-                    " ".join(f"{v:.4f}" for v in s.top1)])
+                    " ".join(f"{v:.4f}" for v in s.top1), _num(s.mean_minutes)])
     return buf.getvalue()
 
 
