@@ -162,67 +162,125 @@ def test_column_selection_keeps_seed_major_order_and_teachers():
         plan(quick, columns=["dcm"])
 
 
-def test_a_worker_ends_when_its_parent_is_killed():
+# -- a killed reproduction leaves nothing running ---------------------------------------------
+# Each parent script below starts something, writes READY (a pid, or nothing) once it runs, and
+# waits; the test kills the parent outright (SIGKILL) and waits for what it started to end.
+LONG_RUN = ("['method=ind', 'nets=resnet20', 'data.name=synthetic', 'data.image_size=8', "
+            "'data.train_subset=32', 'data.batch_size=16', 'epochs=100000', 'quiet=true', "
+            "'device=cpu', 'eval_every=100000']")
+WRITE_READY = ("def ready(text=''):\n"
+               "    open(sys.argv[1] + '.tmp', 'w').write(text)\n"
+               "    os.replace(sys.argv[1] + '.tmp', sys.argv[1])\n")
+
+
+def _kill_parent_when_ready(tmp_path, parent: str, *args: str, seconds: float = 300) -> str:
+    """Run ``parent`` (a script; argv[1] is the READY file), SIGKILL it once READY exists;
+    returns READY's text. Fails if the parent ends first or READY takes over ``seconds``."""
+    import subprocess
+    import sys
+    import time
+    ready, log = tmp_path / "ready", tmp_path / "parent.err"
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-c", parent, str(ready), *args], stderr=err)
+    deadline = time.monotonic() + seconds
+    try:
+        while not ready.exists():
+            assert proc.poll() is None, f"the parent ended first: {log.read_text()[-2000:]}"
+            assert time.monotonic() < deadline, f"not ready after {seconds} s"
+            time.sleep(0.1)
+    finally:
+        proc.kill()
+        proc.wait()
+    return ready.read_text()
+
+
+def _ends_within(seconds: float, running) -> bool:
+    """Whether ``running()`` turns false within ``seconds``."""
+    import time
+    deadline = time.monotonic() + seconds
+    while running() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not running()
+
+
+def test_a_worker_ends_when_its_parent_is_killed(tmp_path):
     """A reproduction killed by SIGKILL must not leave its workers training (and holding the
     locks of their run folders)."""
-    import sys
     child = ("import sys, time\n"
              "from dcmkd.recipes.runner import exit_with_parent\n"
              "exit_with_parent(int(sys.argv[1]), 0.05)\n"   # the pid the parent passed
              "time.sleep(60)\n")
-    parent = ("import os, subprocess, sys, time\n"
+    parent = ("import os, subprocess, sys, time\n" + WRITE_READY +
               f"p = subprocess.Popen([sys.executable, '-c', {child!r}, str(os.getpid())])\n"
-              "print(p.pid, flush=True)\n"
+              "ready(str(p.pid))\n"
               "time.sleep(60)\n")
-    pid = _child_of_killed_parent([sys.executable, "-c", parent], seconds=20)
-    assert not _alive(pid)
+    pid = int(_kill_parent_when_ready(tmp_path, parent))
+    assert _ends_within(20, lambda: _alive(pid))
 
 
 def test_a_worker_killed_parent_mid_run_leaves_no_process_and_an_unlocked_resumable_run(tmp_path):
     """The same through the real pool worker, mid-run: the worker unwinds the run (its folder
-    unlocked, its checkpoint resumable) and exits instead of waiting for another run forever."""
-    import sys
+    unlocked, no temporary file left, its checkpoint loadable) and exits instead of waiting
+    for another run forever (the pool's worker loop catches the SIGTERM's SystemExit)."""
     run = tmp_path / "run"
-    parent = ("import multiprocessing as mp, os, sys, time\n"
+    parent = ("import multiprocessing as mp, os, sys, time\n" + WRITE_READY +
               "from concurrent.futures import ProcessPoolExecutor\n"
               "from dcmkd.engine.config import resolve\n"
               "from dcmkd.recipes import runner\n"
-              "cfg = resolve(None, ['method=ind', 'nets=resnet20', 'data.name=synthetic',\n"
-              "    'data.image_size=8', 'data.train_subset=32', 'data.batch_size=16',\n"
-              "    'epochs=100000', 'quiet=true', 'device=cpu', 'eval_every=100000'])\n"
+              f"cfg = resolve(None, {LONG_RUN})\n"
               "ctx = mp.get_context('spawn')\n"
               "queue = ctx.Queue()\n"
               "queue.put(None)\n"
               "pool = ProcessPoolExecutor(1, mp_context=ctx, initializer=runner._init_worker,\n"
               "                           initargs=(queue, 1, 1, os.getpid()))\n"
-              "pool.submit(runner._train_in_worker, cfg, sys.argv[1])\n"
-              "while not os.path.exists(os.path.join(sys.argv[1], 'checkpoint.pt')):\n"
+              "future = pool.submit(runner._train_in_worker, cfg, sys.argv[2])\n"
+              "while not os.path.exists(os.path.join(sys.argv[2], 'checkpoint.pt')):\n"
+              "    if future.done():\n"
+              "        future.result()\n"                  # a failed start fails the test
               "    time.sleep(0.1)\n"
-              "print(*pool._processes, flush=True)\n"
+              "ready(str(*pool._processes))\n"
               "time.sleep(600)\n")
-    assert not _alive(_child_of_killed_parent([sys.executable, "-c", parent, str(run)], 60))
+    worker = int(_kill_parent_when_ready(tmp_path, parent, str(run)))
+    assert _ends_within(60, lambda: _alive(worker))
     from dcmkd.run_folder import RunFolder
+    from dcmkd.weights import TMP_SUFFIX, load_file
     folder = RunFolder(run)
     with folder.lock():                       # RunLocked if the worker still held it
         assert folder.has_checkpoint and not folder.finished
+    assert load_file(run / "checkpoint.pt")["epoch"] >= 1
+    assert not [f for f in run.iterdir() if f.name.endswith(TMP_SUFFIX)]
 
 
-def _child_of_killed_parent(argv: list[str], seconds: float) -> int:
-    """Start ``argv`` (which prints the pid of a process it started), SIGKILL it once the pid
-    is printed, and wait up to ``seconds`` for that process to end; returns the pid."""
-    import subprocess
-    import time
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
-    try:
-        pid = int(proc.stdout.readline())
-        assert _alive(pid)
-    finally:
-        proc.kill()
-        proc.wait()
-    deadline = time.monotonic() + seconds
-    while _alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return pid
+def test_a_torchrun_ends_when_the_reproduction_that_started_it_is_killed(tmp_path):
+    """``reproduce --nproc-per-run 2`` with one job trains under torchrun from the main
+    process; killing that process must end torchrun and its ranks too."""
+    run = tmp_path / "run"
+    parent = ("import os, sys, time\n" + WRITE_READY +
+              "import threading\n"
+              "from pathlib import Path\n"
+              "from dcmkd.engine.config import resolve\n"
+              "from dcmkd.recipes.runner import train_run\n"
+              f"cfg = resolve(None, {LONG_RUN})\n"
+              "def signal_ready():\n"
+              "    while not os.path.exists(os.path.join(sys.argv[2], 'checkpoint.pt')):\n"
+              "        time.sleep(0.1)\n"
+              "    ready()\n"
+              "threading.Thread(target=signal_ready, daemon=True).start()\n"
+              "train_run(cfg, Path(sys.argv[2]), nproc=2)\n")
+    _kill_parent_when_ready(tmp_path, parent, str(run))
+
+    def training() -> bool:                   # torchrun and both ranks name the run folder
+        import os
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if str(run).encode() in f.read() and _alive(int(pid)):
+                        return True
+            except OSError:
+                pass
+        return False
+
+    assert _ends_within(60, training)
 
 
 def _alive(pid: int) -> bool:

@@ -77,6 +77,20 @@ def test_training_time_per_cell_counts_each_run_once(tmp_path):
     assert "Training time" not in markdown(exp, collect(exp, plan(exp, seeds=1, out=tmp_path / "x")))
 
 
+def test_a_finished_run_of_another_config_is_refused_not_reported(tmp_path):
+    from dcmkd.run_folder import RunConflict
+    exp = load_experiment("dcm-table1")
+    for r in plan(exp, rows=["ResNet-164 ×2"], seeds=1, out=tmp_path):
+        fake_run(r, [20.0, 21.0])
+    for table_only in (True, False):     # training would start nothing: every run is finished
+        with pytest.raises(RunConflict, match=r"another config \(optim.lr: 0.1 → 0.05\)"):
+            reproduce(exp, rows=["ResNet-164 ×2"], seeds=1, out=tmp_path, table_only=table_only,
+                      overrides=["optim.lr=0.05"], log=lambda s: None)
+    paths = reproduce(exp, rows=["ResNet-164 ×2"], seeds=1, out=tmp_path, log=lambda s: None,
+                      overrides=["quiet=true", "device=cpu"])      # resumable keys may differ
+    assert "20.00" in paths["table_md"].read_text()
+
+
 def test_table_only_writes_the_finished_runs_and_trains_nothing(tmp_path, capsys):
     exp = load_experiment("dcm-table1")
     runs = plan(exp, rows=["ResNet-164 ×2"], seeds=2, out=tmp_path)
@@ -90,7 +104,13 @@ def test_table_only_writes_the_finished_runs_and_trains_nothing(tmp_path, capsys
     md = paths["table_md"].read_text()
     assert "20.00 [1/2 runs] · 20.69(0.25)" in md and "21.00 [1/2 runs]" in md
     assert "— · 22.56(0.20)" in md                      # Ind: nothing finished, nothing trained
+    assert "2 seed(s) planned, some cells not yet complete" in md
     assert not any(r.run_dir.exists() for r in runs if r.cell.column != "DML")
+    kd = load_experiment("dcm-kd")
+    kd_runs = plan(kd, seeds=1, out=tmp_path / "kd")
+    fake_run(next(r for r in kd_runs if r.cell.hidden), [5.0])   # only the teacher finished
+    with pytest.raises(ValueError, match="no run of dcm-kd"):
+        reproduce(kd, seeds=1, out=tmp_path / "kd", table_only=True)
     with pytest.raises(SystemExit) as refused:                 # one or the other
         main(["reproduce", "dcm-table1", "--table-only", "--dry-run"])
     assert refused.value.code == 2

@@ -149,16 +149,26 @@ def exit_with_parent(parent_pid: int, interval: float = 1.0) -> threading.Thread
     return thread
 
 
+def torchrun_ending_with(parent_pid: int, args: Sequence[str]) -> None:
+    """torch's own ``torchrun`` (``torch.distributed.run.main``) on ``args``, sent SIGTERM,
+    which it passes on to its ranks, once ``parent_pid`` is gone: a killed reproduction ends
+    the torchrun it started in its own session."""
+    from torch.distributed.run import main
+
+    exit_with_parent(parent_pid)
+    main(list(args))
+
+
 def _init_worker(devices: "mp.Queue[list[str] | None]", threads: int, nproc: int,
                  parent_pid: int) -> None:
-    """Worker start-up: take its devices from the queue and its share of the CPU; end with
-    the parent."""
-    _WORKER.update(devices=devices.get(), threads=threads, nproc=nproc)
-    _PARENT[:] = [parent_pid]
-    torch.set_num_threads(threads)
+    """Worker start-up: end with the parent; take its devices from the queue and its share of
+    the CPU."""
     # SIGTERM unwinds (a torchrun child is stopped on the way out) instead of killing outright
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    _PARENT[:] = [parent_pid]
     exit_with_parent(parent_pid)
+    _WORKER.update(devices=devices.get(), threads=threads, nproc=nproc)
+    torch.set_num_threads(threads)
 
 
 def _train_in_worker(config: dict[str, Any], run_dir: str) -> float:
@@ -194,8 +204,11 @@ def train_run(config: dict[str, Any], run_dir: Path, *, nproc: int = 1,
     with tempfile.TemporaryDirectory(prefix="dcmkd-run-") as tmp:
         path = Path(tmp) / "config.yaml"
         path.write_text(dump(cfg))
-        # its own session, so that a stopped worker stops torchrun and its processes too
-        p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+        # its own session, so that a stopped worker stops torchrun and its processes too;
+        # torchrun ends with this process even if it is killed outright
+        launch = ("import sys; from dcmkd.recipes.runner import torchrun_ending_with; "
+                  "torchrun_ending_with(int(sys.argv[1]), sys.argv[2:])")
+        p = subprocess.Popen([sys.executable, "-c", launch, str(os.getpid()), "--standalone",
                               f"--nproc-per-node={nproc}", "-m", "dcmkd.cli", "train", str(path),
                               "-o", str(run_dir), "-q"], env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -326,13 +339,17 @@ def reproduce(exp: Experiment, *, rows: list[str] | None = None,
         seeds = 1 if scale == "smoke" else exp.seeds
     runs = plan(exp, rows=rows, columns=columns, seeds=seeds, scale=scale, out=out,
                 overrides=overrides, standins=standins)
+    for r in runs:  # a folder holding another config's run is refused, never reported
+        RunFolder(r.run_dir).check(r.config)
     todo = [r for r in runs if not r.done]
     log(f"{exp.name} ({scale}): {len(runs)} runs, {len(runs) - len(todo)} finished, "
         f"{len(todo)} {'not finished' if table_only else 'to train'}")
-    if table_only:
-        if len(todo) == len(runs):
+    if table_only:  # a finished teacher alone (a hidden cell) puts nothing in the table
+        if not any(r.done for r in runs if not r.cell.hidden):
             raise ValueError(f"no run of {exp.name} ({scale}, seeds 0-{seeds - 1}) is finished "
-                             f"under {out}: train them first (without --table-only)")
+                             f"under {out}: train them first (without --table-only); "
+                             "--scale, --seeds, --rows, --columns and --out must be the "
+                             "training command's")
         return write_experiment_report(exp, runs, Path(out) / exp.name / scale, scale=scale)
     if dry_run or jobs == 1:
         for i, r in enumerate(todo, 1):

@@ -77,6 +77,8 @@ def markdown(exp: Experiment, stats: Sequence[CellStats], *, scale: str = "full"
     lines = [f"# {exp.title}", "",
              f"Source: {exp.source}. Scale: **{scale}**"
              + (f", {seeds} seed(s)" if seeds else "")
+             + (" planned, some cells not yet complete"
+                if seeds and any(s.runs < s.planned for s in stats) else "")
              + f". Entries: test {metric} error (%) of each network's own classifier at the "
              "last epoch, mean(std) over seeds"
              + (" · the paper's number · the difference (ours − paper)." if has_paper else "."),
