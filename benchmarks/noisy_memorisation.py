@@ -25,6 +25,7 @@ from dcmkd.data import build_data  # noqa: E402
 from dcmkd.data.loader import DeviceLoader  # noqa: E402
 from dcmkd.engine.build import load_run  # noqa: E402
 from dcmkd.run_folder import RunFolder  # noqa: E402
+from dcmkd.weights import load_file  # noqa: E402
 
 
 @torch.no_grad()
@@ -56,7 +57,7 @@ def analyse(run_dir: Path) -> dict:
     if not torch.equal(clean.images, train.images):
         raise SystemExit(f"{run_dir}: the clean rebuild selected other training images")
     true_labels = clean.labels
-    saved = torch.load(folder.path / "noisy_labels.pt", weights_only=True)["indices"]
+    saved = load_file(folder.file(folder.NOISY_LABELS))["indices"]
     corrupted = torch.zeros(len(true_labels), dtype=torch.bool)
     corrupted[saved] = True
     if not torch.equal(corrupted, noisy_labels != true_labels):

@@ -350,8 +350,7 @@ def reproduce(exp: Experiment, *, rows: list[str] | None = None,
                              f"under {out}: train them first (without --table-only); "
                              "--scale, --seeds, --rows, --columns and --out must be the "
                              "training command's")
-        return write_experiment_report(exp, runs, Path(out) / exp.name / scale, scale=scale)
-    if dry_run or jobs == 1:
+    elif dry_run or jobs == 1:
         for i, r in enumerate(todo, 1):
             log(f"[{i}/{len(todo)}] {r.cell.key} seed {r.seed}: {r.config['method']} "
                 f"{'+'.join(r.config['nets'])}, {r.config['epochs']} epochs → {r.run_dir}")

@@ -93,7 +93,7 @@ def markdown(exp: Experiment, stats: Sequence[CellStats], *, scale: str = "full"
         entries = [(_entry(by_key[(row, c, n)], with_top5) if (row, c, n) in by_key else "")
                    for c in columns for n in exp.networks]
         lines.append("| " + " | ".join([row, models, *entries]) + " |")
-    times = _training_times(exp, stats, columns)
+    times = _training_times(exp, by_key, columns)
     if times:
         lines += ["", "Training time per run, minutes (mean over the finished runs; evaluation "
                   "not included): " + " · ".join(times) + "."]
@@ -102,13 +102,15 @@ def markdown(exp: Experiment, stats: Sequence[CellStats], *, scale: str = "full"
     return "\n".join(lines) + "\n"
 
 
-def _training_times(exp: Experiment, stats: Sequence[CellStats], columns: Sequence[str]) -> list[str]:
-    """``ROW: COLUMN m, …`` for every row with a timed run (one run serves all its networks)."""
-    first = {(s.row, s.column): s for s in reversed(stats)}    # the Net1 entry of each cell
+def _training_times(exp: Experiment, by_key: dict[tuple[str, str, str], CellStats],
+                    columns: Sequence[str]) -> list[str]:
+    """``ROW: COLUMN m, …`` for every row with a timed run, from each cell's first network's
+    entry (one run serves all the networks of its cell)."""
     out = []
     for row in exp.rows:
-        cells = [f"{c} {first[(row, c)].mean_minutes:.1f}" for c in columns
-                 if (row, c) in first and first[(row, c)].mean_minutes is not None]
+        entries = [(c, by_key.get((row, c, exp.networks[0]))) for c in columns]
+        cells = [f"{c} {e.mean_minutes:.1f}" for c, e in entries
+                 if e is not None and e.mean_minutes is not None]
         if cells:
             out.append(f"{row}: " + ", ".join(cells))
     return out
