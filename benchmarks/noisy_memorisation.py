@@ -62,7 +62,7 @@ def analyse(run_dir: Path) -> dict:
     corrupted[saved] = True
     if not torch.equal(corrupted, noisy_labels != true_labels):
         raise SystemExit(f"{run_dir}: noisy_labels.pt does not match the rebuilt labels")
-    out = {"run": str(run_dir), "method": cfg["method"], "nets": cfg["nets"],
+    out = {"run": str(run_dir), "method": cfg["method"], "nets": cfg["nets"], "seed": cfg["seed"],
            "images": len(true_labels), "corrupted": int(corrupted.sum()), "networks": []}
     for pred in predictions(built.method, train.images, built.data.mean, built.data.std):
         kept = ~corrupted
@@ -81,7 +81,7 @@ def markdown(results: list[dict]) -> str:
              "|---|---|---|---|---|---|"]
     for r in results:
         for n, s in enumerate(r["networks"]):
-            lines.append(f"| {r['method']} {'+'.join(r['nets'])} | net{n} | "
+            lines.append(f"| {r['method']} {'+'.join(r['nets'])} seed {r['seed']} | net{n} | "
                          f"{s['acc_kept_labels']:.3f} | {s['memorised']:.3f} | "
                          f"{s['corrected']:.3f} | {s['acc_on_noisy_labels']:.3f} |")
     first = results[0]
