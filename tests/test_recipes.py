@@ -123,6 +123,9 @@ def test_quick_protocol_of_the_published_result():
     paper = cell_config(exp, exp.cell("ResNet-20 ×2/DCM paper loss"), 0, "quick")
     assert paper["loss"]["rampup"] == 0 and {k: v for k, v in paper.items() if k != "loss"} == \
         {k: v for k, v in cfg.items() if k != "loss"}
+    for row in ("ResNet-20 ×2", "ResNet-20 ×2 (20% noisy labels)"):   # Table 6's DS: one net
+        ds = exp.cell(f"{row}/DS")
+        assert cell_config(exp, ds, 0, "quick")["nets"] == ["resnet20"] and ds.net == (0, 0)
     noisy = cell_config(exp, exp.cell("ResNet-20 ×2 (20% noisy labels)/DCM"), 0, "quick")
     assert noisy["data"]["label_noise"] == 0.2
     pair = cell_config(exp, exp.cell("ResNet-56 + ResNet-20/DCM"), 0, "quick")
