@@ -66,7 +66,7 @@ def test_missing_sklearn_message(monkeypatch):
 def test_build_digits():
     data = build_data(DataConfig(name="digits", batch_size=64, image_size=16), "cpu", seed=0)
     assert data.num_classes == 10 and data.input_size == 16 and data.noisy_indices is None
-    assert len(data.train) == 1437 // 64 and len(data.test) == 1
+    assert len(data.train) == 1437 // 64 and len(data.test) == 6   # 360 test images by 64
     x, y = next(data.train.epoch(0))
     assert x.shape == (64, 3, 16, 16) and abs(x.mean().item()) < 0.5
 
@@ -79,6 +79,16 @@ def test_build_synthetic_with_noise():
     clean = build_data({"name": "synthetic", "train_subset": 100, "image_size": 12}, "cpu")
     changed = (clean.train.labels != data.train.labels).nonzero().flatten()
     assert torch.equal(changed, data.noisy_indices)
+
+
+def test_test_batch_size_defaults_to_the_device_and_a_given_value_wins():
+    from dcmkd.data.build import default_test_batch_size
+
+    data = build_data({"name": "synthetic", "train_subset": 200}, "cpu")
+    assert len(data.test) == 2 and len(next(data.test.epoch(0))[1]) == 64   # 128 test images
+    assert default_test_batch_size("cuda:1") == 512 and default_test_batch_size("cpu") == 64
+    given = build_data({"name": "synthetic", "train_subset": 200, "test_batch_size": 100}, "cpu")
+    assert len(given.test) == 2 and len(next(given.test.epoch(0))[1]) == 100
 
 
 def test_unknown_dataset_and_option():

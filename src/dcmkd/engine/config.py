@@ -60,6 +60,7 @@ TYPES: dict[str, tuple] = {
     "teacher_weights": (str, None), "teacher_net": (int, None), "model_options": (dict, list),
     "nets": (list,), "out": (str, None), "recipe": (str,),
     "data.root": (str, None), "data.train_subset": (int, None), "data.image_size": (int, None),
+    "data.test_batch_size": (int, None),
     "data.cache_dir": (str, None), "optim.clip_grad_norm": (float, None),
     "schedule.milestones": (list,), "schedule.warmup_epochs": (float,),
     "sskd.stages": (int, list), "sskd.weight_decay": (float, None), "sskd.milestones": (list,),
