@@ -11,8 +11,8 @@ Readings (choices the papers leave open), all documented here:
 - ``train_subset``: a stratified subset drawn with the fixed seed 0, so every run of a protocol
   (whatever its ``seed``) trains on the same samples; the test set is never subsampled.
 - Label noise is applied after subsetting, with ``noise_seed`` (chosen once, not per run).
-- ``test_batch_size`` (no effect on results): by default :data:`GPU_TEST_BATCH` on a GPU, :data:`CPU_TEST_BATCH`
-  on the CPU (see :func:`default_test_batch_size`).
+- ``test_batch_size`` (no effect on results): by default :data:`GPU_TEST_BATCH` on a GPU,
+  :data:`CPU_TEST_BATCH` on the CPU (see :func:`default_test_batch_size`).
 """
 from __future__ import annotations
 
