@@ -130,6 +130,9 @@ def test_quick_protocol_of_the_published_result():
     assert noisy["data"]["label_noise"] == 0.2
     pair = cell_config(exp, exp.cell("ResNet-56 + ResNet-20/DCM"), 0, "quick")
     assert pair["optim"]["weight_decay"] == 5e-4 and pair["data"]["batch_size"] == 32
+    assert pair["schedule"]["gamma"] == cfg["schedule"]["gamma"] == 0.1   # ÷10 in every row
+    assert cell_config(exp, exp.cell("ResNet-56 + ResNet-20/DS"), 0, "quick")["nets"] == \
+        ["resnet56", "resnet20"]
     for cell in exp.cells:   # the paper's settings at the full scale
         full = cell_config(exp, cell, 0, "full")
         assert full["loss"]["rampup"] == 0 and full["epochs"] in (200,)
