@@ -256,3 +256,18 @@ def test_a_failing_compile_falls_back_to_eager_with_one_line(tmp_path, monkeypat
     failed = [line for line in logs if "torch.compile failed" in line]
     assert len(failed) == 2 and "no C++ compiler" in failed[0] and "\n" not in failed[0]
     assert summary["epochs"] == 1
+
+
+@pytest.mark.parametrize("clip", [None, 0.5, 100.0])
+def test_clip_grad_norm_bounds_the_total_gradient_norm_of_a_step(clip):
+    """``optim.clip_grad_norm`` acts: with plain SGD (lr 1) a step moves the weights by the
+    gradient, so the step's norm is the gradient's, 5 (3-4-0 and 0-0-0), or ``clip`` when that
+    is smaller."""
+    from types import SimpleNamespace
+    from dcmkd.engine.device import Precision
+    a, b = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(1))
+    method = SimpleNamespace(optimizer=torch.optim.SGD([a, b], lr=1.0))
+    step = loop_mod.Step(method, Precision("fp32", torch.device("cpu")), clip)
+    step((torch.tensor([3.0, 4.0]) * a).sum() + 0.0 * b.sum())
+    moved = torch.cat([a.detach(), b.detach()]).norm().item()
+    assert moved == pytest.approx(min(5.0, clip or math.inf), rel=1e-6)

@@ -305,3 +305,28 @@ def test_parallel_runs_start_seed_by_seed_the_costliest_first():
                 columns=["Ind", "DML", "DCM"], seeds=2)
     assert [(r.cell.column, r.seed) for r in launch_order(runs)] == [
         ("DCM", 0), ("DML", 0), ("Ind", 0), ("DCM", 1), ("DML", 1), ("Ind", 1)]
+
+
+def test_the_quick_protocol_of_quick_cifar10_trains_end_to_end_on_an_image_folder(tmp_path):
+    """The ``quick`` scale itself (``smoke`` derives from ``full``), shortened to 2 epochs on a
+    10-class folder: the class-balanced subset, the warm-up (lr 0.1 × 1e-3 at its start), the
+    ÷10 at 50%, evaluation every 10 epochs and at the last."""
+    import json
+
+    from test_data_folder import make_folder
+
+    from dcmkd.recipes import reproduce
+    make_folder(tmp_path / "data", classes=tuple("abcdefghij"), n=2, size=8)
+    exp = load_experiment("quick-cifar10")
+    paths = reproduce(exp, rows=["ResNet-20 ×2"], columns=["DCM"], seeds=1, scale="quick",
+                      out=tmp_path / "r", log=lambda s: None,
+                      overrides=[f"data.root={tmp_path / 'data'}", "epochs=2", "device=cpu",
+                                 "data.train_subset=10", "data.batch_size=5", "loss.rampup=1"])
+    assert paths["table_md"].is_file()
+    run = next((tmp_path / "r").rglob("summary.json")).parent
+    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
+               if '"train/' in line]
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert history[0]["lr"] == pytest.approx(1e-4) and history[1]["lr"] == pytest.approx(0.01)
+    assert [round(h["images_per_s"] * h["seconds"]) for h in history] == [10, 10]  # 1 per class
+    assert "test/net0/C1/top1" in history[1] and "test/net0/C1/top1" not in history[0]

@@ -58,7 +58,7 @@ def test_a_ramp_scales_every_distillation_term_and_nothing_else(shape):
             assert torch.allclose(b[k], expected, rtol=1e-5, atol=1e-7), (epoch, k)
     ramped.begin_step(0.0)
     if shape == "linear":
-        assert float(ramped(x, y).losses["net0/dcm2"]) == 0.0
+        assert float(ramped(x, y).losses["net0/dcm2"].detach()) == 0.0
 
 
 def test_dml_weight_ramps_too():
@@ -173,7 +173,8 @@ def test_the_official_init():
         fan_in = c.weight[0].numel()
         assert c.weight.std().item() == pytest.approx(math.sqrt(2 / fan_in), rel=0.25)
     bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
-    assert all(0 <= float(b.weight.min()) and float(b.weight.max()) < 1 for b in bns)
+    assert all(0 <= float(b.weight.detach().min()) and float(b.weight.detach().max()) < 1
+               for b in bns)
     assert all(float(b.bias.abs().max()) == 0 for b in bns)
 
 
@@ -189,12 +190,27 @@ def test_protocol_official_sets_every_detail_and_the_paper_protocol_none():
     assert own["data"]["pad_mode"] == "zeros"           # an explicit key wins over the protocol
 
 
-def test_official_normalisation_uses_cifar10_statistics_for_cifar100(tmp_path):
+def test_build_of_the_official_protocol_normalises_pads_and_initialises_as_the_official_code(
+        tmp_path):
+    """Through :func:`build`, as a run gets them: CIFAR-10's statistics for CIFAR-100, the
+    training loader's reflective padding, the official init of the networks."""
     from test_data_cifar import write_cifar100   # the official file format, written small
 
     write_cifar100(tmp_path)
-    cfg = resolve(None, ["method=ind", "nets=resnet20", "data.name=cifar100",
-                         f"data.root={tmp_path}", "protocol=official", "device=cpu"])
-    data = build(cfg).data
-    assert data.mean == pytest.approx((125.3 / 255, 123.0 / 255, 113.9 / 255))
-    assert data.std == pytest.approx((63.0 / 255, 62.1 / 255, 66.7 / 255))
+    args = ["method=ind", "nets=resnet20", "data.name=cifar100", f"data.root={tmp_path}",
+            "device=cpu", "seed=0"]
+    official, paper = (build(resolve(None, [*args, *p])) for p in (["protocol=official"], []))
+    assert official.data.mean == pytest.approx((125.3 / 255, 123.0 / 255, 113.9 / 255))
+    assert official.data.std == pytest.approx((63.0 / 255, 62.1 / 255, 66.7 / 255))
+    assert "pad_mode=reflect" in official.data.train.augment.__qualname__
+    assert "pad_mode=zeros" in paper.data.train.augment.__qualname__
+    for name in ("synthetic", "digits"):   # every padded dataset takes the key
+        other = build(resolve(None, ["method=ind", "nets=resnet20", f"data.name={name}",
+                                     "data.train_subset=20", "device=cpu", "protocol=official"]))
+        assert "pad_mode=reflect" in other.data.train.augment.__qualname__
+    def bn_weights(built) -> torch.Tensor:
+        return torch.cat([m.weight.detach() for m in built.method.networks[0].modules()
+                          if isinstance(m, nn.BatchNorm2d)])
+
+    assert float(bn_weights(official).max()) < 1 < 5 * float(bn_weights(official).std())  # U(0, 1)
+    assert bool((bn_weights(paper) == 1).all())                                          # PyTorch's

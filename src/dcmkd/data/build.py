@@ -70,7 +70,8 @@ class DataConfig:
     skip_bad_images: bool = False     # folder datasets: leave out files that cannot be decoded
     pad_mode: str = "zeros"           # crop padding: zeros (the usual) | reflect (official code)
     normalize: str = "dataset"        # CIFAR: the dataset's statistics | official (the DCM
-                                      # code's, CIFAR-10's for both CIFAR-10 and CIFAR-100)
+                                      # code's, CIFAR-10's for both CIFAR-10 and CIFAR-100);
+                                      # other datasets are normalised by their own statistics
 
     def __post_init__(self) -> None:
         check_choice("data.pad_mode", self.pad_mode, aug.PAD_MODES)
@@ -211,7 +212,8 @@ def build_data(cfg: DataConfig | dict[str, Any], device: torch.device | str = "c
         test = load_digits_dataset(False, size)
         mean, std = aug.channel_stats(train[0])
         return _in_memory(cfg, device, seed, train[:2], test[:2], train[2],
-                          aug.pad_crop_flip(max(1, size // 8), flip=False), mean, std, **dist)
+                          aug.pad_crop_flip(max(1, size // 8), flip=False, pad_mode=cfg.pad_mode),
+                          mean, std, **dist)
 
     if cfg.name == "synthetic":
         # uniform 0..255 pixels: mean 0.5, std 1/sqrt(12) on the 0..1 scale
@@ -220,7 +222,8 @@ def build_data(cfg: DataConfig | dict[str, Any], device: torch.device | str = "c
         train = synthetic_split(n, size, 10, SUBSET_SEED)
         test = synthetic_split(min(128, n), size, 10, SUBSET_SEED + 1)  # no more than train
         return _in_memory(cfg, device, seed, train, test, classes,
-                          aug.pad_crop_flip(max(1, size // 8)), (0.5,) * 3, (0.289,) * 3,
+                          aug.pad_crop_flip(max(1, size // 8), pad_mode=cfg.pad_mode),
+                          (0.5,) * 3, (0.289,) * 3,
                           subset=False, **dist)
 
     root = _root(cfg, required=True)

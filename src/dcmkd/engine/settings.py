@@ -22,6 +22,11 @@ class TrainSettings:
     ``compile``: the networks run through ``torch.compile`` (eager if it fails, with a message).
     ``divergence_factor``: a run whose mean loss over a log interval exceeds this multiple of
     its first interval's for two intervals in a row stops like a NaN does (0 disables).
+    ``clip_grad_norm`` (the config's ``optim.clip_grad_norm``; beyond the paper, which does not
+    clip): the total gradient norm over every parameter the optimiser holds is rescaled to at
+    most this before each step, the gradient-norm clipping of Pascanu et al. (2013); offered
+    against the early spike of DCM's summed distillation gradient (README, "DCM on a small
+    budget").
     """
 
     optim: SGDSettings = field(default_factory=SGDSettings)
