@@ -313,8 +313,10 @@ def test_the_quick_protocol_of_quick_cifar10_trains_end_to_end_on_an_image_folde
     ÷10 at 50%, evaluation every 10 epochs and at the last."""
     import json
 
+    import torch
     from test_data_folder import make_folder
 
+    from dcmkd.engine.build import load_run
     from dcmkd.recipes import reproduce
     make_folder(tmp_path / "data", classes=tuple("abcdefghij"), n=2, size=8)
     exp = load_experiment("quick-cifar10")
@@ -328,5 +330,8 @@ def test_the_quick_protocol_of_quick_cifar10_trains_end_to_end_on_an_image_folde
                if '"train/' in line]
     assert [h["epoch"] for h in history] == [1, 2]
     assert history[0]["lr"] == pytest.approx(1e-4) and history[1]["lr"] == pytest.approx(0.01)
-    assert [round(h["images_per_s"] * h["seconds"]) for h in history] == [10, 10]  # 1 per class
+    assert [round(h["images_per_s"] * h["seconds"]) for h in history] == [10, 10]
     assert "test/net0/C1/top1" in history[1] and "test/net0/C1/top1" not in history[0]
+    built = load_run(run, device="cpu")
+    assert built.settings.eval_every == 10                 # the last epoch is evaluated anyway
+    assert torch.bincount(built.data.train.labels).tolist() == [1] * 10   # 1 image per class

@@ -70,8 +70,10 @@ class DataConfig:
     skip_bad_images: bool = False     # folder datasets: leave out files that cannot be decoded
     pad_mode: str = "zeros"           # crop padding: zeros (the usual) | reflect (official code)
     normalize: str = "dataset"        # CIFAR: the dataset's statistics | official (the DCM
-                                      # code's, CIFAR-10's for both CIFAR-10 and CIFAR-100);
-                                      # other datasets are normalised by their own statistics
+                                      # code's, CIFAR-10's for both CIFAR-10 and CIFAR-100),
+                                      # CIFAR only: the others use ImageNet's (imagenet,
+                                      # streamed folders), computed (small folders, digits)
+                                      # or fixed (synthetic) statistics
 
     def __post_init__(self) -> None:
         check_choice("data.pad_mode", self.pad_mode, aug.PAD_MODES)
