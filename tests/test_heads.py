@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from dcmkd.heads import (AUX_TABLES, AUX_KINDS, build_multi_exit, derived_branches,
-                         parse_classifiers)
+from dcmkd.heads import (AUX_TABLES, AUX_KINDS, available_classifiers, build_multi_exit,
+                         derived_branches, parse_classifiers)
 from dcmkd.models import create_model, list_models
 from dcmkd.registry import UnknownNameError
 
@@ -107,6 +107,22 @@ def test_forward_backward_every_model_and_kind(name, kind):
     for cname, branch in net.branches.items():
         assert all(p.grad is not None for p in branch.parameters()), cname
     assert net.backbone.stem.parameters().__next__().grad is not None
+
+
+@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("kind", AUX_KINDS)
+def test_every_available_classifier_runs(name, kind):
+    """Every classifier a model offers (C4 included) builds and runs in every kind: the
+    ``narrow`` C4 of a CIFAR ResNet taps the 16-channel stem with 8-channel blocks, which the
+    parameter-free shortcut cannot do (it once failed at the first forward pass)."""
+    with torch.device("meta"):
+        probe = build_multi_exit(name, 5)
+        offered = available_classifiers(probe.backbone, name)
+        net = build_multi_exit(name, 5, classifiers=offered, kind=kind)
+        size = net.backbone.input_size
+        outs = net(torch.empty(2, 3, size, size))
+    assert net.classifier_names == ["C1", *offered]
+    assert all(o.shape == (2, 5) for o in outs)
 
 
 def test_narrow_halves_widths_and_growth():

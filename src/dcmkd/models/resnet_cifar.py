@@ -42,7 +42,9 @@ def projection(cin: int, cout: int, stride: int) -> nn.Sequential:
 
 class BasicBlock(nn.Module):
     """conv3×3-BN-ReLU-conv3×3-BN, + shortcut, ReLU. ``shortcut`` "A" (zero-pad, CIFAR) or "B"
-    (1×1 projection, ImageNet) where the shape changes."""
+    (1×1 projection, ImageNet) where the shape changes. Option A cannot drop channels, so a
+    block narrower than its input (only the ``narrow`` C4 branch, which taps the 16-channel
+    stem with 8-channel blocks) takes the projection whatever ``shortcut`` says."""
 
     def __init__(self, cin: int, cout: int, stride: int = 1, shortcut: str = "A"):
         super().__init__()
@@ -50,7 +52,7 @@ class BasicBlock(nn.Module):
         self.conv2, self.bn2 = conv3x3(cout, cout), nn.BatchNorm2d(cout)
         if stride == 1 and cin == cout:
             self.shortcut: nn.Module = nn.Identity()
-        elif shortcut == "A":
+        elif shortcut == "A" and cout >= cin:
             self.shortcut = PadShortcut(cin, cout, stride)
         else:
             self.shortcut = projection(cin, cout, stride)
