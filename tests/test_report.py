@@ -117,6 +117,46 @@ def test_table_only_writes_the_finished_runs_and_trains_nothing(tmp_path, capsys
     assert "not allowed with" in capsys.readouterr().err
 
 
+def test_the_table_of_some_columns_shows_the_other_columns_finished_runs(tmp_path):
+    """``--columns`` chooses what is trained; the table keeps every column's finished runs (a
+    column trained earlier does not vanish from it), but never another config's."""
+    exp = load_experiment("dcm-table1")
+    runs = plan(exp, rows=["ResNet-164 ×2"], seeds=1, out=tmp_path)
+    by_column = {r.cell.column: r for r in runs}
+    fake_run(by_column["DML"], [20.0, 21.0])
+    fake_run(by_column["Ind"], [23.0])
+    logs: list[str] = []
+    paths = reproduce(exp, rows=["ResNet-164 ×2"], columns=["Ind"], seeds=1, out=tmp_path,
+                      log=logs.append)                       # Ind finished: nothing trained
+    md = paths["table_md"].read_text()
+    assert "23.00" in md and "20.00" in md and "21.00" in md
+    other = plan(exp, rows=["ResNet-164 ×2"], seeds=1, out=tmp_path, overrides=["optim.lr=0.05"])
+    fake_run(next(r for r in other if r.cell.column == "Ind"), [23.0])
+    for r in other:                         # DML and DCM hold this lr's config, Ind another
+        if r.cell.column == "DML":
+            (r.run_dir / "config.yaml").write_text(dump(r.config))
+    paths = reproduce(exp, rows=["ResNet-164 ×2"], columns=["Ind"], seeds=1, out=tmp_path,
+                      overrides=["optim.lr=0.05"], log=logs.append)
+    md = paths["table_md"].read_text()
+    assert "20.00" in md                                     # DML rewritten to lr 0.05: shown
+    assert not any(line.startswith("not in the table:") for line in logs)
+    (by_column["DML"].run_dir / "config.yaml").write_text(dump(by_column["DML"].config))
+    paths = reproduce(exp, rows=["ResNet-164 ×2"], columns=["Ind"], seeds=1, out=tmp_path,
+                      overrides=["optim.lr=0.05"], log=logs.append)
+    assert "20.00" not in paths["table_md"].read_text()      # DML of lr 0.1 is not shown
+    assert any(line.startswith("not in the table:") and "optim.lr" in line for line in logs)
+
+
+def test_no_seeds_is_an_error_not_an_empty_table(tmp_path, capsys):
+    exp = load_experiment("dcm-table1")
+    for seeds in (0, -2):
+        with pytest.raises(ValueError, match="--seeds must be at least 1"):
+            reproduce(exp, seeds=seeds, out=tmp_path, table_only=True)
+    assert main(["reproduce", "dcm-table1", "--seeds", "0", "--out", str(tmp_path)]) != 0
+    assert "--seeds" in capsys.readouterr().err
+    assert not any(tmp_path.rglob("table.md"))
+
+
 def test_report_groups_arbitrary_runs_by_config(tmp_path):
     exp = load_experiment("dcm-table7")
     runs = plan(exp, rows=["0.2", "0.5"], seeds=2, out=tmp_path)

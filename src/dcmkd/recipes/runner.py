@@ -34,7 +34,7 @@ from dcmkd.methods import METHODS
 from dcmkd.recipes.experiment import Cell, Experiment, _deep_merge, slug, teacher_reference
 from dcmkd.recipes.scales import SCALES, quick_overrides, shorten, smoke_overrides
 from dcmkd.registry import check_choice
-from dcmkd.run_folder import RunFolder
+from dcmkd.run_folder import RunConflict, RunFolder
 
 
 @dataclass(frozen=True)
@@ -337,15 +337,20 @@ def reproduce(exp: Experiment, *, rows: list[str] | None = None,
 
     if seeds is None:
         seeds = 1 if scale == "smoke" else exp.seeds
-    runs = plan(exp, rows=rows, columns=columns, seeds=seeds, scale=scale, out=out,
-                overrides=overrides, standins=standins)
+    if seeds < 1:
+        raise ValueError(f"--seeds must be at least 1 (seeds 0..N-1), got {seeds}")
+    planned = dict(exp=exp, rows=rows, seeds=seeds, scale=scale, out=out, overrides=overrides,
+                   standins=standins)
+    runs = plan(columns=columns, **planned)
     for r in runs:  # a folder holding another config's run is refused, never reported
         RunFolder(r.run_dir).check(r.config)
+    shown = runs + (other_columns(runs, plan(columns=None, **planned), log)
+                    if columns is not None else [])
     todo = [r for r in runs if not r.done]
     log(f"{exp.name} ({scale}): {len(runs)} runs, {len(runs) - len(todo)} finished, "
         f"{len(todo)} {'not finished' if table_only else 'to train'}")
     if table_only:  # a finished teacher alone (a hidden cell) puts nothing in the table
-        if not any(r.done for r in runs if not r.cell.hidden):
+        if not any(r.done for r in shown if not r.cell.hidden):
             raise ValueError(f"no run of {exp.name} ({scale}, seeds 0-{seeds - 1}) is finished "
                              f"under {out}: train them first (without --table-only); "
                              "--scale, --seeds, --rows, --columns and --out must be the "
@@ -362,4 +367,22 @@ def reproduce(exp: Experiment, *, rows: list[str] | None = None,
         run_parallel(todo, min(jobs, len(todo)), devices, log, nproc_per_run)
     if dry_run:
         return {}
-    return write_experiment_report(exp, runs, Path(out) / exp.name / scale, scale=scale)
+    return write_experiment_report(exp, shown, Path(out) / exp.name / scale, scale=scale)
+
+
+def other_columns(chosen: Sequence[PlannedRun], every: Sequence[PlannedRun],
+                  log: Callable[[str], None]) -> list[PlannedRun]:
+    """The runs of ``every`` outside ``chosen`` that the table may show beside them (those
+    of the unchosen columns): a folder holding another config's run is left out, and said."""
+    mine = {r.run_dir for r in chosen}
+    shown = []
+    for r in every:
+        if r.run_dir in mine:
+            continue
+        try:
+            RunFolder(r.run_dir).check(r.config)
+        except RunConflict as e:
+            log(f"not in the table: {e}")
+            continue
+        shown.append(r)
+    return shown
