@@ -6,6 +6,8 @@ A run is a folder::
 
     config.yaml        what defines the run: the resolved config (or, for a run started from
                        built objects, a description of the method and the settings)
+    data.json          what it trains on (:mod:`dcmkd.data.identity`): a run is refused on
+                       other data even where the config is the same (``data.root`` may change)
     environment.json   dcmkd, git commit, torch, Python, device
     metrics.jsonl      one JSON line per epoch
     checkpoint.pt      the latest checkpoint (weights_only loading)
@@ -106,6 +108,7 @@ class RunFolder:
     """One run's folder (see the module note). Creating the object touches nothing on disk."""
 
     CONFIG = "config.yaml"
+    DATA = "data.json"
     ENVIRONMENT = "environment.json"
     METRICS = "metrics.jsonl"
     CHECKPOINT = "checkpoint.pt"
@@ -163,10 +166,12 @@ class RunFolder:
     def write_config(self, config: dict[str, Any]) -> None:
         atomic_write_text(self.file(self.CONFIG), yamlio.dumps(config))
 
-    def check(self, config: dict[str, Any]) -> None:
+    def check(self, config: dict[str, Any], data: dict[str, Any] | None = None) -> None:
         """Refuse ``config`` if the folder holds a started or finished run of another config
-        (only :data:`RESUMABLE_KEYS` may differ). A run whose ``config.yaml`` was deleted is
-        compared with the config its checkpoint records."""
+        (only :data:`RESUMABLE_KEYS` may differ), or, given ``data`` (the identity of the data
+        at hand, :mod:`dcmkd.data.identity`), a run whose ``data.json`` says other data (a run
+        without that file, from before it existed, is not compared). A run whose
+        ``config.yaml`` was deleted is compared with the config its checkpoint records."""
         if self.path.exists() and not self.path.is_dir():
             raise FileExistsError(f"the run folder {self.path} is a file, not a folder")
         if not (self.has_checkpoint or self.finished):
@@ -177,14 +182,29 @@ class RunFolder:
         if saved is None:
             raise RunConflict(f"{self.path} holds a run without its {self.CONFIG} (its config "
                               "is unknown); restore the file, or choose another -o/--out")
+        state = "a finished" if self.finished else "an interrupted"
         diff = differences(saved, config)
         if diff:
             shown = "; ".join(diff[:4]) + (f"; and {len(diff) - 4} more" if len(diff) > 4 else "")
-            state = "a finished" if self.finished else "an interrupted"
             raise RunConflict(f"{self.path} holds {state} run with another config ({shown}); "
                               "choose another -o/--out, or delete the folder")
+        saved_data = self.read_data() if data is not None else None
+        if saved_data is not None and saved_data != data:
+            shown = "; ".join(f"{k}: {saved_data.get(k, '<unset>')!r} → {data.get(k, '<unset>')!r}"
+                              for k in sorted(set(saved_data) | set(data))
+                              if saved_data.get(k) != data.get(k))
+            raise RunConflict(f"{self.path} holds {state} run of the same config on other data "
+                              f"({shown}); point data.root at the run's data, or choose another "
+                              "-o/--out")
 
     # -- files written once per run --------------------------------------------------------
+    def read_data(self) -> dict[str, Any] | None:
+        """The identity of the data the run trains on (``data.json``), or None without one."""
+        return read_json(self.file(self.DATA))
+
+    def write_data(self, identity: dict[str, Any]) -> None:
+        atomic_write_text(self.file(self.DATA), json.dumps(identity, indent=2))
+
     def write_environment(self, environment: dict[str, Any]) -> None:
         atomic_write_text(self.file(self.ENVIRONMENT), json.dumps(environment, indent=2))
 
@@ -261,7 +281,7 @@ class RunFolder:
         """Remove what a start wrote when it ends before its first checkpoint."""
         if self.has_checkpoint or self.finished:
             return
-        for name in (self.CONFIG, self.ENVIRONMENT, self.NOISY_LABELS, self.METRICS):
+        for name in (self.CONFIG, self.DATA, self.ENVIRONMENT, self.NOISY_LABELS, self.METRICS):
             self.file(name).unlink(missing_ok=True)
         shutil.rmtree(self.file(self.TENSORBOARD), ignore_errors=True)
 
@@ -297,8 +317,7 @@ class RunFolder:
 
     # -- summary -----------------------------------------------------------------------------
     def read_summary(self) -> dict[str, Any] | None:
-        path = self.file(self.SUMMARY)
-        return json.loads(path.read_text()) if path.is_file() else None
+        return read_json(self.file(self.SUMMARY))
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         atomic_write_text(self.file(self.SUMMARY), json.dumps(summary, indent=2))
@@ -308,6 +327,17 @@ class RunFolder:
         if self.path.is_dir():
             for tmp in self.path.glob(f".*{TMP_SUFFIX}"):
                 tmp.unlink(missing_ok=True)
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file of a run, None when absent; a damaged one is an error naming it."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): the file is damaged; restore or "
+                         "delete it") from None
 
 
 def config_hash(config: dict[str, Any]) -> str:

@@ -27,7 +27,8 @@ from dcmkd.data import augment as aug
 from dcmkd.data.cifar import CIFAR, load_cifar
 from dcmkd.data.digits import load_digits_dataset
 from dcmkd.data.folder import CACHE_MAX_SIZE, FolderStream, first_image, image_size, \
-    load_folder_cached
+    load_folder_cached, scan_folder
+from dcmkd.data.identity import folder_files, identity
 from dcmkd.data.loader import DeviceLoader, StreamLoader
 from dcmkd.data.noise import corrupt_labels
 from dcmkd.data.subset import stratified_indices
@@ -92,7 +93,8 @@ class DataConfig:
 @dataclass
 class Data:
     """Loaders and facts about a dataset. ``noisy_indices``: training samples whose label was
-    corrupted (indices into the training set as loaded), ``None`` without label noise."""
+    corrupted (indices into the training set as loaded), ``None`` without label noise.
+    ``identity``: what the data is (:mod:`dcmkd.data.identity`), a run folder's ``data.json``."""
 
     train: Loader
     test: Loader
@@ -103,6 +105,7 @@ class Data:
     mean: tuple[float, ...] = field(default=(0.5, 0.5, 0.5))
     std: tuple[float, ...] = field(default=(0.25, 0.25, 0.25))
     name: str = ""
+    identity: dict[str, Any] | None = None
 
 
 def default_data_root() -> Path:
@@ -135,8 +138,10 @@ def _prepare_train(labels: torch.Tensor, cfg: DataConfig, num_classes: int, subs
 def _in_memory(cfg: DataConfig, device, seed: int, train: tuple[torch.Tensor, torch.Tensor],
                test: tuple[torch.Tensor, torch.Tensor], classes: list[str],
                transform: aug.Transform, mean: Sequence[float], std: Sequence[float],
-               subset: bool = True, **dist: int) -> Data:
+               subset: bool = True, files: Sequence[tuple[str, int]] = (), **dist: int) -> Data:
+    """``files``: the images' relative paths and sizes, for a dataset read from a folder."""
     x, y = train
+    ident = identity(cfg.name, classes, y, test[1], files)
     keep, y, noisy = _prepare_train(y, cfg, len(classes), subset)
     if keep is not None:
         x = x[keep]
@@ -146,7 +151,7 @@ def _in_memory(cfg: DataConfig, device, seed: int, train: tuple[torch.Tensor, to
         test=DeviceLoader(test[0], test[1], cfg.test_batch_size, train=False, device=device,
                           seed=seed, mean=mean, std=std, **dist),
         num_classes=len(classes), classes=list(classes), input_size=int(x.shape[-2]),
-        noisy_indices=noisy, mean=tuple(mean), std=tuple(std), name=cfg.name)
+        noisy_indices=noisy, mean=tuple(mean), std=tuple(std), name=cfg.name, identity=ident)
 
 
 def _streaming(cfg: DataConfig, device, seed: int, root: Path, crop: int,
@@ -154,6 +159,8 @@ def _streaming(cfg: DataConfig, device, seed: int, root: Path, crop: int,
     resize = round(crop * 256 / 224)
     train_ds = FolderStream(root, "train", size=resize, skip_bad=cfg.skip_bad_images)
     test_ds = FolderStream(root, "val", size=resize, skip_bad=cfg.skip_bad_images)
+    ident = identity(cfg.name, train_ds.classes, train_ds.labels, test_ds.labels,
+                     folder_files(root, train_ds.paths + test_ds.paths))
     keep, labels, noisy = _prepare_train(train_ds.labels, cfg, len(train_ds.classes))
     if keep is not None:
         train_ds = train_ds.select(keep)
@@ -170,7 +177,7 @@ def _streaming(cfg: DataConfig, device, seed: int, root: Path, crop: int,
         train=StreamLoader(train_ds, cfg.batch_size, train=True, augment=train_tf, **common),
         test=StreamLoader(test_ds, cfg.test_batch_size, train=False, augment=eval_tf, **common),
         num_classes=len(train_ds.classes), classes=list(train_ds.classes), input_size=crop,
-        noisy_indices=noisy, mean=tuple(mean), std=tuple(std), name=cfg.name)
+        noisy_indices=noisy, mean=tuple(mean), std=tuple(std), name=cfg.name, identity=ident)
 
 
 def synthetic_split(n: int, size: int, num_classes: int, seed: int
@@ -237,10 +244,10 @@ def build_data(cfg: DataConfig | dict[str, Any], device: torch.device | str = "c
         return _streaming(cfg, device, seed, root, cfg.image_size or 224, aug.IMAGENET_MEAN,
                           aug.IMAGENET_STD, **dist)
     workers = max(1, min(2, cfg.workers))
-    train = load_folder_cached(root, "train", cfg.cache_dir, workers=workers,
-                               skip_bad=cfg.skip_bad_images)
-    test = load_folder_cached(root, "test", cfg.cache_dir, workers=workers,
-                              skip_bad=cfg.skip_bad_images)
+    scans = {split: scan_folder(root, split) for split in ("train", "test")}
+    train, test = (load_folder_cached(root, split, cfg.cache_dir, workers=workers,
+                                      skip_bad=cfg.skip_bad_images, scan=scans[split])
+                   for split in ("train", "test"))
     if train[2] != test[2]:
         raise ValueError(f"class folders differ between train and test under {root}")
     if train[0].shape[1:] != test[0].shape[1:]:
@@ -250,4 +257,13 @@ def build_data(cfg: DataConfig | dict[str, Any], device: torch.device | str = "c
     size = min(train[0].shape[-2:])
     return _in_memory(cfg, device, seed, train[:2], test[:2], train[2],
                       aug.pad_crop_flip(max(1, size // 8), pad_mode=cfg.pad_mode), mean, std,
-                      **dist)
+                      files=folder_files(root, scans["train"][0] + scans["test"][0]), **dist)
+
+
+def dataset_identity(cfg: DataConfig | dict[str, Any]) -> dict[str, Any]:
+    """The identity (:mod:`dcmkd.data.identity`) of the data ``cfg`` loads (loaded on the CPU),
+    to compare with a finished run's ``data.json`` without training."""
+    identity = build_data(cfg, "cpu").identity
+    assert identity is not None
+    return identity
+

@@ -274,7 +274,9 @@ def _write_atomic(path: Path, **arrays: np.ndarray) -> None:
 
 def load_folder_cached(root: str | os.PathLike, split: str,
                        cache_dir: str | os.PathLike | None = None, *, workers: int = 2,
-                       skip_bad: bool = False) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+                       skip_bad: bool = False,
+                       scan: tuple[list[str], list[int], list[str]] | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """A small image-folder split as ``(uint8 [N,3,H,W], int64 labels [N], class names)``.
 
     The first call decodes every image (all must share one size) and writes
@@ -282,8 +284,9 @@ def load_folder_cached(root: str | os.PathLike, split: str,
     without decoding. The key hashes paths, sizes and mtimes, so adding, removing or touching a
     file invalidates it (stale caches of the same folder and split are removed). An image that
     cannot be decoded is an error naming it, or, with ``skip_bad``, left out with a warning.
+    ``scan``: the split's :func:`scan_folder`, when the caller has it already.
     """
-    paths, labels, classes = scan_folder(root, split)
+    paths, labels, classes = scan if scan is not None else scan_folder(root, split)
     key = cache_key(paths, labels, classes) + ("-skip-bad" if skip_bad else "")
     cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     prefix = _cache_prefix(root, split)

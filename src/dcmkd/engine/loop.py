@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 from dcmkd.data.batches import Batches, as_batches
+from dcmkd.data.identity import generic_identity
 from dcmkd.engine import distributed
 from dcmkd.engine.device import Precision, compile_networks, environment, pick_device
 from dcmkd.engine.plots import plot_test_error
@@ -59,23 +60,27 @@ def fit(method: Method, data: Any, run: RunFolder | str, settings: TrainSettings
     log = log if main and not settings.quiet else (lambda s: None)
     train_batches, test_batches = _split(data, test, settings.seed, ctx, log)
     identity = config if config is not None else describe(method, settings)
+    data_identity = getattr(data, "identity", None) or generic_identity(train_batches)
     with run.lock() if main else nullcontext():
-        summary = agree(ctx, lambda: run.read_summary() if check_run(run, identity) else None)
+        summary = agree(ctx, lambda: run.read_summary()
+                        if check_run(run, identity, data_identity) else None)
         if summary is not None:
             log(f"{run}: finished run, not redone")
             return summary
         try:
             return _train(method, train_batches, test_batches, getattr(data, "noisy_indices", None),
-                          run, settings, identity, ctx, log)
+                          run, settings, identity, data_identity, ctx, log)
         except BaseException:
             if main:
                 run.discard_start()   # a start that wrote no checkpoint leaves nothing behind
             raise
 
 
-def check_run(run: RunFolder, identity: dict[str, Any]) -> bool:
-    """Refuse another run's folder; True when the folder holds this run, finished."""
-    run.check(identity)
+def check_run(run: RunFolder, identity: dict[str, Any],
+              data_identity: dict[str, Any] | None = None) -> bool:
+    """Refuse another run's folder (another config, or other data); True when the folder
+    holds this run, finished."""
+    run.check(identity, data_identity)
     return run.finished
 
 
@@ -103,8 +108,8 @@ def agree(ctx: distributed.Distributed | None, decide: Callable[[], Any]) -> Any
 
 def _train(method: Method, train_batches: Batches, test_batches: Batches | None,
            noisy: torch.Tensor | None, run: RunFolder, settings: TrainSettings,
-           identity: dict[str, Any], ctx: distributed.Distributed | None, log: Log
-           ) -> dict[str, Any]:
+           identity: dict[str, Any], data_identity: dict[str, Any],
+           ctx: distributed.Distributed | None, log: Log) -> dict[str, Any]:
     # -- set up: device, precision, processes, the method's optimisation, the run folder
     device = pick_device(distributed.device_of(ctx, settings.device))
     if settings.deterministic:
@@ -124,6 +129,7 @@ def _train(method: Method, train_batches: Batches, test_batches: Batches | None,
                    DivergenceGuard(settings.divergence_factor), log, ctx, grad_allreduce)
     if loop.main:
         run.write_config(identity)
+        run.write_data(data_identity)
         run.write_environment(environment(device))
         if noisy is not None:
             run.write_noisy_labels(noisy)

@@ -5,10 +5,12 @@ networks and data); the config path is :func:`dcmkd.engine.build.build`.
 """
 from __future__ import annotations
 
+import json
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+from dcmkd.data import dataset_identity
 from dcmkd.engine import distributed
 from dcmkd.engine.build import build
 from dcmkd.engine.loop import Log, TrainingDiverged, check_run, agree, fit
@@ -38,8 +40,7 @@ class Trainer:
                                   cfg["dist_timeout"])
         main = ctx is None or ctx.is_main
         with self.run.lock() if main else nullcontext():   # one writer, check to summary
-            summary = agree(ctx, lambda: self.run.read_summary()
-                            if check_run(self.run, cfg) else None)
+            summary = agree(ctx, lambda: self.finished_summary())
             if summary is not None:
                 if main and not cfg["quiet"]:
                     self.log(f"{self.run}: finished run, not redone")
@@ -48,9 +49,37 @@ class Trainer:
             return fit(built.method, built.data, self.run, built.settings, config=cfg,
                        log=self.log)
 
+    def finished_summary(self) -> dict[str, Any] | None:
+        """The summary of the run, if the folder holds it finished on the same data; a folder
+        of another run is refused."""
+        if not check_run(self.run, self.cfg):
+            return None
+        check_finished_data(self.run, self.cfg, self.log)
+        return self.run.read_summary()
+
+
+def check_finished_data(run: RunFolder, cfg: dict[str, Any], log: Log = print,
+                        known: dict[str, dict[str, Any] | None] | None = None) -> None:
+    """Refuse a finished run whose ``data.json`` names other data than ``cfg`` loads now
+    (``data.root`` does not define a run). The data is loaded on the CPU, never downloaded,
+    once per data config kept in ``known``; data that is not there cannot be compared, which is
+    logged."""
+    if not run.finished or run.read_data() is None:
+        return
+    known = {} if known is None else known
+    key = json.dumps(cfg["data"], sort_keys=True, default=str)
+    if key not in known:
+        try:
+            known[key] = dataset_identity({**cfg["data"], "download": False})
+        except FileNotFoundError as e:
+            log(f"{run}: data.json not compared with the data ({e})")
+            known[key] = None
+    if known[key] is not None:
+        run.check(cfg, known[key])
+
 
 def train(cfg: dict[str, Any], run_dir: str | Path | None = None, **kw: Any) -> dict[str, Any]:
     return Trainer(cfg, run_dir, **kw).fit()
 
 
-__all__ = ["Trainer", "TrainingDiverged", "train"]
+__all__ = ["Trainer", "TrainingDiverged", "check_finished_data", "train"]

@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from dcmkd.engine.config import dump, merge, parse_override, resolve, validate
-from dcmkd.engine.trainer import Trainer
+from dcmkd.engine.trainer import Trainer, check_finished_data
 from dcmkd.methods import METHODS
 from dcmkd.recipes.experiment import Cell, Experiment, _deep_merge, slug, teacher_reference
 from dcmkd.recipes.scales import SCALES, quick_overrides, shorten, smoke_overrides
@@ -342,9 +342,11 @@ def reproduce(exp: Experiment, *, rows: list[str] | None = None,
     planned = dict(exp=exp, rows=rows, seeds=seeds, scale=scale, out=out, overrides=overrides,
                    standins=standins)
     runs = plan(columns=columns, **planned)
-    for r in runs:  # a folder holding another config's run is refused, never reported
+    datasets: dict[str, dict[str, Any] | None] = {}   # the data of each data config, loaded once
+    for r in runs:  # a folder holding another config's run, or other data, is refused
         RunFolder(r.run_dir).check(r.config)
-    shown = runs + (other_columns(runs, plan(columns=None, **planned), log)
+        check_finished_data(RunFolder(r.run_dir), r.config, log, datasets)
+    shown = runs + (other_columns(runs, plan(columns=None, **planned), log, datasets)
                     if columns is not None else [])
     todo = [r for r in runs if not r.done]
     log(f"{exp.name} ({scale}): {len(runs)} runs, {len(runs) - len(todo)} finished, "
@@ -371,9 +373,11 @@ def reproduce(exp: Experiment, *, rows: list[str] | None = None,
 
 
 def other_columns(chosen: Sequence[PlannedRun], every: Sequence[PlannedRun],
-                  log: Callable[[str], None]) -> list[PlannedRun]:
+                  log: Callable[[str], None],
+                  datasets: dict[str, dict[str, Any] | None] | None = None) -> list[PlannedRun]:
     """The runs of ``every`` outside ``chosen`` that the table may show beside them (those
-    of the unchosen columns): a folder holding another config's run is left out, and said."""
+    of the unchosen columns): a folder holding another config's run, or a run on other data,
+    is left out, and said (``datasets``: see :func:`check_finished_data`)."""
     mine = {r.run_dir for r in chosen}
     shown = []
     for r in every:
@@ -381,6 +385,7 @@ def other_columns(chosen: Sequence[PlannedRun], every: Sequence[PlannedRun],
             continue
         try:
             RunFolder(r.run_dir).check(r.config)
+            check_finished_data(RunFolder(r.run_dir), r.config, log, datasets)
         except RunConflict as e:
             log(f"not in the table: {e}")
             continue

@@ -1,0 +1,113 @@
+"""A run's data.json: the same config on other data is refused (``data.root`` may move, the data
+may not change), by ``dcmkd train``, ``dcmkd.fit`` with your own loaders and ``reproduce``."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+from test_data_folder import make_folder
+from test_loop import loaders, wrapped_pair
+
+import dcmkd
+from dcmkd.cli import main
+from dcmkd.data import build_data, dataset_identity
+from dcmkd.data.identity import identity
+from dcmkd.recipes import load_experiment, plan, reproduce
+from dcmkd.run_folder import RunConflict, RunFolder
+
+TRAIN = ["train", "-m", "ind", "-n", "resnet20", "-d", "folder", "-e", "1", "-q", "device=cpu",
+         "data.batch_size=3", "schedule.name=constant"]
+
+
+def test_identity_names_the_data_and_changes_with_it():
+    a = identity("folder", ["ant", "bee"], [0, 0, 1], [0, 1], [("train/ant/0.png", 10)])
+    assert {k: a[k] for k in ("dataset", "classes", "train_images", "test_images")} == \
+        {"dataset": "folder", "classes": 2, "train_images": 3, "test_images": 2}
+    assert a == identity("folder", ["ant", "bee"], torch.tensor([0, 0, 1]), [0, 1],
+                         [("train/ant/0.png", 10)])
+    for other in (identity("folder", ["ant", "bee"], [0, 1, 1], [0, 1], [("train/ant/0.png", 10)]),
+                  identity("folder", ["ant", "cow"], [0, 0, 1], [0, 1], [("train/ant/0.png", 10)]),
+                  identity("folder", ["ant", "bee"], [0, 0, 1], [0, 1], [("train/ant/0.png", 11)]),
+                  identity("folder", ["ant", "bee"], [0, 0, 1], [0, 1], [("train/ant/1.png", 10)])):
+        assert other["digest"] != a["digest"]
+
+
+def test_a_folder_moved_keeps_its_identity_a_changed_file_does_not(tmp_path):
+    make_folder(tmp_path / "a", n=2)
+    shutil.copytree(tmp_path / "a", tmp_path / "moved")
+    cfg = {"name": "folder", "cache_dir": str(tmp_path / "cache")}
+    first = dataset_identity({**cfg, "root": str(tmp_path / "a")})
+    assert first["train_images"] == 6 and first["test_images"] == 6 and first["classes"] == 3
+    assert dataset_identity({**cfg, "root": str(tmp_path / "moved")}) == first
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(tmp_path / "moved" / "train" / "ant" / "img0.png")
+    assert dataset_identity({**cfg, "root": str(tmp_path / "moved")})["digest"] != \
+        first["digest"]
+    streamed = build_data({**cfg, "root": str(tmp_path / "a"), "image_size": 80, "workers": 0},
+                          "cpu")   # a large folder streams: the same files, the same identity
+    make_folder(tmp_path / "big", n=2, size=70)
+    assert build_data({"name": "folder", "root": str(tmp_path / "big"), "workers": 0},
+                      "cpu").identity["train_images"] == 6
+    assert streamed.identity == first
+    for name in ("synthetic", "digits"):
+        assert build_data({"name": name}, "cpu").identity["dataset"] == name
+
+
+def test_train_returns_a_finished_run_on_moved_data_and_refuses_other_data(tmp_path, capsys):
+    make_folder(tmp_path / "a", n=2)
+    shutil.copytree(tmp_path / "a", tmp_path / "moved")
+    make_folder(tmp_path / "other", classes=("ant", "bee"), n=3)
+    out = ["-o", str(tmp_path / "run"), f"data.cache_dir={tmp_path / 'cache'}"]
+    assert main([*TRAIN, "--data-dir", str(tmp_path / "a"), *out]) == 0
+    saved = json.loads((tmp_path / "run" / "data.json").read_text())
+    assert saved["train_images"] == 6 and saved["classes"] == 3
+    result = capsys.readouterr().out
+    mtime = (tmp_path / "run" / "summary.json").stat().st_mtime_ns
+    assert main([*TRAIN, "--data-dir", str(tmp_path / "moved"), *out]) == 0
+    assert capsys.readouterr().out == result                       # the same run, not redone
+    assert (tmp_path / "run" / "summary.json").stat().st_mtime_ns == mtime
+    assert main([*TRAIN, "--data-dir", str(tmp_path / "other"), *out]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "on other data" in err and "classes: 3 → 2" in err
+    shutil.rmtree(tmp_path / "a")       # a run whose data is not there cannot be compared
+    shutil.rmtree(tmp_path / "moved")
+    assert main([*TRAIN, "--data-dir", str(tmp_path / "a"), *out]) == 0
+    assert "not compared" in capsys.readouterr().out
+
+
+def test_fit_refuses_a_finished_or_interrupted_run_on_other_batches(tmp_path):
+    train, test = loaders(batch=8)
+    settings = dcmkd.TrainSettings(schedule=dcmkd.Schedule("constant", lr=0.05, epochs=1),
+                                   device="cpu", quiet=True)
+    first = dcmkd.fit(wrapped_pair(), train, tmp_path / "run", settings, test=test)
+    assert dcmkd.fit(wrapped_pair(), train, tmp_path / "run", settings, test=test) == first
+    other, _ = loaders(batch=16)
+    with pytest.raises(RunConflict, match=r"other data \(batch_size: 8 → 16; "
+                                          r"batches_per_epoch: 4 → 2\)"):
+        dcmkd.fit(wrapped_pair(), other, tmp_path / "run", settings, test=test)
+
+
+def test_reproduce_refuses_finished_runs_of_other_data(tmp_path):
+    for name, n in (("a", 2), ("b", 3)):
+        make_folder(tmp_path / name, classes=tuple("abcdefghij"), n=n)
+    exp = load_experiment("quick-cifar10")
+    common = dict(rows=["ResNet-20 ×2"], columns=["Ind"], seeds=1, scale="quick",
+                  out=tmp_path / "r", log=lambda s: None)
+    same = [f"data.cache_dir={tmp_path / 'cache'}", "device=cpu", "epochs=1",
+            "data.train_subset=10", "data.batch_size=5"]
+    reproduce(exp, overrides=[f"data.root={tmp_path / 'a'}", *same], **common)
+    for table_only in (True, False):
+        with pytest.raises(RunConflict, match="on other data"):
+            reproduce(exp, overrides=[f"data.root={tmp_path / 'b'}", *same],
+                      table_only=table_only, **common)
+    run = plan(exp, rows=["ResNet-20 ×2"], columns=["Ind"], out=tmp_path / "r", scale="quick")[0]
+    assert RunFolder(run.run_dir).finished
+
+
+def test_a_damaged_summary_is_an_error_naming_the_file(tmp_path):
+    folder = RunFolder(tmp_path)
+    (tmp_path / "summary.json").write_text('{"test_top1": [1.0')
+    with pytest.raises(ValueError, match=r"summary.json is not valid JSON"):
+        folder.read_summary()
