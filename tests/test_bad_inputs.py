@@ -57,6 +57,8 @@ def bad_files(tmp: Path) -> dict[str, Path]:
     (tmp / "tag.yaml").write_text("method: !!python/object/apply:os.system ['echo pwned']\n")
     (tmp / "list.yaml").write_text("- 1\n- 2\n")
     (tmp / "a_file").write_text("not a folder")
+    (tmp / "unfinished").mkdir()
+    (tmp / "unfinished" / "config.yaml").write_text("method: dml\nnets: [resnet20, resnet20]\n")
     (tmp / "corrupt").mkdir()
     (tmp / "corrupt" / "config.yaml").write_text("method: dcm\nnets: [resnet20\n")
     torch.manual_seed(0)
@@ -108,7 +110,23 @@ CASES = [  # (arguments, text the one-line message must contain)
     (["train", "-m", "dcm", "-n", "resnet20,nosuchnet", *TINY], "nosuchnet"),
     (["train", "-m", "dxm", *TINY], "did you mean"),
     (["train", "-m", "ind", "-n", "resnet20", *TINY, "precision=fp8"], "fp8"),
+    (["train", "-m", "ind", "-n", "resnet20", *TINY, "num_classes=5"],
+     "num_classes: 5 is fewer than the 10 classes of the data"),
+    (["train", "-m", "ind", "-n", "resnet20", "-d", "digits", "-q", "data.train_subset=100000"],
+     "data.train_subset: 100000 is more than the 1437 training images of digits"),
+    (["train", "schedule.milestones=[a,b]"], "schedule.milestones: expected increasing numbers"),
+    (["train", "schedule.milestones=[5,3]"], "schedule.milestones: expected increasing numbers"),
+    (["train", "loss.beta=-1"], "loss.beta: expected a value ≥ 0, got -1"),
+    (["train", "model_options=[1,2]"], "model_options: expected a mapping, or a list"),
+    (["train", "-m", "dml", "-n", "wrn16_2,wrn16_2", *TINY, "model_options.dropout=abc"],
+     "option 'dropout' of model 'wrn16_2': expected a number, got 'abc'"),
+    (["train", "-m", "ind", "-n", "resnet20", *TINY, "model_options.foo=1"],
+     "model 'resnet20' takes no options"),
     (["eval", "{tmp}/nowhere"], "no run folder or weights file at"),
+    (["eval", "{tmp}/net0_resnet32.pt"], "pass -d/--dataset"),
+    (["report", "{tmp}/unfinished"], "none of the 1 run folder(s) is finished"),
+    (["export", "{finished}", "--to", "{tmp}/a_file"], "is a file: give a folder"),
+    (["tsne", "{finished}", "--classes", "50"], "--classes 50: the run's data has 10 classes"),
     (["eval", "{tmp}/corrupt"], "corrupt/config.yaml line 3"),
     (["eval", "{tmp}/evil.pt", "--model", "resnet20", *TINY[:1], "synthetic"], "will not load"),
     (["export", "{tmp}"], "is not a run folder"),
@@ -120,13 +138,21 @@ if not torch.cuda.is_available():
                   "CUDA is not available"))
 
 
+def test_a_negative_class_count_is_a_usage_error(capsys):
+    code, out = cli(capsys, "describe", "resnet20", "--num-classes", "-3")
+    assert code == 2 and "Traceback" not in out
+    assert "argument --num-classes: expected an integer ≥ 1, got -3" in out
+
+
 @pytest.mark.parametrize("args,expected", CASES, ids=[" ".join(c[0])[:60] for c in CASES])
 def test_bad_input_gets_one_line_and_changes_nothing(args, expected, tmp_path, capsys,
                                                      finished, monkeypatch):
     files = bad_files(tmp_path)
     monkeypatch.chdir(tmp_path)        # default run folders (runs/...) land here
     before = snapshot(finished)
-    code, out = cli(capsys, *[a.replace("{tmp}", str(tmp_path)) for a in args])
+    code, out = cli(capsys, *[a.replace("{tmp}", str(tmp_path)).replace("{finished}",
+                                                                        str(finished))
+                              for a in args])
     assert code not in (0, None), out
     assert "Traceback" not in out
     assert expected in out, out

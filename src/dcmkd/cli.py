@@ -137,6 +137,10 @@ def _weights_file(path: Path, args: argparse.Namespace) -> Built:
     saved = RunFolder(path.parent).read_config() or {}
     base = {"data": saved["data"], "num_classes": saved.get("num_classes")} \
         if "data" in saved else {}
+    if not base and not args.dataset and not any(o.startswith("data.name=")
+                                                  for o in args.overrides):
+        raise ValueError(f"{path} is not in a run folder that says its data: pass -d/--dataset "
+                         "(and --data-dir) to name the data to evaluate it on")
     cfg = resolve(base, [{"method": "ind", "nets": [model], "quiet": True},
                          *flag_overrides(args), *args.overrides])
     built = build(cfg)
@@ -153,6 +157,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         built = _weights_file(path, args)
     result = evaluate_built(built)
+    parsed = parse_network_file(path.name) if path.is_file() else None
+    if parsed:   # one network evaluated alone: name it as its run does
+        result = {k.replace("/net0/", f"/net{parsed[0]}/", 1): v for k, v in result.items()}
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -162,6 +169,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if args.to and Path(args.to).exists() and not Path(args.to).is_dir():
+        raise NotADirectoryError(f"--to {args.to} is a file: give a folder")
     run = RunFolder(args.run)
     built = load_run(run)
     models = [model_name(net) for net in built.method.networks]
@@ -222,13 +231,24 @@ def cmd_tsne(args: argparse.Namespace) -> int:
     return 0
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer ≥ 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer ≥ 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer ≥ 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dcmkd", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"dcmkd {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     m = sub.add_parser("models", help="list every model with parameters and forward MACs")
-    m.add_argument("--num-classes", type=int, default=None,
+    m.add_argument("--num-classes", type=positive_int, default=None,
                    help="head size (default: 100 for CIFAR models, 1000 for ImageNet models)")
     m.add_argument("--json", action="store_true", help="machine-readable output")
     m.set_defaults(func=cmd_models)
@@ -239,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auxiliary classifier kind: default, apfc or narrow")
     d.add_argument("--classifiers", default=None,
                    help="auxiliary classifiers, e.g. C2,C3 (default) or C1+C2C3C4")
-    d.add_argument("--num-classes", type=int, default=None)
+    d.add_argument("--num-classes", type=positive_int, default=None)
     d.add_argument("--json", action="store_true")
     d.set_defaults(func=cmd_describe)
 

@@ -126,6 +126,9 @@ def _prepare_train(labels: torch.Tensor, cfg: DataConfig, num_classes: int, subs
                    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
     """``(subset indices or None, training labels, noisy indices or None)``."""
     keep = None
+    if subset and cfg.train_subset is not None and cfg.train_subset > len(labels):
+        raise ValueError(f"data.train_subset: {cfg.train_subset} is more than the {len(labels)} "
+                         f"training images of {cfg.name}")
     if subset and cfg.train_subset is not None and cfg.train_subset < len(labels):
         keep = stratified_indices(labels, cfg.train_subset, SUBSET_SEED)
         labels = labels[keep]

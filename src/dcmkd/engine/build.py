@@ -63,6 +63,10 @@ def build(cfg: dict[str, Any]) -> Built:
     shard = {"rank": ctx.replica, "world_size": ctx.replicas} if ctx is not None else {}
     data = distributed.in_turn(ctx, lambda: build_data(DataConfig.from_dict(cfg["data"]),
                                                        device, cfg["seed"], **shard))
+    if cfg["num_classes"] is not None and cfg["num_classes"] < data.num_classes:
+        raise ConfigError(f"num_classes: {cfg['num_classes']} is fewer than the "
+                          f"{data.num_classes} classes of the data ({data.name}); leave it "
+                          "unset for the data's own")
     method = build_method(cfg, cfg["num_classes"] or data.num_classes)
     return Built(method, data, settings)
 

@@ -76,8 +76,11 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "optim.clip_grad_norm": (0, None), "schedule.gamma": (0, None), "schedule.step_size": (1, None),
     "schedule.warmup_epochs": (0, None), "log_every": (1, None), "eval_every": (1, None),
     "checkpoint_every_steps": (0, None), "loss.temperature": (0, None), "loss.rampup": (0, None),
-    "loss.label_smoothing": (0, 1),
+    "loss.label_smoothing": (0, 1), "loss.alpha": (0, None), "loss.beta": (0, None),
+    "loss.gamma": (0, None),
 }
+#: list keys of epochs (or fractions of the epochs) at which the rate drops: increasing numbers
+MILESTONE_KEYS = ("schedule.milestones", "sskd.milestones")
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
                list: "a list", dict: "a mapping", None: "null"}
 
@@ -110,6 +113,17 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
                              f"≥ {low}" if high is None else f"in [{low}, {high}]")
                     raise ConfigError(f"{full}: expected a value {bound}, got {value!r}")
     check(DEFAULTS, cfg, "")
+    for key in MILESTONE_KEYS:
+        section, name = key.split(".")
+        values = cfg[section][name]
+        if not all(_is_a(v, (float,)) and v >= 0 for v in values) or \
+                any(b <= a for a, b in zip(values, values[1:])):
+            raise ConfigError(f"{key}: expected increasing numbers ≥ 0 (epochs, or fractions "
+                              f"of the epochs), got {values!r}")
+    options = cfg["model_options"]
+    if isinstance(options, list) and not all(isinstance(o, dict) for o in options):
+        raise ConfigError(f"model_options: expected a mapping, or a list of one mapping per "
+                          f"network, got {options!r}")
     if cfg["init"] not in INITS:
         raise UnknownNameError("init", str(cfg["init"]), INITS)
     if not cfg["nets"] or not all(isinstance(n, str) and n for n in cfg["nets"]):

@@ -41,12 +41,37 @@ def create_model(name: str, num_classes: int | None = None, **options) -> Backbo
     """Build a registered model. ``num_classes`` defaults to the model's dataset (100 / 1000)."""
     entry = MODELS.get(name)
     valid = model_options(name)
-    for key in options:
+    for key, value in options.items():
+        if not valid:
+            raise ValueError(f"model '{name}' takes no options (got '{key}')")
         if key not in valid:
             raise UnknownNameError(f"option of model '{name}'", key, valid)
+        expected = _kind(valid[key])
+        if expected and not _is_kind(value, valid[key]):
+            raise ValueError(f"option '{key}' of model '{name}': expected {expected}, "
+                             f"got {value!r}")
     model = entry.builder(num_classes=num_classes or entry.num_classes, **options)
     model.model_name = name
     return model
+
+
+def _kind(default: object) -> str | None:
+    """What a model option takes, from its default (None: not checked)."""
+    if isinstance(default, bool):
+        return "true or false"
+    if isinstance(default, (int, float)):
+        return "a number"
+    if isinstance(default, str):
+        return "a string"
+    return None
+
+
+def _is_kind(value: object, default: object) -> bool:
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(default, bool)
+    if isinstance(default, (int, float)):
+        return isinstance(value, (int, float))
+    return isinstance(value, type(default))
 
 
 def list_models(dataset: str | None = None) -> list[str]:

@@ -61,6 +61,10 @@ def group_runs(run_dirs: Sequence[str | Path]) -> tuple[Experiment, list[LoadedR
 
 
 def report_runs(run_dirs: Sequence[str | Path], out: str | Path) -> dict[str, Path]:
-    """Write ``table.md``, ``table.csv`` and curves for arbitrary run folders into ``out``."""
+    """Write ``table.md``, ``table.csv`` and curves for arbitrary run folders into ``out``; an
+    error when none of them is finished (a table of dashes would say nothing)."""
     exp, runs = group_runs(run_dirs)
+    if not any(RunFolder(r.run_dir).finished for r in runs):
+        raise ValueError(f"none of the {len(runs)} run folder(s) is finished (no "
+                         f"{RunFolder.SUMMARY}): nothing to report yet")
     return write_experiment_report(exp, runs, out, scale="runs")

@@ -82,7 +82,10 @@ def stage_features(run_dir: str | Path, *, stage: str | None = None, net: int | 
     data = build_data(DataConfig(**data_cfg), device, int(cfg.get("seed", 0)))
     num = data.num_classes
     g = torch.Generator().manual_seed(seed)
-    chosen = sorted(torch.randperm(num, generator=g)[:min(classes, num)].tolist())
+    if not 1 <= classes <= num:
+        raise ValueError(f"--classes {classes}: the run's data has {num} classes (expected 1 "
+                         f"to {num})")
+    chosen = sorted(torch.randperm(num, generator=g)[:classes].tolist())
     wanted = {c: samples for c in chosen}
     feats, labels = [], []
     for x, y in data.test.epoch(0):
