@@ -76,6 +76,12 @@ def test_bad_paper_value_and_bad_keys_are_named():
             "A": {"config": {"teacher_weights": "@r/Nope"}}}}]})
     with pytest.raises(UnknownNameError, match="dcm-table1"):
         load_experiment("dcm-tabel1")
+    for paper in ("10.0", 10.0):   # one value per network, in a list (not a string's letters)
+        with pytest.raises(ValueError, match="paper: expected a list of one value per network"):
+            Experiment.from_dict({**base, "rows": [{"name": "r", "cells": {
+                "A": {"paper": paper}}}]})
+    assert Experiment.from_dict({**base, "rows": [{"name": "r", "cells": {
+        "A": {"paper": ["10.0(0.5)"]}}}]}).cells[0].paper[0] == PaperValue(10.0, 0.5)
 
 
 def test_shorten_keeps_the_schedule_shape():

@@ -35,7 +35,7 @@ def test_run_folder_contents(tmp_path):
     cfg = tiny(tmp_path)
     summary = Trainer(cfg).fit()
     run = tmp_path / "run"
-    for f in ("config.yaml", "environment.json", "metrics.jsonl", "checkpoint.pt",
+    for f in ("config.yaml", "data.json", "environment.json", "metrics.jsonl", "checkpoint.pt",
               "summary.json", "test_error.png", "net0_resnet20.pt", "net1_resnet20.pt"):
         assert (run / f).is_file(), f
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -57,6 +57,18 @@ def test_finished_run_is_not_redone(tmp_path, monkeypatch):
     first = Trainer(cfg).fit()
     monkeypatch.setattr(trainer_mod, "build", lambda cfg: pytest.fail("rebuilt a finished run"))
     assert Trainer(cfg).fit() == first
+
+
+def test_a_plain_dict_config_is_resolved_and_checked(tmp_path):
+    """``Trainer`` takes a config of any completeness, as ``dcmkd train`` does (a plain dict
+    used to fail with KeyError 'parallel')."""
+    plain = {"method": "ind", "nets": ["resnet20"], "epochs": 1, "quiet": True, "device": "cpu",
+             "data": {"name": "synthetic", "image_size": 8, "train_subset": 16, "batch_size": 8},
+             "out": str(tmp_path / "plain")}
+    summary = Trainer(plain).fit()
+    assert summary["epochs"] == 1 and Trainer(plain).run_dir == tmp_path / "plain"
+    with pytest.raises(UnknownNameError, match="epochs"):
+        Trainer({**plain, "epochz": 1})
 
 
 class Interrupt(Exception):

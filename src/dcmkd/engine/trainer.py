@@ -13,6 +13,7 @@ from typing import Any
 from dcmkd.data import dataset_identity
 from dcmkd.engine import distributed
 from dcmkd.engine.build import build
+from dcmkd.engine.config import resolve
 from dcmkd.engine.loop import Log, TrainingDiverged, check_run, agree, fit
 from dcmkd.run_folder import RunFolder, default_run_path
 
@@ -25,8 +26,12 @@ class Trainer:
     built. Without ``out``, the folder is ``runs/<method>-<nets>-<data>-s<seed>-<hash>``, the
     hash of the settings that define the run."""
 
-    def __init__(self, cfg: dict[str, Any], run_dir: str | Path | None = None, log: Log = print):
-        self.cfg = cfg
+    def __init__(self, cfg: dict[str, Any] | str, run_dir: str | Path | None = None,
+                 log: Log = print):
+        """``cfg``: a config of any completeness (a dict, a recipe name or a YAML file), resolved
+        with :func:`dcmkd.engine.config.resolve`: ``Trainer({"method": "dml"})`` is the paper's
+        recipe for the default networks with DML."""
+        self.cfg = cfg = resolve(cfg)
         self.run = RunFolder(run_dir or cfg["out"] or default_run_path(cfg))
         self.log = log
 

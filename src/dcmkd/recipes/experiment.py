@@ -148,6 +148,9 @@ class Experiment:
                 if not hidden and col not in columns:
                     raise UnknownNameError(f"{where}: column of row '{r['name']}'", col, columns)
                 paper = spec.get("paper") or []
+                if not isinstance(paper, list):
+                    raise ValueError(f"{where}: {r['name']}/{col}: paper: expected a list of one "
+                                     f"value per network (e.g. ['22.56(0.20)']), got {paper!r}")
                 if not hidden and len(paper) not in (0, len(networks)):
                     raise ValueError(f"{where}: {r['name']}/{col}: {len(paper)} paper values "
                                      f"for {len(networks)} networks")
