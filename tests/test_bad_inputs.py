@@ -57,6 +57,11 @@ def bad_files(tmp: Path) -> dict[str, Path]:
     (tmp / "tag.yaml").write_text("method: !!python/object/apply:os.system ['echo pwned']\n")
     (tmp / "list.yaml").write_text("- 1\n- 2\n")
     (tmp / "a_file").write_text("not a folder")
+    (tmp / "text.pt").write_text("not a weights file\n")
+    (tmp / "empty.yaml").write_text("")
+    (tmp / "twice.yaml").write_text("epochs: 3\noptim: {lr: 0.1}\nepochs: 5\n")
+    (tmp / "notes").mkdir()
+    (tmp / "notes" / "notes.txt").write_text("someone else's folder")
     (tmp / "unfinished").mkdir()
     (tmp / "unfinished" / "config.yaml").write_text("method: dml\nnets: [resnet20, resnet20]\n")
     (tmp / "corrupt").mkdir()
@@ -122,6 +127,15 @@ CASES = [  # (arguments, text the one-line message must contain)
      "option 'dropout' of model 'wrn16_2': expected a number, got 'abc'"),
     (["train", "-m", "ind", "-n", "resnet20", *TINY, "model_options.foo=1"],
      "model 'resnet20' takes no options"),
+    (["train", "{tmp}/empty.yaml"], "empty.yaml is empty"),
+    (["train", "{tmp}/twice.yaml"], "twice.yaml line 3: the key 'epochs' is given twice"),
+    (["train", "cifar_resnett"], "did you mean cifar_resnet"),
+    (["train", "-m", "ind", "-n", "resnet20", *TINY, "--data-dir", "{tmp}"],
+     "the dataset 'synthetic' is bundled and reads no folder"),
+    (["train", "-m", "ind", "-n", "resnet20", *TINY, "-o", "{tmp}/notes"],
+     "holds files that are not a run's (notes.txt)"),
+    (["train", "-m", "kd", "-n", "resnet20,resnet20", *TINY, "teacher_weights={tmp}/text.pt"],
+     "text.pt is not a weights file"),
     (["eval", "{tmp}/nowhere"], "no run folder or weights file at"),
     (["eval", "{tmp}/net0_resnet32.pt"], "pass -d/--dataset"),
     (["report", "{tmp}/unfinished"], "none of the 1 run folder(s) is finished"),
@@ -136,6 +150,8 @@ CASES = [  # (arguments, text the one-line message must contain)
 if not torch.cuda.is_available():
     CASES.append((["train", "-m", "ind", "-n", "resnet20", *TINY[:-3], "--device", "cuda"],
                   "CUDA is not available"))
+    CASES.append((["reproduce", "quick-cifar10", "--scale", "smoke", "--out", "{tmp}/r",
+                   "--devices", "cuda:0"], "device 'cuda:0': CUDA is not available"))
 
 
 def test_a_negative_class_count_is_a_usage_error(capsys):
@@ -159,6 +175,7 @@ def test_bad_input_gets_one_line_and_changes_nothing(args, expected, tmp_path, c
     assert len([line for line in out.splitlines() if line.strip()]) == 1, out
     assert snapshot(finished) == before
     assert not (tmp_path / "pwned").exists()
+    assert sorted(p.name for p in (tmp_path / "notes").iterdir()) == ["notes.txt"]   # no .lock
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.pt"))
     assert set(p.name for p in tmp_path.iterdir()) == set(files)   # no run folder left behind
 

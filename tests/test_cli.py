@@ -1,4 +1,4 @@
-"""``dcmkd models`` and ``dcmkd describe``."""
+"""The command line: ``dcmkd models``, ``dcmkd describe``, the command itself and its warnings."""
 from __future__ import annotations
 
 import json
@@ -79,3 +79,21 @@ def test_every_package_imports_on_its_own():
     done = subprocess.run([sys.executable, "-c", code, *packages], capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_a_warning_is_one_line_naming_no_source_file(capsys, monkeypatch):
+    import warnings
+
+    import dcmkd.cli as cli
+
+    def warns(args):
+        warnings.warn("SSKD stage6: the stage hit its cap", UserWarning)
+        return 0
+
+    monkeypatch.setattr(cli, "cmd_models", warns)
+    before = warnings.showwarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        code, _, err = run(capsys, "models")
+    assert code == 0 and err == "dcmkd: warning: SSKD stage6: the stage hit its cap\n"
+    assert warnings.showwarning is before                  # restored after the command

@@ -263,6 +263,51 @@ def test_a_worker_killed_parent_mid_run_leaves_no_process_and_an_unlocked_resuma
     assert not [f for f in run.iterdir() if f.name.endswith(TMP_SUFFIX)]
 
 
+def test_sigint_to_a_parallel_reproduction_alone_stops_its_workers_runs(tmp_path):
+    """``kill -INT`` of the reproduction's process (not its group) used to wait for the
+    workers to finish their whole runs; they now stop as after a SIGTERM, resumable."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    run = tmp_path / "run"
+    script = ("import sys\n"
+              "from pathlib import Path\n"
+              "from dcmkd.engine.config import resolve\n"
+              "from dcmkd.recipes.experiment import Cell\n"
+              "from dcmkd.recipes.runner import PlannedRun, run_parallel\n"
+              f"cfg = resolve(None, {LONG_RUN})\n"
+              "cell = Cell('r', 'c', {}, (), (0,))\n"
+              "run_parallel([PlannedRun(cell, 0, Path(sys.argv[1]), cfg)], 1,\n"
+              "             log=lambda s: None)\n")
+    with open(tmp_path / "parent.err", "w") as err:
+        proc = subprocess.Popen([sys.executable, "-c", script, str(run)], stderr=err)
+    try:
+        assert _ends_within(300, lambda: not (run / "checkpoint.pt").exists()
+                            and proc.poll() is None)
+        assert proc.poll() is None, (tmp_path / "parent.err").read_text()[-2000:]
+        os.kill(proc.pid, signal.SIGINT)
+        started = time.monotonic()
+        proc.wait(timeout=60)
+        assert time.monotonic() - started < 60
+    finally:
+        proc.kill()
+    from dcmkd.run_folder import RunFolder
+    folder = RunFolder(run)
+    assert _ends_within(30, lambda: _locked(folder))
+    assert folder.has_checkpoint and not folder.finished
+
+
+def _locked(folder) -> bool:
+    from dcmkd.run_folder import RunLocked
+    try:
+        with folder.lock():
+            return False
+    except RunLocked:
+        return True
+
+
 def test_a_torchrun_ends_when_the_reproduction_that_started_it_is_killed(tmp_path):
     """``reproduce --nproc-per-run 2`` with one job trains under torchrun from the main
     process; killing that process must end torchrun and its ranks too."""

@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -115,8 +116,16 @@ def _train_config(args: argparse.Namespace) -> dict:
     return resolve(config, [*flag_overrides(args), *extra])
 
 
+#: datasets that come with the library (no files to point at)
+BUNDLED_DATASETS = ("digits", "synthetic")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = _train_config(args)
+    if args.data_dir and cfg["data"]["name"] in BUNDLED_DATASETS:
+        raise ValueError(f"--data-dir {args.data_dir}: the dataset '{cfg['data']['name']}' is "
+                         "bundled and reads no folder; name the dataset of that folder with "
+                         "-d (cifar10, cifar100, folder, imagenet)")
     trainer = Trainer(cfg)
     summary = trainer.fit()
     if int(os.environ.get("RANK", "0")) == 0:   # under torchrun, rank 0 speaks
@@ -378,6 +387,13 @@ def one_line(error: BaseException) -> str:
     return " ".join(lines) or type(error).__name__
 
 
+def show_warning(message: Warning | str, category: type, filename: str, lineno: int,
+                 file: Any = None, line: str | None = None) -> None:
+    """A warning as one line for a user of the command (Python's own format names a source
+    file and quotes its code)."""
+    print(f"dcmkd: warning: {message}", file=file or sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``dcmkd`` command. Exit status: 0 done, 2 bad input (one line naming the key, file or
     value), 3 training stopped (a diverged run, failed reproduction runs, a folder in use),
@@ -389,6 +405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 not all("=" in e and not e.startswith("-") for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
+    shown, warnings.showwarning = warnings.showwarning, show_warning
     try:
         return args.func(args)
     except (TrainingDiverged, RunsFailed, RunLocked) as e:
@@ -409,6 +426,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "resume from its last checkpoint", file=sys.stderr)
         return 130
     finally:
+        warnings.showwarning = shown
         distributed.shutdown()   # under torchrun: leave the process group before exiting
 
 

@@ -175,6 +175,11 @@ class RunFolder:
         if self.path.exists() and not self.path.is_dir():
             raise FileExistsError(f"the run folder {self.path} is a file, not a folder")
         if not (self.has_checkpoint or self.finished):
+            foreign = self.foreign_entries()
+            if foreign:
+                raise RunConflict(f"{self.path} holds files that are not a run's ("
+                                  f"{', '.join(foreign[:3])}{', …' if len(foreign) > 3 else ''}"
+                                  "): choose a new or empty folder for the run")
             return
         saved = self.read_config()
         if saved is None and self.has_checkpoint:
@@ -196,6 +201,16 @@ class RunFolder:
             raise RunConflict(f"{self.path} holds {state} run of the same config on other data "
                               f"({shown}); point data.root at the run's data, or choose another "
                               "-o/--out")
+
+    def foreign_entries(self) -> list[str]:
+        """Names in the folder that no run writes (a run is never started among them)."""
+        if not self.path.is_dir():
+            return []
+        own = {self.CONFIG, self.DATA, self.ENVIRONMENT, self.METRICS, self.CHECKPOINT,
+               self.NOISY_LABELS, self.SUMMARY, self.PLOT, self.TENSORBOARD, self.LOCK}
+        return sorted(e.name for e in os.scandir(self.path)
+                      if e.name not in own and not NETWORK_FILE.fullmatch(e.name)
+                      and not e.name.endswith(TMP_SUFFIX))
 
     # -- files written once per run --------------------------------------------------------
     def read_data(self) -> dict[str, Any] | None:
@@ -251,6 +266,7 @@ class RunFolder:
             raise FileExistsError(f"the run folder {self.path} is a file, not a folder")
         created = [p for p in (self.path, *self.path.parents) if not p.exists()]
         self.path.mkdir(parents=True, exist_ok=True)
+        new_lock = not self.file(self.LOCK).exists()
         fd = os.open(self.file(self.LOCK), os.O_RDWR | os.O_CREAT, 0o666)
         try:
             if fcntl is not None:
@@ -276,6 +292,8 @@ class RunFolder:
                 for parent in created[1:]:   # folders made for it, now empty
                     with contextlib.suppress(OSError):
                         parent.rmdir()
+            elif new_lock and not (self.is_run or self.has_checkpoint):
+                self.file(self.LOCK).unlink(missing_ok=True)   # a refused start: no trace
 
     def discard_start(self) -> None:
         """Remove what a start wrote when it ends before its first checkpoint."""

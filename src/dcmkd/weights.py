@@ -67,6 +67,11 @@ def load_file(path: str | os.PathLike) -> Any:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no weights file at {path}")
+    with open(path, "rb") as f:
+        magic = f.read(2)
+    if magic[:2] != b"PK" and magic[:1] != b"\x80":   # torch's zip archive, or a legacy pickle
+        raise ValueError(f"{path} is not a weights file (neither torch.save's archive nor a "
+                         "pickle)" + (": it is empty" if not magic else ""))
     try:
         with warnings.catch_warnings():   # torch's notes on pickle protocols mean nothing here
             warnings.simplefilter("ignore", UserWarning)

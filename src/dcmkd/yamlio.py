@@ -21,7 +21,21 @@ class YAMLError(ValueError):
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2's float syntax (``1e-3``)."""
+    """SafeLoader with YAML 1.2's float syntax (``1e-3``) that refuses a key given twice in one
+    mapping (YAML says keys are unique; PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":   # `<<: *base`, then its overrides
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) or key is None:
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"the key '{key}' is given twice", key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(

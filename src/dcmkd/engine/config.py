@@ -243,10 +243,17 @@ def parse_override(text: str) -> dict:
 
 
 def load_yaml(path: str | Path) -> dict:
+    """A config file's mapping; an empty file is an error (it would train the default run), and
+    a missing one that looks like a recipe name suggests the closest recipes."""
     path = Path(path)
     if not path.is_file():
+        if path.suffix not in (".yaml", ".yml") and len(path.parts) == 1:
+            raise UnknownNameError("recipe (or config file)", str(path), RECIPES)
         raise FileNotFoundError(f"no config file at {path}")
-    data = yamlio.load(path) or {}
+    data = yamlio.load(path)
+    if data is None:
+        raise ConfigError(f"{path} is empty: a config file holds a mapping of keys (e.g. "
+                          "method: dcm)")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config file holds a mapping of keys, not "
                           f"{type(data).__name__}")

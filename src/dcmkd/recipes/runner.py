@@ -13,6 +13,7 @@ of ``devices``.
 """
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import signal
@@ -21,14 +22,16 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
 from dcmkd.engine.config import dump, merge, parse_override, resolve, validate
+from dcmkd.engine.device import pick_device
 from dcmkd.engine.trainer import Trainer, check_finished_data
 from dcmkd.methods import METHODS
 from dcmkd.recipes.experiment import Cell, Experiment, _deep_merge, slug, teacher_reference
@@ -165,6 +168,8 @@ def _init_worker(devices: "mp.Queue[list[str] | None]", threads: int, nproc: int
     the CPU."""
     # SIGTERM unwinds (a torchrun child is stopped on the way out) instead of killing outright
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    from dcmkd.cli import show_warning   # the command's one-line warnings (cli imports us)
+    warnings.showwarning = show_warning
     _PARENT[:] = [parent_pid]
     exit_with_parent(parent_pid)
     _WORKER.update(devices=devices.get(), threads=threads, nproc=nproc)
@@ -283,7 +288,8 @@ def run_parallel(todo: Sequence[PlannedRun], jobs: int, devices: Sequence[str] =
     running: dict[Future, PlannedRun] = {}
     failures: list[str] = []
     with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker,
-                             initargs=(queue, threads, nproc, os.getpid())) as pool:
+                             initargs=(queue, threads, nproc, os.getpid())) as pool, \
+            _stopping_workers_on_interrupt(pool):
         while running or (waiting and not failures):
             for r in [r for r in waiting if not unfinished.intersection(r.teachers)]:
                 if len(running) == jobs or failures:
@@ -306,6 +312,21 @@ def run_parallel(todo: Sequence[PlannedRun], jobs: int, devices: Sequence[str] =
     if failures:
         raise RunsFailed(f"{len(failures)} run(s) failed, {len(waiting)} not started: "
                            + "; ".join(failures))
+
+
+@contextlib.contextmanager
+def _stopping_workers_on_interrupt(pool: ProcessPoolExecutor) -> Iterator[None]:
+    """A SIGINT that reaches the reproduction alone (``kill -INT``; Ctrl-C at a terminal
+    reaches the workers too) sends every worker SIGTERM, which stops its run as any SIGTERM does
+    (checkpoint kept, folder unlocked), instead of the pool waiting for whole runs to finish.
+    The pool keeps its processes in a private attribute, read defensively."""
+    try:
+        yield
+    except BaseException:
+        for process in list((getattr(pool, "_processes", None) or {}).values()):
+            with contextlib.suppress(OSError, AttributeError):
+                process.terminate()
+        raise
 
 
 def reproduce(exp: Experiment, *, rows: list[str] | None = None,
@@ -331,6 +352,8 @@ def reproduce(exp: Experiment, *, rows: list[str] | None = None,
 
     if nproc_per_run < 1:
         raise ValueError(f"--nproc-per-run must be at least 1, got {nproc_per_run}")
+    for device in devices:   # a device that is not there: refused before any worker starts
+        pick_device(device)
     jobs = jobs if jobs is not None else max(1, len(devices) // nproc_per_run)
     if jobs < 1:
         raise ValueError(f"jobs must be at least 1, got {jobs}")
