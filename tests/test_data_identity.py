@@ -9,12 +9,13 @@ import pytest
 import torch
 from PIL import Image
 from test_data_folder import make_folder
-from test_loop import loaders, wrapped_pair
+from test_loop import Interrupt, loaders, wrapped_pair
 
 import dcmkd
 from dcmkd.cli import main
 from dcmkd.data import build_data, dataset_identity
 from dcmkd.data.identity import identity
+from dcmkd.methods.mutual import MutualMethod
 from dcmkd.recipes import load_experiment, plan, reproduce
 from dcmkd.run_folder import RunConflict, RunFolder
 
@@ -41,18 +42,38 @@ def test_a_folder_moved_keeps_its_identity_a_changed_file_does_not(tmp_path):
     cfg = {"name": "folder", "cache_dir": str(tmp_path / "cache")}
     first = dataset_identity({**cfg, "root": str(tmp_path / "a")})
     assert first["train_images"] == 6 and first["test_images"] == 6 and first["classes"] == 3
+    assert build_data({**cfg, "root": str(tmp_path / "a")}, "cpu").identity == first
     assert dataset_identity({**cfg, "root": str(tmp_path / "moved")}) == first
     Image.new("RGB", (8, 8), (1, 2, 3)).save(tmp_path / "moved" / "train" / "ant" / "img0.png")
     assert dataset_identity({**cfg, "root": str(tmp_path / "moved")})["digest"] != \
         first["digest"]
-    streamed = build_data({**cfg, "root": str(tmp_path / "a"), "image_size": 80, "workers": 0},
-                          "cpu")   # a large folder streams: the same files, the same identity
-    make_folder(tmp_path / "big", n=2, size=70)
-    assert build_data({"name": "folder", "root": str(tmp_path / "big"), "workers": 0},
-                      "cpu").identity["train_images"] == 6
-    assert streamed.identity == first
     for name in ("synthetic", "digits"):
-        assert build_data({"name": name}, "cpu").identity["dataset"] == name
+        assert build_data({"name": name}, "cpu").identity == dataset_identity({"name": name})
+
+
+def test_a_streamed_folder_has_the_identity_of_its_scan_and_reads_no_pixel(tmp_path,
+                                                                          monkeypatch):
+    make_folder(tmp_path / "big", n=2, size=70)        # > 64 px: streamed like ImageNet
+    cfg = {"name": "folder", "root": str(tmp_path / "big"), "workers": 0}
+    built = build_data(cfg, "cpu")
+    assert type(built.train).__name__ == "StreamLoader"
+    from dcmkd.data import folder as folder_mod
+    monkeypatch.setattr(folder_mod, "decode_image", lambda *a, **k: pytest.fail("decoded"))
+    assert dataset_identity(cfg) == built.identity and built.identity["train_images"] == 6
+
+
+def test_an_undecodable_file_left_out_still_counts(tmp_path):
+    """With ``skip_bad_images`` the identity is the scan's, whatever this machine's decoder
+    makes of the file (another Pillow may decode it)."""
+    make_folder(tmp_path / "a", n=2)
+    bad = tmp_path / "a" / "train" / "bee" / "img1.png"
+    bad.write_bytes(bad.read_bytes()[:20])
+    cfg = {"name": "folder", "root": str(tmp_path / "a"), "skip_bad_images": True,
+           "cache_dir": str(tmp_path / "cache")}
+    with pytest.warns(UserWarning, match="left out 1 undecodable"):
+        built = build_data(cfg, "cpu")
+    assert len(built.train.labels) == 5 and built.identity["train_images"] == 6
+    assert built.identity == dataset_identity(cfg)
 
 
 def test_train_returns_a_finished_run_on_moved_data_and_refuses_other_data(tmp_path, capsys):
@@ -77,16 +98,46 @@ def test_train_returns_a_finished_run_on_moved_data_and_refuses_other_data(tmp_p
     assert "not compared" in capsys.readouterr().out
 
 
-def test_fit_refuses_a_finished_or_interrupted_run_on_other_batches(tmp_path):
+def test_fit_refuses_a_finished_or_interrupted_run_on_other_batches(tmp_path, monkeypatch):
     train, test = loaders(batch=8)
-    settings = dcmkd.TrainSettings(schedule=dcmkd.Schedule("constant", lr=0.05, epochs=1),
+    settings = dcmkd.TrainSettings(schedule=dcmkd.Schedule("constant", lr=0.05, epochs=2),
                                    device="cpu", quiet=True)
     first = dcmkd.fit(wrapped_pair(), train, tmp_path / "run", settings, test=test)
     assert dcmkd.fit(wrapped_pair(), train, tmp_path / "run", settings, test=test) == first
     other, _ = loaders(batch=16)
-    with pytest.raises(RunConflict, match=r"other data \(batch_size: 8 → 16; "
-                                          r"batches_per_epoch: 4 → 2\)"):
+    with pytest.raises(RunConflict, match=r"a finished run of the same config on other data "
+                                          r"\(batch_size: 8 → 16\)"):
         dcmkd.fit(wrapped_pair(), other, tmp_path / "run", settings, test=test)
+    original = MutualMethod.begin_step
+
+    def dying(self, epoch):
+        if epoch >= 1:
+            raise Interrupt
+        return original(self, epoch)
+
+    monkeypatch.setattr(MutualMethod, "begin_step", dying)
+    with pytest.raises(Interrupt):
+        dcmkd.fit(wrapped_pair(), train, tmp_path / "cut", settings, test=test)
+    monkeypatch.setattr(MutualMethod, "begin_step", original)
+    with pytest.raises(RunConflict, match="an interrupted run of the same config on other data"):
+        dcmkd.fit(wrapped_pair(), other, tmp_path / "cut", settings, test=test)
+    (tmp_path / "cut" / "data.json").unlink()   # a run from before data.json: not compared
+    assert dcmkd.fit(wrapped_pair(), train, tmp_path / "cut", settings, test=test)["epochs"] == 2
+    assert json.loads((tmp_path / "cut" / "data.json").read_text()) == \
+        {"samples": 32, "batch_size": 8}
+
+
+def test_eval_of_a_run_whose_data_changed_warns(tmp_path, capsys):
+    make_folder(tmp_path / "a", n=2)
+    out = ["-o", str(tmp_path / "run"), f"data.cache_dir={tmp_path / 'cache'}"]
+    assert main([*TRAIN, "--data-dir", str(tmp_path / "a"), *out]) == 0
+    capsys.readouterr()
+    shutil.rmtree(tmp_path / "a")
+    make_folder(tmp_path / "a", n=3)                 # the run's data.root, now other data
+    assert main(["eval", str(tmp_path / "run")]) == 0
+    err = capsys.readouterr().err
+    assert "dcmkd: warning:" in err and "was trained on other data" in err
+    assert "train_images: 6 → 9" in err
 
 
 def test_reproduce_refuses_finished_runs_of_other_data(tmp_path):

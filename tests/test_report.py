@@ -147,6 +147,31 @@ def test_the_table_of_some_columns_shows_the_other_columns_finished_runs(tmp_pat
     assert any(line.startswith("not in the table:") and "optim.lr" in line for line in logs)
 
 
+def test_finished_runs_are_checked_against_their_data_once_per_dataset(tmp_path, monkeypatch):
+    """The data's identity is read once for runs that differ only in keys that do not change
+    it (label noise, batch size); a damaged file in a column not chosen leaves that run out of
+    the table instead of stopping the reproduction."""
+    from dcmkd.engine import trainer
+    exp = load_experiment("dcm-table7")
+    runs = plan(exp, rows=["0.2", "0.5"], seeds=1, out=tmp_path)
+    for r in runs:
+        fake_run(r, [20.0, 21.0])
+        (r.run_dir / "data.json").write_text('{"dataset": "cifar100", "digest": "x"}')
+    calls = []
+    monkeypatch.setattr(trainer, "dataset_identity",
+                        lambda d: calls.append(d) or {"dataset": "cifar100", "digest": "x"})
+    reproduce(exp, rows=["0.2", "0.5"], seeds=1, out=tmp_path, table_only=True,
+              log=lambda s: None)
+    assert len(calls) == 1
+    dml = next(r for r in runs if r.cell.column == "DML" and r.cell.row == "0.2")
+    (dml.run_dir / "summary.json").write_text("{")
+    logs: list[str] = []
+    paths = reproduce(exp, rows=["0.2"], columns=["DCM"], seeds=1, out=tmp_path,
+                      table_only=True, log=logs.append)
+    assert any(line.startswith("not in the table:") and "summary.json" in line for line in logs)
+    assert "20.00" in paths["table_md"].read_text()                  # DCM is there
+
+
 def test_no_seeds_is_an_error_not_an_empty_table(tmp_path, capsys):
     exp = load_experiment("dcm-table1")
     for seeds in (0, -2):

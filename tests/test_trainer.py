@@ -202,8 +202,8 @@ def test_cli_train_eval_export(tmp_path, capsys):
     # an exported network: the data of its run folder, or flags when the file stands alone
     assert main(["eval", str(out / "net1_resnet20.pt"), "--json"]) == 0
     single = json.loads(capsys.readouterr().out)
-    assert single == {"test/net0/C1/top1": pytest.approx(summary["test_top1"][1]),
-                      "test/net0/C1/top5": pytest.approx(summary["test_top5"][1])}
+    assert single == {"test/net1/C1/top1": pytest.approx(summary["test_top1"][1]),   # net1's
+                      "test/net1/C1/top5": pytest.approx(summary["test_top5"][1])}
     assert main(["eval", str(tmp_path / "exp" / "net1_resnet20.pt"), "--json", "-d", "synthetic",
                  "data.image_size=8", "data.train_subset=32", "device=cpu"]) == 0
     assert json.loads(capsys.readouterr().out) == single

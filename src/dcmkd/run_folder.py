@@ -31,6 +31,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -176,10 +177,10 @@ class RunFolder:
             raise FileExistsError(f"the run folder {self.path} is a file, not a folder")
         if not (self.has_checkpoint or self.finished):
             foreign = self.foreign_entries()
-            if foreign:
-                raise RunConflict(f"{self.path} holds files that are not a run's ("
-                                  f"{', '.join(foreign[:3])}{', …' if len(foreign) > 3 else ''}"
-                                  "): choose a new or empty folder for the run")
+            if foreign:   # a log redirected into the folder is common: say it, do not refuse
+                warnings.warn(f"{self.path} holds files that are not a run's ("
+                              f"{', '.join(foreign[:3])}{', …' if len(foreign) > 3 else ''}): "
+                              "the run's files go beside them", stacklevel=2)
             return
         saved = self.read_config()
         if saved is None and self.has_checkpoint:
@@ -193,24 +194,30 @@ class RunFolder:
             shown = "; ".join(diff[:4]) + (f"; and {len(diff) - 4} more" if len(diff) > 4 else "")
             raise RunConflict(f"{self.path} holds {state} run with another config ({shown}); "
                               "choose another -o/--out, or delete the folder")
-        saved_data = self.read_data() if data is not None else None
-        if saved_data is not None and saved_data != data:
-            shown = "; ".join(f"{k}: {saved_data.get(k, '<unset>')!r} → {data.get(k, '<unset>')!r}"
-                              for k in sorted(set(saved_data) | set(data))
-                              if saved_data.get(k) != data.get(k))
+        shown = self.data_differences(data) if data is not None else ""
+        if shown:
             raise RunConflict(f"{self.path} holds {state} run of the same config on other data "
                               f"({shown}); point data.root at the run's data, or choose another "
                               "-o/--out")
 
+    def data_differences(self, data: dict[str, Any]) -> str:
+        """How ``data`` (an identity) differs from the run's ``data.json``, as ``key: old →
+        new; …``; empty when they agree or the run has no ``data.json``."""
+        saved = self.read_data()
+        if saved is None or saved == data:
+            return ""
+        return "; ".join(f"{k}: {saved.get(k, '<unset>')!r} → {data.get(k, '<unset>')!r}"
+                         for k in sorted(set(saved) | set(data)) if saved.get(k) != data.get(k))
+
     def foreign_entries(self) -> list[str]:
-        """Names in the folder that no run writes (a run is never started among them)."""
+        """Names in the folder that no run writes (hidden ones left aside)."""
         if not self.path.is_dir():
             return []
         own = {self.CONFIG, self.DATA, self.ENVIRONMENT, self.METRICS, self.CHECKPOINT,
-               self.NOISY_LABELS, self.SUMMARY, self.PLOT, self.TENSORBOARD, self.LOCK}
+               self.NOISY_LABELS, self.SUMMARY, self.PLOT, self.TENSORBOARD}
         return sorted(e.name for e in os.scandir(self.path)
-                      if e.name not in own and not NETWORK_FILE.fullmatch(e.name)
-                      and not e.name.endswith(TMP_SUFFIX))
+                      if e.name not in own and not e.name.startswith(".")
+                      and not NETWORK_FILE.fullmatch(e.name))
 
     # -- files written once per run --------------------------------------------------------
     def read_data(self) -> dict[str, Any] | None:
@@ -265,18 +272,9 @@ class RunFolder:
         if self.path.exists() and not self.path.is_dir():
             raise FileExistsError(f"the run folder {self.path} is a file, not a folder")
         created = [p for p in (self.path, *self.path.parents) if not p.exists()]
-        self.path.mkdir(parents=True, exist_ok=True)
         new_lock = not self.file(self.LOCK).exists()
-        fd = os.open(self.file(self.LOCK), os.O_RDWR | os.O_CREAT, 0o666)
+        fd = self._take_lock()
         try:
-            if fcntl is not None:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
-                    raise RunLocked(f"{self.path} is in use by another dcmkd process (pid "
-                                    f"{holder}); wait for it to end, or choose another "
-                                    "-o/--out") from None
             os.ftruncate(fd, 0)
             os.write(fd, str(os.getpid()).encode())
             self._lock_depth = 1
@@ -285,8 +283,7 @@ class RunFolder:
             finally:
                 self._lock_depth = 0
                 self.remove_temporary_files()
-        finally:
-            os.close(fd)
+        finally:   # traces go while the lock is still held: no one can take a doomed file
             if created and {p.name for p in self.path.iterdir()} <= {self.LOCK}:
                 shutil.rmtree(self.path, ignore_errors=True)
                 for parent in created[1:]:   # folders made for it, now empty
@@ -294,6 +291,33 @@ class RunFolder:
                         parent.rmdir()
             elif new_lock and not (self.is_run or self.has_checkpoint):
                 self.file(self.LOCK).unlink(missing_ok=True)   # a refused start: no trace
+            os.close(fd)
+
+    def _take_lock(self) -> int:
+        """Open ``.lock`` and hold its ``flock``; the descriptor. A holder that removed the
+        file (or the folder) on its way out leaves a lock on a file no longer there: then the
+        file at the path is locked instead."""
+        for _ in range(100):
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.file(self.LOCK), os.O_RDWR | os.O_CREAT, 0o666)
+            if fcntl is None:
+                return fd
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise RunLocked(f"{self.path} is in use by another dcmkd process (pid "
+                                f"{holder}); wait for it to end, or choose another "
+                                "-o/--out") from None
+            try:
+                if os.fstat(fd).st_ino == os.stat(self.file(self.LOCK)).st_ino:
+                    return fd
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        raise RunLocked(f"{self.path}: its lock file keeps being replaced; another process is "
+                        "starting and removing runs there")
 
     def discard_start(self) -> None:
         """Remove what a start wrote when it ends before its first checkpoint."""

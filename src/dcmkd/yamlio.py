@@ -21,21 +21,26 @@ class YAMLError(ValueError):
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2's float syntax (``1e-3``) that refuses a key given twice in one
-    mapping (YAML says keys are unique; PyYAML keeps the last one silently)."""
+    """SafeLoader with YAML 1.2's float syntax (``1e-3``) that refuses a key written twice in
+    one mapping (YAML says keys are unique; PyYAML keeps the last one silently). The check runs
+    on the document as written, before merge keys (``<<: *base``) bring their keys in."""
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        seen: set = set()
+    def compose_mapping_node(self, anchor: str | None) -> yaml.MappingNode:
+        node = super().compose_mapping_node(anchor)
+        seen: set[tuple[str, str]] = set()
         for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":   # `<<: *base`, then its overrides
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == MERGE_TAG:
                 continue
-            key = self.construct_object(key_node, deep=True)
-            if isinstance(key, (str, int, float, bool)) or key is None:
-                if key in seen:
-                    raise yaml.constructor.ConstructorError(
-                        None, None, f"the key '{key}' is given twice", key_node.start_mark)
-                seen.add(key)
-        return super().construct_mapping(node, deep=deep)
+            key = (key_node.tag, key_node.value)
+            if key in seen:
+                raise yaml.composer.ComposerError(
+                    None, None, f"the key '{key_node.value}' is given twice",
+                    key_node.start_mark)
+            seen.add(key)
+        return node
+
+
+MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
 _Loader.add_implicit_resolver(

@@ -16,6 +16,7 @@ Readings (choices the papers leave open), all documented here:
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,13 +29,15 @@ from dcmkd.data.cifar import CIFAR, load_cifar
 from dcmkd.data.digits import load_digits_dataset
 from dcmkd.data.folder import CACHE_MAX_SIZE, FolderStream, first_image, image_size, \
     load_folder_cached, scan_folder
-from dcmkd.data.identity import folder_files, identity
+from dcmkd.data.identity import folder_identity, identity
 from dcmkd.data.loader import DeviceLoader, StreamLoader
 from dcmkd.data.noise import corrupt_labels
 from dcmkd.data.subset import stratified_indices
 from dcmkd.registry import UnknownNameError, check_choice
 
 DATASETS = ("cifar10", "cifar100", "digits", "folder", "imagenet", "synthetic")
+#: the datasets loaded whole into memory from the start (the others are image folders)
+IN_MEMORY = (*CIFAR, "digits", "synthetic")
 NORMALIZATIONS = ("dataset", "official")
 #: seed of the ``train_subset`` draw and of the synthetic data (a property of the data, not the run)
 SUBSET_SEED = 0
@@ -141,10 +144,8 @@ def _prepare_train(labels: torch.Tensor, cfg: DataConfig, num_classes: int, subs
 def _in_memory(cfg: DataConfig, device, seed: int, train: tuple[torch.Tensor, torch.Tensor],
                test: tuple[torch.Tensor, torch.Tensor], classes: list[str],
                transform: aug.Transform, mean: Sequence[float], std: Sequence[float],
-               subset: bool = True, files: Sequence[tuple[str, int]] = (), **dist: int) -> Data:
-    """``files``: the images' relative paths and sizes, for a dataset read from a folder."""
+               ident: dict[str, Any], subset: bool = True, **dist: int) -> Data:
     x, y = train
-    ident = identity(cfg.name, classes, y, test[1], files)
     keep, y, noisy = _prepare_train(y, cfg, len(classes), subset)
     if keep is not None:
         x = x[keep]
@@ -162,8 +163,8 @@ def _streaming(cfg: DataConfig, device, seed: int, root: Path, crop: int,
     resize = round(crop * 256 / 224)
     train_ds = FolderStream(root, "train", size=resize, skip_bad=cfg.skip_bad_images)
     test_ds = FolderStream(root, "val", size=resize, skip_bad=cfg.skip_bad_images)
-    ident = identity(cfg.name, train_ds.classes, train_ds.labels, test_ds.labels,
-                     folder_files(root, train_ds.paths + test_ds.paths))
+    ident = folder_identity(cfg.name, root, (train_ds.paths, train_ds.labels, train_ds.classes),
+                            (test_ds.paths, test_ds.labels, test_ds.classes))
     keep, labels, noisy = _prepare_train(train_ds.labels, cfg, len(train_ds.classes))
     if keep is not None:
         train_ds = train_ds.select(keep)
@@ -191,6 +192,31 @@ def synthetic_split(n: int, size: int, num_classes: int, seed: int
     return x, torch.randint(0, num_classes, (n,), generator=g)
 
 
+Split = tuple[torch.Tensor, torch.Tensor]
+
+
+def _load_bundled_or_cifar(cfg: DataConfig) -> tuple[Split, Split, list[str]]:
+    """``(train, test, class names)`` of the datasets held whole in memory from the start."""
+    if cfg.name in CIFAR:
+        root = _root(cfg)
+        train = load_cifar(cfg.name, root, train=True, download=cfg.download)
+        test = load_cifar(cfg.name, root, train=False, download=cfg.download)
+        return train[:2], test[:2], train[2]
+    if cfg.name == "digits":
+        size = cfg.image_size or 16
+        train, test = load_digits_dataset(True, size), load_digits_dataset(False, size)
+        return train[:2], test[:2], train[2]
+    size, n = cfg.image_size or 32, cfg.train_subset or 512     # synthetic
+    return (synthetic_split(n, size, 10, SUBSET_SEED),
+            synthetic_split(min(128, n), size, 10, SUBSET_SEED + 1),   # no more than train
+            [str(i) for i in range(10)])
+
+
+def _streamed(cfg: DataConfig, root: Path) -> bool:
+    """Whether a folder dataset streams from disk (ImageNet, large images) or is cached."""
+    return cfg.name == "imagenet" or max(image_size(first_image(root, "train"))) > CACHE_MAX_SIZE
+
+
 def build_data(cfg: DataConfig | dict[str, Any], device: torch.device | str = "cpu",
                seed: int = 0, *, rank: int = 0, world_size: int = 1) -> Data:
     """Load the dataset of ``cfg`` and wrap it in loaders on ``device``.
@@ -198,52 +224,35 @@ def build_data(cfg: DataConfig | dict[str, Any], device: torch.device | str = "c
     ``seed`` (the run's) drives the shuffling and augmentation of the training loader;
     ``rank``/``world_size`` shard both loaders for data-parallel training.
     """
-    if isinstance(cfg, dict):
-        cfg = DataConfig.from_dict(cfg)
-    if cfg.name not in DATASETS:
-        raise UnknownNameError("dataset", cfg.name, DATASETS)
+    cfg = _checked(cfg)
     if cfg.test_batch_size is None:
         cfg = replace(cfg, test_batch_size=default_test_batch_size(device))
     dist = {"rank": rank, "world_size": world_size}
 
-    if cfg.name in CIFAR:
-        root = _root(cfg)
-        train = load_cifar(cfg.name, root, train=True, download=cfg.download)
-        test = load_cifar(cfg.name, root, train=False, download=cfg.download)
+    if cfg.name in IN_MEMORY:
+        train, test, classes = _load_bundled_or_cifar(cfg)
+        ident = identity(cfg.name, classes, train[1], test[1])
+        if cfg.name == "synthetic":
+            # uniform 0..255 pixels: mean 0.5, std 1/sqrt(12) on the 0..1 scale
+            size = cfg.image_size or 32
+            return _in_memory(cfg, device, seed, train, test, classes,
+                              aug.pad_crop_flip(max(1, size // 8), pad_mode=cfg.pad_mode),
+                              (0.5,) * 3, (0.289,) * 3, ident, subset=False, **dist)
+        if cfg.name == "digits":
+            size = cfg.image_size or 16
+            return _in_memory(cfg, device, seed, train, test, classes,
+                              aug.pad_crop_flip(max(1, size // 8), flip=False,
+                                                pad_mode=cfg.pad_mode),
+                              *aug.channel_stats(train[0]), ident, **dist)
         mean, std = ((aug.CIFAR10_MEAN, aug.CIFAR10_STD) if cfg.name == "cifar10"
                      else (aug.CIFAR100_MEAN, aug.CIFAR100_STD))
         if cfg.normalize == "official":
             mean, std = aug.OFFICIAL_CIFAR_MEAN, aug.OFFICIAL_CIFAR_STD
-        return _in_memory(cfg, device, seed, train[:2], test[:2], train[2],
-                          aug.pad_crop_flip(4, pad_mode=cfg.pad_mode),
-                          mean, std, **dist)
-
-    if cfg.name == "digits":
-        size = cfg.image_size or 16
-        train = load_digits_dataset(True, size)
-        test = load_digits_dataset(False, size)
-        mean, std = aug.channel_stats(train[0])
-        return _in_memory(cfg, device, seed, train[:2], test[:2], train[2],
-                          aug.pad_crop_flip(max(1, size // 8), flip=False, pad_mode=cfg.pad_mode),
-                          mean, std, **dist)
-
-    if cfg.name == "synthetic":
-        # uniform 0..255 pixels: mean 0.5, std 1/sqrt(12) on the 0..1 scale
-        size, classes = cfg.image_size or 32, [str(i) for i in range(10)]
-        n = cfg.train_subset or 512
-        train = synthetic_split(n, size, 10, SUBSET_SEED)
-        test = synthetic_split(min(128, n), size, 10, SUBSET_SEED + 1)  # no more than train
         return _in_memory(cfg, device, seed, train, test, classes,
-                          aug.pad_crop_flip(max(1, size // 8), pad_mode=cfg.pad_mode),
-                          (0.5,) * 3, (0.289,) * 3,
-                          subset=False, **dist)
+                          aug.pad_crop_flip(4, pad_mode=cfg.pad_mode), mean, std, ident, **dist)
 
     root = _root(cfg, required=True)
-    if cfg.name == "imagenet":
-        return _streaming(cfg, device, seed, root, cfg.image_size or 224, aug.IMAGENET_MEAN,
-                          aug.IMAGENET_STD, **dist)
-    # 'folder': cached on the device when small, streamed otherwise
-    if max(image_size(first_image(root, "train"))) > CACHE_MAX_SIZE:
+    if _streamed(cfg, root):   # ImageNet, or a folder of large images
         return _streaming(cfg, device, seed, root, cfg.image_size or 224, aug.IMAGENET_MEAN,
                           aug.IMAGENET_STD, **dist)
     workers = max(1, min(2, cfg.workers))
@@ -260,13 +269,34 @@ def build_data(cfg: DataConfig | dict[str, Any], device: torch.device | str = "c
     size = min(train[0].shape[-2:])
     return _in_memory(cfg, device, seed, train[:2], test[:2], train[2],
                       aug.pad_crop_flip(max(1, size // 8), pad_mode=cfg.pad_mode), mean, std,
-                      files=folder_files(root, scans["train"][0] + scans["test"][0]), **dist)
+                      folder_identity(cfg.name, root, scans["train"], scans["test"]), **dist)
+
+
+def _checked(cfg: DataConfig | dict[str, Any]) -> DataConfig:
+    if isinstance(cfg, dict):
+        cfg = DataConfig.from_dict(cfg)
+    if cfg.name not in DATASETS:
+        raise UnknownNameError("dataset", cfg.name, DATASETS)
+    return cfg
 
 
 def dataset_identity(cfg: DataConfig | dict[str, Any]) -> dict[str, Any]:
-    """The identity (:mod:`dcmkd.data.identity`) of the data ``cfg`` loads (loaded on the CPU),
-    to compare with a finished run's ``data.json`` without training."""
-    identity = build_data(cfg, "cpu").identity
-    assert identity is not None
-    return identity
+    """The identity (:mod:`dcmkd.data.identity`) of the data ``cfg`` names, as
+    :func:`build_data` records it, without building loaders: an image folder is scanned (file
+    names and sizes), not decoded. To compare with a finished run's ``data.json``."""
+    cfg = _checked(cfg)
+    if cfg.name in IN_MEMORY:
+        train, test, classes = _load_bundled_or_cifar(cfg)
+        return identity(cfg.name, classes, train[1], test[1])
+    root = _root(cfg, required=True)
+    evaluation = "val" if _streamed(cfg, root) else "test"
+    return folder_identity(cfg.name, root, scan_folder(root, "train"),
+                           scan_folder(root, evaluation))
 
+
+def identity_key(data: dict[str, Any]) -> str:
+    """What :func:`dataset_identity` depends on, of a config's ``data`` section: runs whose keys
+    agree share one identity (their batch size or label noise may differ)."""
+    keys = ("name", "root", "download") + (("train_subset", "image_size")
+                                           if data.get("name") == "synthetic" else ())
+    return json.dumps({k: data.get(k) for k in keys}, sort_keys=True, default=str)

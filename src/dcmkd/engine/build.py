@@ -2,6 +2,7 @@
 recipes, ``dcmkd eval``/``export`` and :class:`~dcmkd.engine.trainer.Trainer`."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,14 +74,25 @@ def build(cfg: dict[str, Any]) -> Built:
 
 def load_run(run: RunFolder | str | Path, **overrides: Any) -> Built:
     """A run folder's method with its latest weights (from its checkpoint), its data and its
-    settings, e.g. to evaluate or export it. ``overrides``: config keys (``device="cpu"``)."""
+    settings, e.g. to evaluate or export it. ``overrides``: config keys (``device="cpu"``).
+    Data other than the run's ``data.json`` says is used with a warning (evaluating a run on
+    another copy or version of its data can be what one wants)."""
     run = run if isinstance(run, RunFolder) else RunFolder(run)
     cfg = resolve(run.require_run().read_config(), [{"quiet": True, **overrides}])
     built = build(cfg)
+    warn_if_other_data(run, built.data)
     if run.has_checkpoint:
         built.method.load_state_dict(run.load_checkpoint()["method"])
     built.method.to(pick_device(built.settings.device))
     return built
+
+
+def warn_if_other_data(run: RunFolder, data: Data) -> None:
+    """Warn when ``data`` is not what the run's ``data.json`` says it trained on."""
+    other = run.data_differences(data.identity or {})
+    if other:
+        warnings.warn(f"{run} was trained on other data than the {data.name} data at hand "
+                      f"({other}); the data at hand is used", stacklevel=3)
 
 
 def evaluate_built(built: Built) -> dict[str, float]:
@@ -91,4 +103,4 @@ def evaluate_built(built: Built) -> dict[str, float]:
                     Precision(built.settings.precision, device), built.settings)
 
 
-__all__ = ["Built", "build", "build_method", "load_run", "evaluate_built"]
+__all__ = ["Built", "build", "build_method", "load_run", "warn_if_other_data", "evaluate_built"]

@@ -79,7 +79,9 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "loss.label_smoothing": (0, 1), "loss.alpha": (0, None), "loss.beta": (0, None),
     "loss.gamma": (0, None),
 }
-#: list keys of epochs (or fractions of the epochs) at which the rate drops: increasing numbers
+#: list keys of epochs (or fractions of the epochs) at which the rate drops: numbers in
+#: non-decreasing order (two drops at one epoch are two drops: a schedule shortened to a few
+#: epochs can round two milestones to the same epoch)
 MILESTONE_KEYS = ("schedule.milestones", "sskd.milestones")
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
                list: "a list", dict: "a mapping", None: "null"}
@@ -117,9 +119,9 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
         section, name = key.split(".")
         values = cfg[section][name]
         if not all(_is_a(v, (float,)) and v >= 0 for v in values) or \
-                any(b <= a for a, b in zip(values, values[1:])):
-            raise ConfigError(f"{key}: expected increasing numbers ≥ 0 (epochs, or fractions "
-                              f"of the epochs), got {values!r}")
+                any(b < a for a, b in zip(values, values[1:])):
+            raise ConfigError(f"{key}: expected numbers ≥ 0 in increasing order (epochs, or "
+                              f"fractions of the epochs), got {values!r}")
     options = cfg["model_options"]
     if isinstance(options, list) and not all(isinstance(o, dict) for o in options):
         raise ConfigError(f"model_options: expected a mapping, or a list of one mapping per "

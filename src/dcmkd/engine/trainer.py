@@ -5,12 +5,11 @@ networks and data); the config path is :func:`dcmkd.engine.build.build`.
 """
 from __future__ import annotations
 
-import json
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from dcmkd.data import dataset_identity
+from dcmkd.data.build import dataset_identity, identity_key
 from dcmkd.engine import distributed
 from dcmkd.engine.build import build
 from dcmkd.engine.config import resolve
@@ -21,9 +20,10 @@ from dcmkd.run_folder import RunFolder, default_run_path
 class Trainer:
     """``Trainer(cfg).fit()``: build a config's run and train it (see :func:`dcmkd.engine.fit`).
 
-    A finished run with the same config returns its summary without building anything; a run
-    folder holding another config, or in use by another process, is refused before anything is
-    built. Without ``out``, the folder is ``runs/<method>-<nets>-<data>-s<seed>-<hash>``, the
+    A finished run with the same config returns its summary without building its method or
+    loaders (the data's identity is read to compare with the run's ``data.json``: labels, file
+    names and sizes); a run folder holding another config, or in use by another process, is
+    refused before anything is built. Without ``out``, the folder is ``runs/<method>-<nets>-<data>-s<seed>-<hash>``, the
     hash of the settings that define the run."""
 
     def __init__(self, cfg: dict[str, Any] | str, run_dir: str | Path | None = None,
@@ -65,14 +65,14 @@ class Trainer:
 
 def check_finished_data(run: RunFolder, cfg: dict[str, Any], log: Log = print,
                         known: dict[str, dict[str, Any] | None] | None = None) -> None:
-    """Refuse a finished run whose ``data.json`` names other data than ``cfg`` loads now
-    (``data.root`` does not define a run). The data is loaded on the CPU, never downloaded,
-    once per data config kept in ``known``; data that is not there cannot be compared, which is
-    logged."""
+    """Refuse a finished run whose ``data.json`` names other data than ``cfg`` names now
+    (``data.root`` does not define a run). The identity is read (never downloaded) once per
+    :func:`~dcmkd.data.build.identity_key` kept in ``known``; data that is not there cannot be
+    compared, which is logged."""
     if not run.finished or run.read_data() is None:
         return
     known = {} if known is None else known
-    key = json.dumps(cfg["data"], sort_keys=True, default=str)
+    key = identity_key(cfg["data"])
     if key not in known:
         try:
             known[key] = dataset_identity({**cfg["data"], "download": False})

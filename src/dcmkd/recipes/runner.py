@@ -37,7 +37,7 @@ from dcmkd.methods import METHODS
 from dcmkd.recipes.experiment import Cell, Experiment, _deep_merge, slug, teacher_reference
 from dcmkd.recipes.scales import SCALES, quick_overrides, shorten, smoke_overrides
 from dcmkd.registry import check_choice
-from dcmkd.run_folder import RunConflict, RunFolder
+from dcmkd.run_folder import RunFolder
 
 
 @dataclass(frozen=True)
@@ -406,10 +406,12 @@ def other_columns(chosen: Sequence[PlannedRun], every: Sequence[PlannedRun],
     for r in every:
         if r.run_dir in mine:
             continue
+        folder = RunFolder(r.run_dir)
         try:
-            RunFolder(r.run_dir).check(r.config)
-            check_finished_data(RunFolder(r.run_dir), r.config, log, datasets)
-        except RunConflict as e:
+            folder.check(r.config)
+            check_finished_data(folder, r.config, log, datasets)
+            folder.read_summary()
+        except (ValueError, OSError) as e:   # another config or data, a damaged file
             log(f"not in the table: {e}")
             continue
         shown.append(r)

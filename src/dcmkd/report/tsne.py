@@ -20,10 +20,14 @@ from typing import Any
 import torch
 
 from dcmkd.data import DataConfig, build_data
+from dcmkd.engine.build import warn_if_other_data
 from dcmkd.methods.stages import partition_stages
 from dcmkd.models import create_model
 from dcmkd.run_folder import RunFolder
 from dcmkd.weights import load_backbone_weights, load_file
+
+#: classes drawn when none is asked for (the paper's 10; fewer if the data has fewer)
+DEFAULT_CLASSES = 10
 
 __all__ = ["stage_features", "tsne_plot"]
 
@@ -67,9 +71,10 @@ def _extractor(model, cfg: dict[str, Any], stage: str | None):
 
 @torch.no_grad()
 def stage_features(run_dir: str | Path, *, stage: str | None = None, net: int | None = None,
-                   classes: int = 10, samples: int = 50, seed: int = 0, pool: bool = False,
-                   device: str = "cpu") -> dict[str, Any]:
-    """Features of one stage for ``samples`` test images of each of ``classes`` random classes.
+                   classes: int | None = None, samples: int = 50, seed: int = 0,
+                   pool: bool = False, device: str = "cpu") -> dict[str, Any]:
+    """Features of one stage for ``samples`` test images of each of ``classes`` random classes
+    (default :data:`DEFAULT_CLASSES`, or every class of data with fewer).
 
     Returns ``{"features": (n, d) float tensor, "labels": (n,), "classes": class indices,
     "class_names": names, "stage": description, "model": name, "net": index}``.
@@ -80,9 +85,12 @@ def stage_features(run_dir: str | Path, *, stage: str | None = None, net: int | 
     name, extract = _extractor(model, cfg, stage)
     data_cfg = {k: v for k, v in cfg["data"].items() if k in DataConfig.__dataclass_fields__}
     data = build_data(DataConfig(**data_cfg), device, int(cfg.get("seed", 0)))
+    warn_if_other_data(RunFolder(run_dir), data)
     num = data.num_classes
     g = torch.Generator().manual_seed(seed)
-    if not 1 <= classes <= num:
+    if classes is None:
+        classes = min(DEFAULT_CLASSES, num)
+    elif not 1 <= classes <= num:
         raise ValueError(f"--classes {classes}: the run's data has {num} classes (expected 1 "
                          f"to {num})")
     chosen = sorted(torch.randperm(num, generator=g)[:classes].tolist())
@@ -110,7 +118,7 @@ def stage_features(run_dir: str | Path, *, stage: str | None = None, net: int | 
 
 
 def tsne_plot(run_dir: str | Path, *, stage: str | None = None, net: int | None = None,
-              classes: int = 10, samples: int = 50, out: str | Path | None = None,
+              classes: int | None = None, samples: int = 50, out: str | Path | None = None,
               seed: int = 0, perplexity: float = 30.0, pool: bool = False,
               device: str = "cpu") -> Path:
     """Write the t-SNE scatter of :func:`stage_features` as a PNG; returns its path (default
