@@ -9,13 +9,12 @@ import pytest
 import torch
 from PIL import Image
 from test_data_folder import make_folder
-from test_loop import Interrupt, loaders, wrapped_pair
+from test_loop import interrupted_in_epoch_2, loaders, wrapped_pair
 
 import dcmkd
 from dcmkd.cli import main
 from dcmkd.data import build_data, dataset_identity
 from dcmkd.data.identity import identity
-from dcmkd.methods.mutual import MutualMethod
 from dcmkd.recipes import load_experiment, plan, reproduce
 from dcmkd.run_folder import RunConflict, RunFolder
 
@@ -108,17 +107,8 @@ def test_fit_refuses_a_finished_or_interrupted_run_on_other_batches(tmp_path, mo
     with pytest.raises(RunConflict, match=r"a finished run of the same config on other data "
                                           r"\(batch_size: 8 → 16\)"):
         dcmkd.fit(wrapped_pair(), other, tmp_path / "run", settings, test=test)
-    original = MutualMethod.begin_step
-
-    def dying(self, epoch):
-        if epoch >= 1:
-            raise Interrupt
-        return original(self, epoch)
-
-    monkeypatch.setattr(MutualMethod, "begin_step", dying)
-    with pytest.raises(Interrupt):
+    with interrupted_in_epoch_2(monkeypatch):
         dcmkd.fit(wrapped_pair(), train, tmp_path / "cut", settings, test=test)
-    monkeypatch.setattr(MutualMethod, "begin_step", original)
     with pytest.raises(RunConflict, match="an interrupted run of the same config on other data"):
         dcmkd.fit(wrapped_pair(), other, tmp_path / "cut", settings, test=test)
     (tmp_path / "cut" / "data.json").unlink()   # a run from before data.json: not compared

@@ -3,6 +3,7 @@ networks and a plain DataLoader with exact resume, resumable keys, autocast and 
 acting where they should, eval_every, compile."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -45,6 +46,23 @@ def loaders(n: int = 32, batch: int = 8):
 
 class Interrupt(Exception):
     pass
+
+
+@contextlib.contextmanager
+def interrupted_in_epoch_2(monkeypatch):
+    """The training inside stops (:class:`Interrupt`) as a mutual method's second epoch starts;
+    the method is whole again after the block."""
+    original = MutualMethod.begin_step
+
+    def dying(self, epoch):
+        if epoch >= 1:
+            raise Interrupt
+        return original(self, epoch)
+
+    monkeypatch.setattr(MutualMethod, "begin_step", dying)
+    with pytest.raises(Interrupt):
+        yield
+    monkeypatch.setattr(MutualMethod, "begin_step", original)
 
 
 # -- host reads ------------------------------------------------------------------------------
@@ -153,17 +171,8 @@ def test_a_list_of_batches_trains_and_another_method_is_refused_in_its_folder(tm
 def test_resume_accepts_a_change_of_a_key_that_does_not_define_the_run(tmp_path, monkeypatch,
                                                                        change):
     cfg = resolve(None, ["method=dml", "nets=resnet20,resnet20", *TINY, f"out={tmp_path / 'r'}"])
-    original = MutualMethod.begin_step
-
-    def dying(self, epoch):
-        if epoch >= 1:
-            raise Interrupt
-        return original(self, epoch)
-
-    monkeypatch.setattr(MutualMethod, "begin_step", dying)
-    with pytest.raises(Interrupt):
+    with interrupted_in_epoch_2(monkeypatch):
         Trainer(cfg).fit()
-    monkeypatch.setattr(MutualMethod, "begin_step", original)
     resumed = resolve(None, ["method=dml", "nets=resnet20,resnet20", *TINY, change,
                              f"out={tmp_path / 'r'}"])
     assert Trainer(resumed).fit()["epochs"] == 2
