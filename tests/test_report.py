@@ -196,6 +196,20 @@ def test_report_groups_arbitrary_runs_by_config(tmp_path):
     assert any(k.startswith("curves/") and v.is_file() for k, v in paths.items())
 
 
+def test_report_puts_a_network_trained_alone_in_the_row_of_its_pair(tmp_path):
+    exp = load_experiment("quick-cifar10")
+    runs = [r for r in plan(exp, rows=["ResNet-20 ×2"], seeds=1, out=tmp_path)
+            if r.cell.column in ("Ind", "DML")]
+    assert sorted(len(r.config["nets"]) for r in runs) == [1, 2]
+    for r in runs:
+        fake_run(r, [40.0] if r.cell.column == "Ind" else [30.0, 31.0])
+    md = report_runs([r.run_dir for r in runs], tmp_path / "report")["table_md"].read_text()
+    assert "| resnet20 + resnet20 | resnet20 + resnet20 | 40.00 | 40.00 | 30.00 | 31.00 |" in md
+    assert md.count("\n| resnet20") == 1               # one row, not a row per network count
+    assert "Source: 2 run folders given to `dcmkd report`. 1 seed(s)." in md
+    assert "Scale" not in md
+
+
 @pytest.mark.parametrize("name", list_experiments())
 def test_every_row_runs_end_to_end_at_smoke_scale(name, tmp_path):
     exp = load_experiment(name)

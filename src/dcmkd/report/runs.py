@@ -38,12 +38,13 @@ def group_runs(run_dirs: Sequence[str | Path]) -> tuple[Experiment, list[LoadedR
     varying = [k for k in keys if len({repr(f.get(k)) for _, _, f in loaded}) > 1]
     width = max(len(cfg["nets"]) for _, cfg, _ in loaded)
     networks = tuple(f"Net{i + 1}" for i in range(width))
+    group = _row_networks([tuple(cfg["nets"]) for _, cfg, _ in loaded])
     rows: list[str] = []
     columns: list[str] = []
     cells: dict[tuple[str, str], Cell] = {}
     runs = []
     for path, cfg, flat in loaded:
-        row = " + ".join(cfg["nets"])
+        row = " + ".join(group[tuple(cfg["nets"])])
         extra = [f"{k}={flat.get(k)}" for k in varying]
         if extra:
             row += " (" + ", ".join(extra) + ")"
@@ -55,9 +56,23 @@ def group_runs(run_dirs: Sequence[str | Path]) -> tuple[Experiment, list[LoadedR
             cells[(row, col)] = Cell(row, col, {}, tuple(PaperValue() for _ in networks),
                                      tuple(min(i, n - 1) for i in range(width)))
         runs.append(LoadedRun(cells[(row, col)], int(cfg.get("seed", 0)), path, cfg))
-    exp = Experiment("runs", "Results of the given runs", f"{len(runs)} run folders", networks,
+    source = f"{len(runs)} run folder{'s' if len(runs) != 1 else ''} given to `dcmkd report`"
+    exp = Experiment("runs", "Results of the given runs", source, networks,
                      tuple(columns), tuple(rows), tuple(cells.values()), seeds=0)
     return exp, runs
+
+
+def _row_networks(nets: Sequence[tuple[str, ...]]) -> dict[tuple[str, ...], tuple[str, ...]]:
+    """The row each run's networks belong to: its own, except that one network trained alone
+    joins the row of a single group of several copies of that backbone (``resnet20`` with
+    ``resnet20 + resnet20``), as the paper's tables show Ind beside DML and DCM."""
+    group = {n: n for n in nets}
+    for n in set(nets):
+        if len(n) == 1:
+            copies = {m for m in nets if len(m) > 1 and set(m) == set(n)}
+            if len(copies) == 1:
+                group[n] = copies.pop()
+    return group
 
 
 def report_runs(run_dirs: Sequence[str | Path], out: str | Path) -> dict[str, Path]:
@@ -67,4 +82,4 @@ def report_runs(run_dirs: Sequence[str | Path], out: str | Path) -> dict[str, Pa
     if not any(RunFolder(r.run_dir).finished for r in runs):
         raise ValueError(f"none of the {len(runs)} run folder(s) is finished (no "
                          f"{RunFolder.SUMMARY}): nothing to report yet")
-    return write_experiment_report(exp, runs, out, scale="runs")
+    return write_experiment_report(exp, runs, out, scale=None)

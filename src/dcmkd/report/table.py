@@ -65,9 +65,10 @@ def _entry(s: CellStats, with_top5: bool) -> str:
     return f"{ours} · {paper}{diff}"
 
 
-def markdown(exp: Experiment, stats: Sequence[CellStats], *, scale: str = "full",
+def markdown(exp: Experiment, stats: Sequence[CellStats], *, scale: str | None = "full",
              seeds: int | None = None) -> str:
-    """The paper's layout: a line per row, a column per (method column, network)."""
+    """The paper's layout: a line per row, a column per (method column, network); ``scale``
+    None (runs given by hand) leaves the scale out."""
     with_top5 = any(s.paper.top5 is not None for s in stats)
     has_paper = any(s.paper.top1 is not None for s in stats)
     columns = [c for c in exp.columns if any(s.column == c for s in stats)]
@@ -75,8 +76,9 @@ def markdown(exp: Experiment, stats: Sequence[CellStats], *, scale: str = "full"
     by_key = {(s.row, s.column, s.network): s for s in stats}
     metric = "top-1" + ("/top-5" if with_top5 else "")
     lines = [f"# {exp.title}", "",
-             f"Source: {exp.source}. Scale: **{scale}**"
-             + (f", {seeds} seed(s)" if seeds else "")
+             f"Source: {exp.source}."
+             + (f" Scale: **{scale}**" if scale else "")
+             + ((", " if scale else " ") + f"{seeds} seed(s)" if seeds else "")
              + (" planned, some cells not yet complete"
                 if seeds and any(s.runs < s.planned for s in stats) else "")
              + f". Entries: test {metric} error (%) of each network's own classifier at the "
@@ -121,7 +123,7 @@ CSV_FIELDS = ("experiment", "scale", "row", "column", "network", "model", "runs"
               "diff_top1", "values_top1", "mean_train_minutes")
 
 
-def to_csv(exp: Experiment, stats: Sequence[CellStats], scale: str = "full") -> str:
+def to_csv(exp: Experiment, stats: Sequence[CellStats], scale: str | None = "full") -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(CSV_FIELDS)
@@ -138,7 +140,7 @@ def _num(x: float | None) -> str:
 
 
 def write_experiment_report(exp: Experiment, runs: Sequence, folder: str | Path, *,
-                            scale: str = "full") -> dict[str, Path]:
+                            scale: str | None = "full") -> dict[str, Path]:
     """``table.md``, ``table.csv`` and ``curves/<row>.png`` in ``folder``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -156,6 +158,7 @@ def write_experiment_report(exp: Experiment, runs: Sequence, folder: str | Path,
         row_stats = [s for s in stats if s.row == row and s.curves]
         if row_stats:
             path = curves / f"{slug(row)}.png"
-            plot_row_curves(row_stats, exp.networks, f"{exp.name}: {row} ({scale})", path)
+            title = f"{exp.name}: {row}" + (f" ({scale})" if scale else "")
+            plot_row_curves(row_stats, exp.networks, title, path)
             paths[f"curves/{row}"] = path
     return paths
