@@ -165,6 +165,23 @@ def test_a_list_of_batches_trains_and_another_method_is_refused_in_its_folder(tm
         dcmkd.fit(other, batches, tmp_path / "run", settings)
 
 
+def test_the_methods_advice_on_an_epoch_is_warned_once(tmp_path, monkeypatch):
+    seen = []
+
+    def advice(self, epoch, record):
+        seen.append((epoch, sorted(k for k in record if k.endswith("/acc"))))
+        return "every classifier is at chance" if epoch == 1 else None
+
+    monkeypatch.setattr(MutualMethod, "advice", advice)
+    batches, _ = loaders()
+    settings = dcmkd.TrainSettings(schedule=dcmkd.Schedule("constant", lr=0.05, epochs=3),
+                                   device="cpu", quiet=True)
+    with pytest.warns(UserWarning, match="every classifier is at chance") as caught:
+        dcmkd.fit(wrapped_pair(), batches, tmp_path / "run", settings)
+    assert len(caught) == 1 and [e for e, _ in seen] == [0, 1, 2]
+    assert seen[1][1] == [f"train/net{n}/C{c}/acc" for n in (0, 1) for c in (1, 2, 3)]
+
+
 # -- which keys may change on resume -------------------------------------------------------------
 @pytest.mark.parametrize("change", ["data.workers=1", "data.test_batch_size=16", "quiet=false",
                                     "tensorboard=true", "device=auto"])

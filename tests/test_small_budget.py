@@ -72,6 +72,31 @@ def test_dml_weight_ramps_too():
     assert float(m(x, y).losses["net0/dml"]) > 0.0
 
 
+def _after_one_step(name, epochs=40, **options):
+    torch.manual_seed(0)
+    m = create_method(name, ["resnet20", "resnet20"], CLASSES, **options)
+    m.configure_optimization(SGDSettings(), Schedule("constant", lr=0.1, epochs=epochs))
+    m(*batch())
+    return m
+
+
+def test_a_dcm_start_near_the_uniform_prediction_advises_the_ramp():
+    # epoch 2 of the paper loss's run in benchmarks/results/dcm-remedies/dcm.metrics.jsonl
+    record = {"train/net0/ce": 2.252, "train/net0/dcm1": 0.043, "train/net0/C1/acc": 0.152,
+              "train/net1/ce": 2.288, "train/net1/dcm1": 0.044, "train/net1/C1/acc": 0.114}
+    dcm = _after_one_step("dcm")
+    hint = dcm.advice(1, record)
+    assert "still 2.25–2.29" in hint and "ln 10 = 2.30" in hint
+    assert "loss.rampup=10 (25% of the epochs)" in hint
+    assert dcm.advice(0, record) is None and dcm.advice(2, record) is None   # once, epoch 2
+    # the same run's ramped DCM at epoch 2 (ce 2.16, 0.94 of ln 10) would not be told
+    assert dcm.advice(1, {**record, "train/net1/ce": 2.16}) is None
+    assert _after_one_step("dcm", rampup=10).advice(1, record) is None
+    assert _after_one_step("dcm", beta=0.0, gamma=0.0).advice(1, record) is None
+    assert _after_one_step("dcm", epochs=2).advice(1, record) is None
+    assert "loss.rampup=10" in _after_one_step("dml").advice(1, record)
+
+
 def test_the_mean_reduction_divides_each_classifiers_terms_by_its_sources():
     """Two networks × three classifiers: every classifier has 3 sources (the other network's
     C1, C2, C3), so the mean is a third of the paper's sum, term by term."""

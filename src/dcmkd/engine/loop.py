@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from typing import Any, Callable, Iterable, Sequence
 
@@ -171,6 +172,8 @@ def _train(method: Method, train_batches: Batches, test_batches: Batches | None,
         if loop.main:
             run.write_metrics(history)
         log(epoch_line(record, method))
+        if loop.main and (hint := method.advice(epoch, record)):
+            warnings.warn(hint, stacklevel=1)
         if writer is not None:
             for k, v in record.items():
                 if isinstance(v, (int, float)):

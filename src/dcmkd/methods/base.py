@@ -171,6 +171,11 @@ class Method(nn.Module):
         metrics record."""
         return {}
 
+    def advice(self, epoch: int, record: dict[str, Any]) -> str | None:
+        """A hint for the user after epoch ``epoch`` (0-based) from its metrics ``record``, when
+        the run shows a known trouble with a known remedy; the loop warns with it."""
+        return None
+
     def training_done(self, epochs: int) -> bool:
         """Whether training is over after ``epochs`` epochs."""
         return epochs >= self.schedule.epochs

@@ -12,6 +12,7 @@ pattern, which networks are frozen and how loss terms are named in logs (SPEC.md
 from __future__ import annotations
 
 import contextlib
+import math
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable, ContextManager, Iterator, Sequence
@@ -111,6 +112,7 @@ class MutualMethod(Method):
         self.pattern, self.update = pattern, self.options.update
         self.distill_scale = rampup_factor(0.0, self.options.rampup, self.options.rampup_shape)
         self.term_names = term_names or {}
+        self.classes = 0     # seen in the logits of the first step (for :meth:`advice`)
         self.train()
 
     routes_networks = True
@@ -157,11 +159,36 @@ class MutualMethod(Method):
                     for n, net in enumerate(self.networks)]
         return super().predict(images)
 
+    def advice(self, epoch: int, record: dict[str, Any]) -> str | None:
+        """After the second epoch, when the training cross-entropy of every trained network's
+        final classifier is still within 5% of a uniform prediction's ln(classes) under the
+        paper's constant distillation weights: the slow start measured in issue 13 (the summed
+        distillation gradient holds all classifiers near one uniform prediction), and the
+        ramp-up that removes it. (Train accuracy tells it less well: it is averaged over
+        augmented images and was 0.11–0.16 in the measured collapse on 10 classes.)"""
+        o, links = self.options, self.links.count()
+        distils = (links["same"] and o.beta > 0) or (links["cross"] and o.gamma > 0)
+        if epoch != 1 or o.rampup > 0 or not distils or self.classes < 2 \
+                or self.schedule.epochs <= 2:
+            return None
+        ce = [record.get(f"train/net{n}/ce") for n in self.trainable_networks]
+        uniform = math.log(self.classes)
+        if None in ce or min(ce) < 0.95 * uniform:   # type: ignore[type-var]
+            return None
+        return (f"after epoch {epoch + 1} the final classifiers' training cross-entropy is "
+                f"still {min(ce):.2f}–{max(ce):.2f}, within 5% of a uniform prediction's "
+                f"ln {self.classes} = {uniform:.2f}: with constant distillation weights that is "
+                "the slow start the README measures (DCM on a small budget: the summed "
+                "distillation gradient holds every classifier near one uniform prediction); on "
+                "a short schedule, ramping the weights up removes it: "
+                f"loss.rampup={max(1, round(0.25 * self.schedule.epochs))} (25% of the epochs)")
+
     def _named(self, loss: MutualLoss, networks: Sequence[int]) -> dict[str, torch.Tensor]:
         return {f"net{n}/{self.term_names.get(t, t)}": v
                 for n in networks for t, v in loss.per_network[n].items()}
 
     def loss(self, logits: list[list[torch.Tensor]], targets: torch.Tensor) -> MutualLoss:
+        self.classes = self.classes or int(next(z for net in logits for z in net).shape[-1])
         kw, w = self.options.loss_kwargs(), self.distill_scale
         kw["beta"], kw["gamma"] = kw["beta"] * w, kw["gamma"] * w
         return mutual_distillation_loss(logits, targets, self.links, **kw)
