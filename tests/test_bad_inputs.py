@@ -136,6 +136,8 @@ CASES = [  # (arguments, text the one-line message must contain)
     (["eval", "{tmp}/nowhere"], "no run folder or weights file at"),
     (["eval", "{tmp}/net0_resnet32.pt"], "pass -d/--dataset"),
     (["report", "{tmp}/unfinished"], "none of the 1 run folder(s) is finished"),
+    (["export", "{tmp}/unfinished"], "unfinished is not finished (not started)"),
+    (["eval", "{tmp}/unfinished"], "holds no checkpoint.pt, so no weights of its method: train"),
     (["export", "{finished}", "--to", "{tmp}/a_file"], "is a file: give a folder"),
     (["tsne", "{finished}", "--classes", "50"], "--classes 50: the run's data has 10 classes"),
     (["eval", "{tmp}/corrupt"], "corrupt/config.yaml line 3"),
@@ -149,6 +151,24 @@ if not torch.cuda.is_available():
                   "CUDA is not available"))
     CASES.append((["reproduce", "quick-cifar10", "--scale", "smoke", "--out", "{tmp}/r",
                    "--devices", "cuda:0"], "device 'cuda:0': CUDA is not available"))
+
+
+def test_a_damaged_summary_or_metrics_file_is_refused_naming_it(finished, tmp_path, capsys):
+    import shutil
+    copy = tmp_path / "copy"
+    shutil.copytree(finished, copy)
+    summary = json.loads((copy / "summary.json").read_text())
+    (copy / "summary.json").write_text(json.dumps({**summary, "test_top1": [float("nan"), 5.0]}))
+    again = ["train", "-m", "dml", "-n", "resnet20,resnet20", *TINY, "-e", "1", "-o", copy]
+    for args in (again, ["report", copy, "--out", tmp_path / "rep"]):
+        code, out = cli(capsys, *args)
+        assert code == 2 and "Traceback" not in out, out
+        assert f"{copy / 'summary.json'} is not valid JSON (it holds NaN" in out, out
+    (copy / "summary.json").write_text(json.dumps(summary))
+    lines = (copy / "metrics.jsonl").read_text().splitlines()
+    (copy / "metrics.jsonl").write_text(lines[0][:40] + "\n")   # cut mid-record
+    code, out = cli(capsys, "report", copy, "--out", tmp_path / "rep")
+    assert code == 2 and f"{copy / 'metrics.jsonl'} line 1 is not valid JSON" in out, out
 
 
 def test_a_negative_class_count_is_a_usage_error(capsys):

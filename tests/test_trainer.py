@@ -104,6 +104,38 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypat
     assert (tmp_path / "cut" / "noisy_labels.pt").is_file()
 
 
+def test_an_interrupted_run_is_exported_only_when_asked_and_evaluated_with_a_warning(
+        tmp_path, monkeypatch, capsys):
+    cfg = tiny(tmp_path)
+    original = MutualMethod.begin_step
+
+    def dying(self, epoch):
+        if epoch >= 1:
+            raise Interrupt
+        return original(self, epoch)
+
+    monkeypatch.setattr(MutualMethod, "begin_step", dying)
+    with pytest.raises(Interrupt):
+        Trainer(cfg).fit()
+    monkeypatch.setattr(MutualMethod, "begin_step", original)
+    run = tmp_path / "run"
+    capsys.readouterr()
+    assert main(["export", str(run), "--to", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "is not finished (stopped after epoch 1 of 2)" in err and "--unfinished" in err
+    assert not (tmp_path / "x").exists()
+    assert main(["export", str(run), "--to", str(tmp_path / "x"), "--unfinished"]) == 0
+    capsys.readouterr()
+    exported = load_file(tmp_path / "x" / "net0_resnet20.pt")
+    saved = load_file(run / "checkpoint.pt")["method"]
+    for k, v in exported.items():            # the weights after epoch 1, as the run left them
+        assert torch.equal(v, saved[f"networks.0.backbone.{k}"]), k
+    assert main(["eval", str(run), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert "warning: " in captured.err and "stopped after epoch 1 of 2" in captured.err
+    assert "test/net0/C1/top1" in json.loads(captured.out)
+
+
 def test_nan_stops_the_run_naming_step_and_term(tmp_path, monkeypatch):
     cfg = tiny(tmp_path)
     forward = MutualMethod.forward

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 from dcmkd import __version__
 from dcmkd.engine import distributed
-from dcmkd.engine.build import Built, build, evaluate_built, load_run
+from dcmkd.engine.build import Built, build, evaluate_built, load_run, unfinished_state
 from dcmkd.engine.config import resolve
 from dcmkd.engine.loop import TrainingDiverged
 from dcmkd.engine.trainer import Trainer
@@ -180,7 +180,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     if args.to and Path(args.to).exists() and not Path(args.to).is_dir():
         raise NotADirectoryError(f"--to {args.to} is a file: give a folder")
-    run = RunFolder(args.run)
+    run = RunFolder(args.run).require_run()
+    if not run.finished and not args.unfinished:
+        state = unfinished_state(run.load_checkpoint(), run.read_config() or {}) \
+            if run.has_checkpoint else "not started"
+        raise ValueError(f"{run} is not finished ({state}): rerun its training to finish it, "
+                         "or pass --unfinished to export its weights as they are")
     built = load_run(run)
     models = [model_name(net) for net in built.method.networks]
     for path in run.export_networks(built.method.export(), models, to=args.to):
@@ -309,8 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
 
     x = sub.add_parser("export", help="write a run's networks without auxiliary classifiers")
-    x.add_argument("run")
+    x.add_argument("run", help="a finished run folder")
     x.add_argument("--to", help="folder (default: the run folder)")
+    x.add_argument("--unfinished", action="store_true",
+                   help="export an interrupted run's latest weights (refused without it)")
     x.set_defaults(func=cmd_export)
 
     r = sub.add_parser("reproduce", help="run a paper table (missing runs only) and write it",

@@ -238,7 +238,8 @@ class RunFolder:
         path = self.file(self.METRICS)
         if not path.is_file():
             return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return [_parse_json(line, path, n) for n, line in
+                enumerate(path.read_bytes().splitlines(), 1) if line.strip()]
 
     def write_metrics(self, history: Sequence[dict[str, Any]]) -> None:
         atomic_write_text(self.file(self.METRICS), "".join(json.dumps(r) + "\n" for r in history))
@@ -375,11 +376,26 @@ def read_json(path: Path) -> Any:
     """A JSON file of a run, None when absent; a damaged one is an error naming it."""
     if not path.is_file():
         return None
+    return _parse_json(path.read_bytes(), path)
+
+
+def _parse_json(text: bytes | str, path: Path, line: int | None = None) -> Any:
+    """JSON as a run writes it: no NaN or infinity (a run keeps no non-finite value, so one
+    in its files is damage), else an error naming the file (and line)."""
+    where = f"{path}" + (f" line {line}" if line else "")
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}): the file is damaged; restore or "
+        return json.loads(text, parse_constant=_non_finite)
+    except (json.JSONDecodeError, UnicodeDecodeError, _NonFinite) as e:
+        raise ValueError(f"{where} is not valid JSON ({e}): the file is damaged; restore or "
                          "delete it") from None
+
+
+class _NonFinite(ValueError):
+    pass
+
+
+def _non_finite(name: str) -> Any:
+    raise _NonFinite(f"it holds {name}, and a run writes no non-finite value")
 
 
 def config_hash(config: dict[str, Any]) -> str:

@@ -79,12 +79,28 @@ def load_run(run: RunFolder | str | Path, **overrides: Any) -> Built:
     another copy or version of its data can be what one wants)."""
     run = run if isinstance(run, RunFolder) else RunFolder(run)
     cfg = resolve(run.require_run().read_config(), [{"quiet": True, **overrides}])
+    if not run.has_checkpoint:
+        hint = ("evaluate its exported networks one by one (dcmkd eval FILE)"
+                if run.finished else "train it first")
+        raise ValueError(f"{run} holds no {RunFolder.CHECKPOINT}, so no weights of its "
+                         f"method: {hint}")
     built = build(cfg)
     warn_if_other_data(run, built.data)
-    if run.has_checkpoint:
-        built.method.load_state_dict(run.load_checkpoint()["method"])
+    ckpt = run.load_checkpoint()
+    built.method.load_state_dict(ckpt["method"])
+    if not run.finished:
+        warnings.warn(f"{run} is not finished ({unfinished_state(ckpt, cfg)}): its weights at "
+                      "that point are used", stacklevel=2)
     built.method.to(pick_device(built.settings.device))
     return built
+
+
+def unfinished_state(ckpt: dict[str, Any], cfg: dict[str, Any]) -> str:
+    """Where an interrupted run stopped, from its checkpoint: ``stopped in epoch 2 of 3``."""
+    epoch, batch = int(ckpt.get("epoch", 0)), int(ckpt.get("batch", 0))
+    where = f"stopped in epoch {epoch + 1}, at batch {batch}" if batch else \
+        f"stopped after epoch {epoch}"
+    return f"{where} of {cfg.get('epochs', '?')}"
 
 
 def warn_if_other_data(run: RunFolder, data: Data) -> None:
