@@ -210,6 +210,24 @@ def test_report_puts_a_network_trained_alone_in_the_row_of_its_pair(tmp_path):
     assert "Scale" not in md
 
 
+def test_report_shows_a_lone_network_once_and_refuses_a_seed_given_twice(tmp_path):
+    exp = load_experiment("quick-cifar10")
+    pair = [r for r in plan(exp, rows=["ResNet-56 + ResNet-20"], seeds=1, out=tmp_path)
+            if r.cell.column == "DML"]
+    alone = [r for r in plan(exp, rows=["ResNet-20 ×2"], seeds=1, out=tmp_path / "b")
+             if r.cell.column == "Ind"]
+    for r in pair + alone:
+        fake_run(r, [30.0, 31.0][:len(r.config["nets"])])
+    runs = [r.run_dir for r in pair + alone]
+    paths = report_runs(runs, tmp_path / "report")
+    md = paths["table_md"].read_text()
+    lone = next(line for line in md.splitlines() if line.startswith("| resnet20 "))
+    assert lone.endswith(") | resnet20 |  |  | 30.00 |  |")   # ind Net2: none made up
+    assert "ind,Net2" not in paths["table_csv"].read_text()
+    with pytest.raises(ValueError, match="are the same run .seed 0 of one config."):
+        report_runs([*runs, runs[0]], tmp_path / "report2")
+
+
 @pytest.mark.parametrize("name", list_experiments())
 def test_every_row_runs_end_to_end_at_smoke_scale(name, tmp_path):
     exp = load_experiment(name)

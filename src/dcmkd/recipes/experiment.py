@@ -91,6 +91,7 @@ class Cell:
     config: dict[str, Any]          # overrides of this cell, merged over base and row
     paper: tuple[PaperValue, ...]   # one per reported network
     net: tuple[int, ...]            # index into the run's networks, per reported network
+                                    # (-1: none, for ``dcmkd report``'s narrower runs)
     hidden: bool = False
     scales: dict[str, dict[str, Any]] = field(default_factory=dict)  # this cell's, per scale
 

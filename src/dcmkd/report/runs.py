@@ -53,9 +53,17 @@ def group_runs(run_dirs: Sequence[str | Path]) -> tuple[Experiment, list[LoadedR
         columns += [col] if col not in columns else []
         if (row, col) not in cells:
             n = len(cfg["nets"])
+            shown = len(group[tuple(cfg["nets"])])   # a network alone in its pair's row: both
             cells[(row, col)] = Cell(row, col, {}, tuple(PaperValue() for _ in networks),
-                                     tuple(min(i, n - 1) for i in range(width)))
-        runs.append(LoadedRun(cells[(row, col)], int(cfg.get("seed", 0)), path, cfg))
+                                     tuple(min(i, n - 1) if i < shown else -1
+                                           for i in range(width)))
+        seed = int(cfg.get("seed", 0))
+        twin = next((r.run_dir for r in runs if r.cell is cells[(row, col)] and r.seed == seed),
+                    None)
+        if twin is not None:
+            raise ValueError(f"{twin} and {path} are the same run (seed {seed} of one config): "
+                             "give one of them, or their seeds would count twice")
+        runs.append(LoadedRun(cells[(row, col)], seed, path, cfg))
     source = f"{len(runs)} run folder{'s' if len(runs) != 1 else ''} given to `dcmkd report`"
     exp = Experiment("runs", "Results of the given runs", source, networks,
                      tuple(columns), tuple(rows), tuple(cells.values()), seeds=0)

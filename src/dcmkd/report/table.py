@@ -21,15 +21,18 @@ def collect(exp: Experiment, runs: Iterable) -> list[CellStats]:
         if cell.hidden or cell.key not in keys:
             continue
         for i, label in enumerate(exp.networks):
-            stats[(cell.row, cell.column, i)] = CellStats(cell.row, cell.column, label, "",
-                                                          cell.paper[i])
+            if cell.net[i] >= 0:    # -1: the cell's runs have no such network
+                stats[(cell.row, cell.column, i)] = CellStats(cell.row, cell.column, label,
+                                                              "", cell.paper[i])
     for run in runs:
         if run.cell.hidden:
             continue
         result = RunResult.load(run.run_dir)
         for i in range(len(exp.networks)):
-            s = stats[(run.cell.row, run.cell.column, i)]
             j = run.cell.net[i]
+            if j < 0:
+                continue
+            s = stats[(run.cell.row, run.cell.column, i)]
             nets = run.config["nets"]
             s.model = nets[j] if j < len(nets) else "?"
             s.planned += 1
@@ -90,8 +93,9 @@ def markdown(exp: Experiment, stats: Sequence[CellStats], *, scale: str | None =
         row_stats = [s for s in stats if s.row == row]
         if not row_stats:
             continue
-        models = " + ".join(next((s.model for s in row_stats if s.network == n and s.model), "?")
-                            for n in exp.networks)
+        found = [next((s.model for s in row_stats if s.network == n and s.model), None)
+                 for n in exp.networks]
+        models = " + ".join(m for m in found if m) or "?"
         entries = [(_entry(by_key[(row, c, n)], with_top5) if (row, c, n) in by_key else "")
                    for c in columns for n in exp.networks]
         lines.append("| " + " | ".join([row, models, *entries]) + " |")
