@@ -133,6 +133,13 @@ CASES = [  # (arguments, text the one-line message must contain)
      "the dataset 'synthetic' is bundled and reads no folder"),
     (["train", "-m", "kd", "-n", "resnet20,resnet20", *TINY, "teacher_weights={tmp}/text.pt"],
      "text.pt is not a weights file"),
+    (["train", "-m", "dml", "-n", "resnet20,resnet20", *TINY, "classifiers=C9"],
+     "unknown classifier 'C9'"),
+    (["train", "-m", "dml", "-n", "resnet20,resnet20", *TINY, "classifiers=C2,C3,C4"],
+     "classifiers='C2,C3,C4': method 'dml' trains no auxiliary classifier (the methods with "
+     "them: ds,"),
+    (["train", "-m", "ind", "-n", "resnet20", *TINY, "aux_kind=apfc"],
+     "kind='apfc': method 'ind' trains no auxiliary classifier"),
     (["eval", "{tmp}/nowhere"], "no run folder or weights file at"),
     (["eval", "{tmp}/net0_resnet32.pt"], "pass -d/--dataset"),
     (["report", "{tmp}/unfinished"], "none of the 1 run folder(s) is finished"),

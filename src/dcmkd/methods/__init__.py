@@ -25,6 +25,7 @@ from typing import Any, Sequence
 from torch import nn
 
 from dcmkd.heads import MultiExitNetwork, build_multi_exit
+from dcmkd.heads.builder import parse_classifiers
 from dcmkd.heads.wrap import wrap_model
 from dcmkd.methods.base import Method, StepOutput
 from dcmkd.methods.builders import FEATURE_OPTIONS, SSKD_OPTIONS, STAGE_METHODS, \
@@ -101,6 +102,16 @@ def create_method(name: str, nets: Sequence[str | nn.Module], num_classes: int |
     ``teacher_weights`` may be a file or a run folder for every method, and ``teacher_net``
     picks a network of that run.
     """
+    if name not in METHODS and name not in STAGE_METHODS:
+        raise UnknownNameError("method", name, [*METHODS.names(), *STAGE_METHODS])
+    chosen = parse_classifiers(classifiers)   # an unknown classifier is an error for any method
+    if not (name in METHODS and METHODS.get(name).aux) and \
+            ((classifiers is not None and chosen) or kind != "default"):
+        given = f"classifiers={classifiers!r}" if classifiers is not None and chosen \
+            else f"kind={kind!r}"
+        with_aux = ", ".join(m for m in METHODS.names() if METHODS.get(m).aux)
+        raise ValueError(f"{given}: method '{name}' trains no auxiliary classifier (the "
+                         f"methods with them: {with_aux})")
     if name in STAGE_METHODS:
         networks = list(create_method("ind", nets, num_classes,
                                       model_options=model_options).networks)
@@ -115,8 +126,6 @@ def create_method(name: str, nets: Sequence[str | nn.Module], num_classes: int |
         if changed:
             raise ValueError(f"{section}.{changed[0]} is an option of the stage-wise methods "
                              f"({', '.join(STAGE_METHODS)}), not of '{name}'")
-    if name not in METHODS:
-        raise UnknownNameError("method", name, [*METHODS.names(), *STAGE_METHODS])
     preset = METHODS.get(name)
     options = LossOptions.from_dict(loss_options, f"option of method '{name}'")
     if preset.frozen_teacher and options.update != "simultaneous":
