@@ -122,6 +122,7 @@ class RunFolder:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self._lock_depth = 0
+        self._told_foreign = False   # the warning on others' files, once per folder object
 
     def __repr__(self) -> str:
         return f"RunFolder({str(self.path)!r})"
@@ -176,8 +177,9 @@ class RunFolder:
         if self.path.exists() and not self.path.is_dir():
             raise FileExistsError(f"the run folder {self.path} is a file, not a folder")
         if not (self.has_checkpoint or self.finished):
-            foreign = self.foreign_entries()
+            foreign = [] if self._told_foreign else self.foreign_entries()
             if foreign:   # a log redirected into the folder is common: say it, do not refuse
+                self._told_foreign = True
                 warnings.warn(f"{self.path} holds files that are not a run's ("
                               f"{', '.join(foreign[:3])}{', …' if len(foreign) > 3 else ''}): "
                               "the run's files go beside them", stacklevel=2)
