@@ -140,6 +140,8 @@ CASES = [  # (arguments, text the one-line message must contain)
      "them: ds,"),
     (["train", "-m", "ind", "-n", "resnet20", *TINY, "aux_kind=apfc"],
      "kind='apfc': method 'ind' trains no auxiliary classifier"),
+    (["demo", "--nets", "resnet20", "--epochs", "1", "--out", "{tmp}/demo"],
+     "--nets resnet20: the demo's dml and dcm train networks together"),
     (["eval", "{tmp}/nowhere"], "no run folder or weights file at"),
     (["eval", "{tmp}/net0_resnet32.pt"], "pass -d/--dataset"),
     (["report", "{tmp}/unfinished"], "none of the 1 run folder(s) is finished"),

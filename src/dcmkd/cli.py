@@ -194,10 +194,15 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    configs = {method: resolve("demo", [f"method={method}", f"nets={args.nets}",
+                                         f"epochs={args.epochs}", f"seed={args.seed}",
+                                         f"out={args.out}/{method}"])
+               for method in ("ind", "dml", "dcm")}
+    if len(configs["dml"]["nets"]) < 2:   # found before any run trains
+        raise ValueError(f"--nets {args.nets}: the demo's dml and dcm train networks together; "
+                         "give two or more (e.g. resnet20,resnet20)")
     rows = []
-    for method in ("ind", "dml", "dcm"):
-        cfg = resolve("demo", [f"method={method}", f"nets={args.nets}", f"epochs={args.epochs}",
-                               f"seed={args.seed}", f"out={args.out}/{method}"])
+    for method, cfg in configs.items():
         print(f"== {method}: {', '.join(cfg['nets'])} on the bundled digits, "
               f"{cfg['epochs']} epochs")
         rows.append((method, Trainer(cfg).fit()))
