@@ -67,6 +67,8 @@ def bad_files(tmp: Path) -> dict[str, Path]:
     torch.manual_seed(0)
     atomic_save(create_model("resnet20", 100).state_dict(), tmp / "net0_resnet20.pt")
     atomic_save(create_model("resnet32", 10).state_dict(), tmp / "net0_resnet32.pt")
+    whole = (tmp / "net0_resnet20.pt").read_bytes()
+    (tmp / "cut.pt").write_bytes(whole[:len(whole) // 2])      # an interrupted copy
     import pickle
 
     class Evil:
@@ -142,6 +144,8 @@ CASES = [  # (arguments, text the one-line message must contain)
      "kind='apfc': method 'ind' trains no auxiliary classifier"),
     (["demo", "--nets", "resnet20", "--epochs", "1", "--out", "{tmp}/demo"],
      "--nets resnet20: the demo's dml and dcm train networks together"),
+    (["eval", "{tmp}/cut.pt", "--model", "resnet20", *TINY[:2]],
+     "cut.pt is a damaged weights file (a cut zip archive"),
     (["eval", "{tmp}/nowhere"], "no run folder or weights file at"),
     (["eval", "{tmp}/net0_resnet32.pt"], "pass -d/--dataset"),
     (["report", "{tmp}/unfinished"], "none of the 1 run folder(s) is finished"),

@@ -11,6 +11,7 @@ import os
 import pickle
 import tempfile
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
@@ -72,6 +73,9 @@ def load_file(path: str | os.PathLike) -> Any:
     if magic[:2] != b"PK" and magic[:1] != b"\x80":   # torch's zip archive, or a legacy pickle
         raise ValueError(f"{path} is not a weights file (neither torch.save's archive nor a "
                          "pickle)" + (": it is empty" if not magic else ""))
+    if magic == b"PK" and not zipfile.is_zipfile(path):
+        raise ValueError(f"{path} is a damaged weights file (a cut zip archive: an interrupted "
+                         "copy, or a full disk): restore it, or delete it")
     try:
         with warnings.catch_warnings():   # torch's notes on pickle protocols mean nothing here
             warnings.simplefilter("ignore", UserWarning)
@@ -81,9 +85,9 @@ def load_file(path: str | os.PathLike) -> Any:
                          "dcmkd will not load (it never runs code from a file); use a weights "
                          "file saved from a state_dict") from None
     except Exception as e:  # noqa: BLE001 - corrupt or truncated
-        first = (str(e).strip().splitlines() or [""])[0][:160]
+        first = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:160]
         raise ValueError(f"{path} is not a readable weights file ({type(e).__name__}: "
-                         f"{first})") from None
+                         f"{first}): restore it, or delete it") from None
 
 
 def load_backbone_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
