@@ -136,7 +136,11 @@ def test_an_interrupted_run_is_exported_only_when_asked_and_evaluated_with_a_war
     assert "test/net0/C1/top1" in json.loads(captured.out)
 
 
-def test_nan_stops_the_run_naming_step_and_term(tmp_path, monkeypatch):
+@pytest.mark.parametrize("step,said", [
+    (5, "epoch 2, batch 1 in net1/dcm2; the last good checkpoint is kept"),
+    (1, "epoch 1, batch 0 in net1/dcm2; no checkpoint had been written yet, so the run leaves "
+        "nothing")])
+def test_nan_stops_the_run_naming_step_and_term(tmp_path, monkeypatch, step, said):
     cfg = tiny(tmp_path)
     forward = MutualMethod.forward
     calls = {"n": 0}
@@ -144,14 +148,17 @@ def test_nan_stops_the_run_naming_step_and_term(tmp_path, monkeypatch):
     def poisoned(self, x, y):
         out = forward(self, x, y)
         calls["n"] += 1
-        if calls["n"] == 5:  # epoch 2, batch 1
+        if calls["n"] == step:  # 5: epoch 2, batch 1 (4 batches per epoch)
             out.losses["net1/dcm2"] = out.losses["net1/dcm2"] * float("nan")
         return out
 
     monkeypatch.setattr(MutualMethod, "forward", poisoned)
-    with pytest.raises(TrainingDiverged, match=r"epoch 2, batch 1 in net1/dcm2"):
+    with pytest.raises(TrainingDiverged, match=said):
         Trainer(cfg).fit()
-    assert load_file(tmp_path / "run" / "checkpoint.pt")["epoch"] == 1
+    if step == 5:
+        assert load_file(tmp_path / "run" / "checkpoint.pt")["epoch"] == 1
+    else:
+        assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):

@@ -36,7 +36,8 @@ Log = Callable[[str], None]
 
 
 class TrainingDiverged(RuntimeError):
-    """A loss became non-finite; the last good checkpoint is kept."""
+    """A loss or a weight became non-finite, or the loss exploded; :func:`fit` adds what was
+    kept (the last good checkpoint, or nothing when none had been written)."""
 
 
 def fit(method: Method, data: Any, run: RunFolder | str, settings: TrainSettings | None = None,
@@ -71,6 +72,13 @@ def fit(method: Method, data: Any, run: RunFolder | str, settings: TrainSettings
         try:
             return _train(method, train_batches, test_batches, getattr(data, "noisy_indices", None),
                           run, settings, identity, data_identity, ctx, log)
+        except TrainingDiverged as e:
+            kept = run.has_checkpoint
+            if main:
+                run.discard_start()
+            raise TrainingDiverged(f"{e}; " + ("the last good checkpoint is kept" if kept else
+                                               "no checkpoint had been written yet, so the run "
+                                               "leaves nothing")) from None
         except BaseException:
             if main:
                 run.discard_start()   # a start that wrote no checkpoint leaves nothing behind
@@ -347,7 +355,7 @@ class Meter:
             at = int(min(first))
             terms = [k for k, s in firsts.items() if s == at]
             raise TrainingDiverged(f"non-finite loss at epoch {epoch + 1}, batch {at} in "
-                                   f"{', '.join(sorted(terms))}; the last good checkpoint is kept")
+                                   f"{', '.join(sorted(terms))}")
         total = sum(v for k, v in current.items() if not k.endswith("/acc"))
         before = sum(v for k, v in self._last.items() if not k.endswith("/acc"))
         fresh = samples - self._read_samples
@@ -575,7 +583,7 @@ def check_finite(state: dict[str, torch.Tensor], what: str,
     bad = [k for k, v in floats if not bool(torch.isfinite(v).all())] or ["on another rank"]
     raise TrainingDiverged(f"non-finite values in {what} ({', '.join(bad[:3])}"
                            f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''}); nothing "
-                           "was saved, the last good checkpoint is kept")
+                           "was saved")
 
 
 class DivergenceGuard:
@@ -605,8 +613,8 @@ class DivergenceGuard:
             raise TrainingDiverged(
                 f"the loss exploded: {loss:.4g} at epoch {epoch + 1}, batch {batch}, more than "
                 f"{self.factor:g}× its start ({reference:.4g}) for {self.PATIENCE} log "
-                "intervals in a row; the last good checkpoint is kept (lower optim.lr, or set "
-                "divergence_factor=0 to disable this rule)")
+                "intervals in a row (lower optim.lr, or set divergence_factor=0 to disable "
+                "this rule)")
 
     def state(self) -> dict[str, Any]:
         return {"references": self.references, "strikes": self.strikes}
