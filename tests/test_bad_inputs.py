@@ -157,6 +157,8 @@ CASES = [  # (arguments, text the one-line message must contain)
     (["eval", "{tmp}/evil.pt", "--model", "resnet20", *TINY[:1], "synthetic"], "will not load"),
     (["export", "{tmp}"], "is not a run folder"),
     (["reproduce", "no-such-table"], "experiment"),
+    (["reproduce", "dcm-table7", "--scale", "quick", "--standins", "--dry-run"],
+     "--standins is for --scale smoke only, not quick"),
     (["tsne", "{tmp}"], "is not a run folder"),
 ]
 if not torch.cuda.is_available():
@@ -188,6 +190,8 @@ def test_a_negative_class_count_is_a_usage_error(capsys):
     code, out = cli(capsys, "describe", "resnet20", "--num-classes", "-3")
     assert code == 2 and "Traceback" not in out
     assert "argument --num-classes: expected an integer ≥ 1, got -3" in out
+    code, out = cli(capsys, "reproduce", "dcm-table7", "-j", "0")
+    assert code == 2 and "argument -j/--jobs: expected an integer ≥ 1, got 0" in out
 
 
 @pytest.mark.parametrize("args,expected", CASES, ids=[" ".join(c[0])[:60] for c in CASES])

@@ -1,4 +1,4 @@
-"""The ``dcmkd`` command line: models, describe, train, eval, export, reproduce, report, demo.
+"""The dcmkd command line: models, describe, train, eval, export, reproduce, report, tsne, demo.
 
 Every sub-command turns its arguments into library calls; errors a user can cause (an unknown
 model, kind or classifier, a bad option) exit with status 2 and a one-line message that lists the
@@ -291,12 +291,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("config", nargs="?", default=None,
                    help="recipe name or YAML file (optional)")
     t.add_argument("overrides", nargs="*", help="dotted overrides key=value")
-    t.add_argument("-m", "--method", help="ind, ds, kd, dml, dml_ds, dcm, dcm1, dcm2")
+    t.add_argument("-m", "--method", help="ind, ds, kd, dml, dml_ds, dcm, dcm1, dcm2, sskd, "
+                   "fitnets, at, nst, fixed_backbone")
     t.add_argument("-n", "--nets", help="comma-separated model names, e.g. resnet110,resnet110")
     t.add_argument("-d", "--dataset", help="cifar10, cifar100, digits, folder, imagenet, synthetic")
     t.add_argument("--data-dir", help="dataset folder")
-    t.add_argument("-e", "--epochs", type=int)
-    t.add_argument("-s", "--seed", type=int)
+    t.add_argument("-e", "--epochs", type=int, help="epochs (default: the recipe's)")
+    t.add_argument("-s", "--seed", type=int, help="seed of the init and the data order "
+                   "(default 0)")
     t.add_argument("-o", "--out", help="run folder (default runs/<method>-<nets>-<data>-s<seed>-"
                    "<hash of the settings>)")
     t.add_argument("--device", help="auto, cpu, cuda, cuda:N, mps")
@@ -318,7 +320,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_eval)
 
-    x = sub.add_parser("export", help="write a run's networks without auxiliary classifiers")
+    x = sub.add_parser("export", help="write a run's networks without auxiliary classifiers",
+                       description="Write each network of a finished run as net<N>_<model>.pt: "
+                       "the plain backbone's state_dict, auxiliary classifiers dropped (what a "
+                       "finished run already exported; --to copies them elsewhere).")
     x.add_argument("run", help="a finished run folder")
     x.add_argument("--to", help="folder (default: the run folder)")
     x.add_argument("--unfinished", action="store_true",
@@ -349,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--data-dir", help="dataset folder for every run")
     r.add_argument("--device", help="auto, cpu, cuda, cuda:N, mps")
     r.add_argument("--progress", action="store_true", help="progress bars and epoch lines")
-    r.add_argument("-j", "--jobs", type=int, default=None,
+    r.add_argument("-j", "--jobs", type=positive_int, default=None,
                    help="runs trained at once in worker processes (CPU cores are split "
                    "between them); default: one per --devices entry, else 1")
     r.add_argument("--devices", help="comma-separated devices for the workers, e.g. "
@@ -363,7 +368,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="train nothing; write the table of the runs finished so far")
     r.set_defaults(func=cmd_reproduce)
 
-    rep = sub.add_parser("report", help="the results table and curves of any run folders")
+    rep = sub.add_parser("report", help="the results table and curves of any run folders",
+                         description="table.md, table.csv and test-error curves of any run "
+                         "folders: the seeds of one config form a cell (mean(std)), the method "
+                         "is the column, and each row is labelled with its backbones and the "
+                         "config values that tell it from the other rows.")
     rep.add_argument("runs", nargs="+", help="run folders (seeds of a config are grouped)")
     rep.add_argument("--out", default="runs/report", help="folder for table.md/csv and curves")
     rep.set_defaults(func=cmd_report)
@@ -382,11 +391,15 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("--device", default="cpu")
     ts.set_defaults(func=cmd_tsne)
 
-    demo = sub.add_parser("demo", help="ind vs DML vs DCM on the bundled digits (CPU minutes)")
-    demo.add_argument("--nets", default="resnet20,resnet20")
-    demo.add_argument("--epochs", type=int, default=12)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--out", default="runs/demo")
+    demo = sub.add_parser("demo", help="ind vs DML vs DCM on the bundled digits (CPU minutes)",
+                          description="Train ind, dml and dcm with the demo recipe on the "
+                          "bundled digits (no download) and print their test errors; finished "
+                          "runs are reused.")
+    demo.add_argument("--nets", default="resnet20,resnet20",
+                      help="two or more comma-separated models (default resnet20,resnet20)")
+    demo.add_argument("--epochs", type=int, default=12, help="epochs per run (default 12)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of every run (default 0)")
+    demo.add_argument("--out", default="runs/demo", help="folder of the three runs")
     demo.set_defaults(func=cmd_demo)
     return p
 

@@ -356,7 +356,10 @@ def reproduce(exp: Experiment, *, rows: list[str] | None = None,
         pick_device(device)
     jobs = jobs if jobs is not None else max(1, len(devices) // nproc_per_run)
     if jobs < 1:
-        raise ValueError(f"jobs must be at least 1, got {jobs}")
+        raise ValueError(f"-j/--jobs must be at least 1, got {jobs}")
+    if standins and scale != "smoke":   # stand-ins would publish another network's numbers
+        raise ValueError(f"--standins is for --scale smoke only, not {scale}: it swaps the "
+                         "paper's backbones for small ones")
 
     if seeds is None:
         seeds = 1 if scale == "smoke" else exp.seeds
