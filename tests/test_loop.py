@@ -297,3 +297,14 @@ def test_clip_grad_norm_bounds_the_total_gradient_norm_of_a_step(clip):
     step((torch.tensor([3.0, 4.0]) * a).sum() + 0.0 * b.sum())
     moved = torch.cat([a.detach(), b.detach()]).norm().item()
     assert moved == pytest.approx(min(5.0, clip or math.inf), rel=1e-6)
+
+
+def test_fp16_on_the_cpu_warns_that_it_is_slow():
+    from dcmkd.engine.device import Precision
+    with pytest.warns(UserWarning, match="precision=fp16 on the CPU has no fast kernels"):
+        Precision("fp16", torch.device("cpu"))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Precision("bf16", torch.device("cpu"))
+        Precision("fp32", torch.device("cpu"))
