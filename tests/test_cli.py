@@ -97,3 +97,15 @@ def test_a_warning_is_one_line_naming_no_source_file(capsys, monkeypatch):
         code, _, err = run(capsys, "models")
     assert code == 0 and err == "dcmkd: warning: SSKD stage6: the stage hit its cap\n"
     assert warnings.showwarning is before                  # restored after the command
+
+
+def test_a_closed_pipe_ends_the_command_quietly(monkeypatch, capsys):
+    import io
+
+    class ClosedPipe(io.StringIO):
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr("sys.stdout", ClosedPipe())
+    assert main(["models"]) == 141                    # as a process killed by SIGPIPE
+    assert capsys.readouterr().err == ""

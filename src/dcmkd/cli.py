@@ -7,6 +7,7 @@ valid choices.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import os
@@ -441,6 +442,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             IsADirectoryError, ImportError) as e:
         print(f"dcmkd: error: {one_line(e)}", file=sys.stderr)
         return 2
+    except BrokenPipeError:   # `dcmkd models | head`: the reader left; say nothing, as cat does
+        with contextlib.suppress(OSError, ValueError):   # no more writes to the closed pipe
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except OSError as e:
         where = f" writing {e.filename}" if e.filename else ""
         what = "no space left on device" if e.errno == errno.ENOSPC else \
