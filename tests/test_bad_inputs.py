@@ -60,6 +60,7 @@ def bad_files(tmp: Path) -> dict[str, Path]:
     (tmp / "text.pt").write_text("not a weights file\n")
     (tmp / "empty.yaml").write_text("")
     (tmp / "twice.yaml").write_text("epochs: 3\noptim: {lr: 0.1}\nepochs: 5\n")
+    (tmp / "images" / "train" / "cat").mkdir(parents=True)
     (tmp / "unfinished").mkdir()
     (tmp / "unfinished" / "config.yaml").write_text("method: dml\nnets: [resnet20, resnet20]\n")
     (tmp / "corrupt").mkdir()
@@ -110,6 +111,8 @@ CASES = [  # (arguments, text the one-line message must contain)
     (["train", "-m", "ind", "-n", "resnet20", *TINY, "-o", "{tmp}/a_file"], "is a file"),
     (["train", "-m", "ind", "-n", "resnet20", "-d", "cifar10", "--data-dir", "{tmp}/empty", "-q"],
      "data.download=true"),
+    (["train", "-m", "ind", "-n", "resnet20", "-d", "cifar10", "--data-dir", "{tmp}/images",
+      "-q"], "images holds an image folder (train/<class>/...), not the CIFAR-10 python"),
     (["train", "-m", "ind", "-n", "resnet20", "-d", "folder", "--data-dir", "{tmp}/nowhere",
       "-q"], "does not exist"),
     (["train", "-m", "dcm", "-n", "resnet20,nosuchnet", *TINY], "nosuchnet"),

@@ -198,6 +198,9 @@ def _locate(spec: CifarSpec, root: Path, train: bool) -> Path | None:
 
 def _missing_message(spec: CifarSpec, root: Path, train: bool, cause: str = "") -> str:
     folder = root / spec.folder
+    if (root / "train").is_dir():   # an image folder, as ../shared/data's CIFAR-10 copy
+        return (f"{root} holds an image folder (train/<class>/...), not the {spec.title} python "
+                f"archive's files: read it with -d folder (data.name=folder)")
     missing = [str(folder / f) for f in spec.files(train) if not (folder / f).is_file()]
     return (f"{spec.title} {'training' if train else 'test'} files not found{cause}. "
             f"Expected in {folder}: {', '.join(spec.files(train))} "
