@@ -16,6 +16,7 @@ from dcmkd.methods.mutual import MutualMethod
 from dcmkd.models import create_model
 from dcmkd.registry import UnknownNameError
 from dcmkd.weights import atomic_save, load_file
+from test_loop import interrupted_in_epoch_2
 
 TINY = ["data.name=synthetic", "data.image_size=8", "data.train_subset=48",
         "data.batch_size=16", "data.test_batch_size=32", "epochs=2", "quiet=true",
@@ -107,17 +108,8 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypat
 def test_an_interrupted_run_is_exported_only_when_asked_and_evaluated_with_a_warning(
         tmp_path, monkeypatch, capsys):
     cfg = tiny(tmp_path)
-    original = MutualMethod.begin_step
-
-    def dying(self, epoch):
-        if epoch >= 1:
-            raise Interrupt
-        return original(self, epoch)
-
-    monkeypatch.setattr(MutualMethod, "begin_step", dying)
-    with pytest.raises(Interrupt):
+    with interrupted_in_epoch_2(monkeypatch):
         Trainer(cfg).fit()
-    monkeypatch.setattr(MutualMethod, "begin_step", original)
     run = tmp_path / "run"
     capsys.readouterr()
     assert main(["export", str(run), "--to", str(tmp_path / "x")]) == 2
