@@ -72,16 +72,14 @@ def fit(method: Method, data: Any, run: RunFolder | str, settings: TrainSettings
         try:
             return _train(method, train_batches, test_batches, getattr(data, "noisy_indices", None),
                           run, settings, identity, data_identity, ctx, log)
-        except TrainingDiverged as e:
+        except BaseException as e:
             kept = run.has_checkpoint
             if main:
-                run.discard_start()
-            raise TrainingDiverged(f"{e}; " + ("the last good checkpoint is kept" if kept else
-                                               "no checkpoint had been written yet, so the run "
-                                               "leaves nothing")) from None
-        except BaseException:
-            if main:
                 run.discard_start()   # a start that wrote no checkpoint leaves nothing behind
+            if isinstance(e, TrainingDiverged):   # say what is left of the run
+                raise TrainingDiverged(f"{e}; " + (
+                    "the last good checkpoint is kept" if kept else
+                    "no checkpoint had been written yet, so the run leaves nothing")) from None
             raise
 
 
