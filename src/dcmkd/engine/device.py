@@ -62,8 +62,8 @@ class Precision:
         self.device_type = device.type
         if precision == "fp16" and device.type == "cpu":
             warnings.warn("precision=fp16 on the CPU has no fast kernels: it trains many times "
-                          "slower than fp32 (about 20× on a 2-core x86 CPU); use fp32, or bf16 "
-                          "on a CPU with bf16 instructions", stacklevel=2)
+                          "slower than fp32; use fp32, or bf16 on a CPU with bf16 instructions",
+                          stacklevel=2)
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     def autocast(self) -> ContextManager:
