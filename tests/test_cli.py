@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
 
 import pytest
 
@@ -109,3 +112,26 @@ def test_a_closed_pipe_ends_the_command_quietly(monkeypatch, capsys):
     monkeypatch.setattr("sys.stdout", ClosedPipe())
     assert main(["models"]) == 141                    # as a process killed by SIGPIPE
     assert capsys.readouterr().err == ""
+
+
+def _command_sent_sigterm(args) -> int:
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(2)   # the handler raises within the sleep
+    return 0
+
+
+@pytest.mark.skipif(signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL,
+                    reason="this process handles SIGTERM already")
+def test_sigterm_ends_a_command_like_ctrl_c_with_status_143(monkeypatch, capsys):
+    import dcmkd.cli
+    monkeypatch.setattr(dcmkd.cli, "cmd_models", _command_sent_sigterm)
+    code, _, err = run(capsys, "models")
+    assert code == 143
+    assert "dcmkd: terminated (SIGTERM); every file of the run is intact" in err
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL   # the default is back
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)   # an ignored SIGTERM stays ignored
+    try:
+        assert run(capsys, "models")[0] == 0
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)

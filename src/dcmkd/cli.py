@@ -11,10 +11,12 @@ import contextlib
 import errno
 import json
 import os
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from dcmkd import __version__
 from dcmkd.engine import distributed
@@ -421,10 +423,34 @@ def show_warning(message: Warning | str, category: type, filename: str, lineno: 
     print(f"dcmkd: warning: {message}", file=file or sys.stderr)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a batch scheduler's pre-emption or time limit, ``kill``, torchrun stopping its
+    ranks): unwinds the command like Ctrl-C, so a run stops the same clean way."""
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """Raise :class:`Terminated` on SIGTERM while the command runs, where SIGTERM still has its
+    default action (an ignored one or an embedding program's handler is left alone)."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def interrupt(*_: Any) -> None:
+        raise Terminated
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``dcmkd`` command. Exit status: 0 done, 2 bad input (one line naming the key, file or
     value), 3 training stopped (a diverged run, failed reproduction runs, a folder in use),
-    1 a system error (disk full, permissions), 130 interrupted."""
+    1 a system error (disk full, permissions), 130 interrupted (Ctrl-C), 143 terminated
+    (SIGTERM)."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # `dcmkd train -q optim.lr=0.1`: overrides may follow flags
@@ -434,7 +460,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     shown, warnings.showwarning = warnings.showwarning, show_warning
     try:
-        return args.func(args)
+        with _sigterm_interrupts():
+            return args.func(args)
     except (TrainingDiverged, RunsFailed, RunLocked) as e:
         print(f"dcmkd: error: {one_line(e)}", file=sys.stderr)
         return 3
@@ -452,10 +479,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             (e.strerror or one_line(e)).lower()
         print(f"dcmkd: error: {what}{where} (files written before are intact)", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("\ndcmkd: interrupted; every file of the run is intact: rerun the same command to "
+    except KeyboardInterrupt as e:
+        what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        print(f"\ndcmkd: {what}; every file of the run is intact: rerun the same command to "
               "resume from its last checkpoint", file=sys.stderr)
-        return 130
+        return 128 + signal.SIGTERM if isinstance(e, Terminated) else 130
     finally:
         warnings.showwarning = shown
         distributed.shutdown()   # under torchrun: leave the process group before exiting
