@@ -135,3 +135,22 @@ def test_sigterm_ends_a_command_like_ctrl_c_with_status_143(monkeypatch, capsys)
         assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def test_tsne_refuses_a_sample_count_below_1(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["tsne", "runs/x", "--samples", "0"])
+    assert e.value.code == 2
+    assert "argument --samples: expected an integer ≥ 1, got 0" in capsys.readouterr().err
+
+
+def test_load_run_is_part_of_the_package_api():
+    import dcmkd
+    from dcmkd.engine.build import load_run
+    assert dcmkd.load_run is load_run and "load_run" in dcmkd.__all__
+
+
+def test_reproduce_names_a_bad_epochs_override(capsys):
+    code, _, err = run(capsys, "reproduce", "dcm-table5", "--scale", "smoke", "--dry-run",
+                       "epochs=abc")
+    assert code == 2 and err.strip() == "dcmkd: error: epochs: expected an integer, got 'abc'"

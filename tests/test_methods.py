@@ -252,3 +252,23 @@ def test_bad_method_options_name_the_valid_choices():
         create_method("ind", [create_model("resnet20", 10)], 10, model_options={"dropout": 0.3})
     with pytest.raises(UnknownNameError, match="alternating"):
         make("dml", update="interleaved")
+
+
+def test_a_run_checkpoint_gives_its_network_0_as_teacher_weights(tmp_path):
+    """``teacher_weights=RUN/checkpoint.pt``: the method state dict's ``networks.0`` backbone."""
+    import torch
+
+    from dcmkd.methods import create_method
+    from dcmkd.models import create_model
+    from dcmkd.weights import load_backbone_weights
+    torch.manual_seed(0)
+    trained = create_method("dml", ["resnet20", "resnet20"], 10)
+    torch.save({"epoch": 1, "method": trained.state_dict()}, tmp_path / "checkpoint.pt")
+    model = load_backbone_weights(create_model("resnet20", num_classes=10),
+                                  tmp_path / "checkpoint.pt")
+    want = trained.networks[0].backbone.state_dict()
+    other = trained.networks[1].backbone.state_dict()
+    got = model.state_dict()
+    assert set(got) == set(want)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert not all(torch.equal(got[k], other[k]) for k in other)   # network 0, not 1

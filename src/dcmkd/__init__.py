@@ -8,7 +8,8 @@ from dcmkd.models import create_model, list_models  # noqa: E402
 from dcmkd.methods import Schedule, SGDSettings, create_method  # noqa: E402
 from dcmkd.run_folder import RunFolder  # noqa: E402
 from dcmkd.engine import Trainer, TrainSettings, fit  # noqa: E402
+from dcmkd.engine.build import load_run  # noqa: E402
 
 __all__ = ["__version__", "create_model", "list_models", "build_multi_exit", "MultiExitNetwork",
            "wrap_model", "WrappedNetwork", "dcm_loss", "dml_loss", "create_method", "fit",
-           "Trainer", "TrainSettings", "Schedule", "SGDSettings", "RunFolder"]
+           "Trainer", "TrainSettings", "Schedule", "SGDSettings", "RunFolder", "load_run"]

@@ -387,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("--net", type=int, default=None, help="exported network (default: the last)")
     ts.add_argument("--classes", type=int, default=None,
                     help="random test classes (default 10, or all of fewer)")
-    ts.add_argument("--samples", type=int, default=50, help="test images per class (default 50)")
+    ts.add_argument("--samples", type=positive_int, default=50, help="test images per class (default 50)")
     ts.add_argument("--out", default=None, help="PNG file (default RUN/tsne_<stage>.png)")
     ts.add_argument("--seed", type=int, default=0, help="class choice and t-SNE seed")
     ts.add_argument("--pool", action="store_true", help="average over positions, not flatten")

@@ -91,17 +91,21 @@ def load_file(path: str | os.PathLike) -> Any:
 
 
 def load_backbone_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load a plain model's weights from an exported file, a run checkpoint holding
-    ``{"state_dict": ...}`` / ``{"model": ...}``, or a multi-exit state dict (``backbone.*``).
+    """Load a plain model's weights from an exported file, a checkpoint holding
+    ``{"state_dict": ...}`` / ``{"model": ...}``, a dcmkd run's ``checkpoint.pt`` (its network 0:
+    ``method`` → ``networks.0.*``), or a multi-exit state dict (``backbone.*``).
     Auxiliary-classifier weights in the file are ignored; missing backbone weights are an error.
     """
     obj = load_file(path)
     state = obj
-    for key in ("state_dict", "model"):
+    for key in ("state_dict", "model", "method"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
     if not isinstance(state, dict):
         raise ValueError(f"{path} holds no state dict")
+    if any(k.startswith("networks.0.") for k in state):   # a method's: its first network
+        state = {k[len("networks.0."):]: v for k, v in state.items()
+                 if k.startswith("networks.0.")}
     if any(k.startswith("backbone.") for k in state):
         state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
     own = model.state_dict()

@@ -79,8 +79,8 @@ def cell_config(exp: Experiment, cell: Cell, seed: int, scale: str = "full",
     else:
         layer = dict(exp.scales.get("full") or {})
     layer = _deep_merge(_deep_merge(layer, cell.scales.get(scale) or {}), user)
-    epochs = layer.pop("epochs", full["epochs"])
-    cfg = merge(shorten(full, int(epochs)), layer)
+    epochs = validate(dict(full, epochs=layer.pop("epochs", full["epochs"])))["epochs"]
+    cfg = merge(shorten(full, epochs), layer)   # a bad epochs named before it is used
     cfg["seed"] = seed
     cfg["out"] = str(run_dir) if run_dir is not None else None
     return validate(cfg)
