@@ -312,7 +312,8 @@ def test_ctrl_c_or_sigterm_stops_cleanly_and_the_run_resumes(tmp_path, sig, stat
     deadline = time.time() + 600   # a starved machine (niced, loaded) takes minutes to start
     while not (out / "checkpoint.pt").exists() and time.time() < deadline and p.poll() is None:
         time.sleep(0.2)
-    assert (out / "checkpoint.pt").exists() and p.poll() is None, "no checkpoint to interrupt"
+    assert p.poll() is None, f"the run ended before its signal: {p.communicate()[1][-2000:]}"
+    assert (out / "checkpoint.pt").exists(), "no checkpoint to interrupt within 600 s"
     p.send_signal(sig)
     stdout, stderr = p.communicate(timeout=600)
     assert p.returncode == status and "Traceback" not in stderr, stderr[-2000:]
