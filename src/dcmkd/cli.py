@@ -387,7 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("--net", type=int, default=None, help="exported network (default: the last)")
     ts.add_argument("--classes", type=int, default=None,
                     help="random test classes (default 10, or all of fewer)")
-    ts.add_argument("--samples", type=positive_int, default=50, help="test images per class (default 50)")
+    ts.add_argument("--samples", type=positive_int, default=50,
+                    help="test images per class (default 50)")
     ts.add_argument("--out", default=None, help="PNG file (default RUN/tsne_<stage>.png)")
     ts.add_argument("--seed", type=int, default=0, help="class choice and t-SNE seed")
     ts.add_argument("--pool", action="store_true", help="average over positions, not flatten")
@@ -480,10 +481,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dcmkd: error: {what}{where} (files written before are intact)", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
-        what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        what, status = ("terminated (SIGTERM)", 128 + signal.SIGTERM) \
+            if isinstance(e, Terminated) else ("interrupted", 128 + signal.SIGINT)
         print(f"\ndcmkd: {what}; every file of the run is intact: rerun the same command to "
               "resume from its last checkpoint", file=sys.stderr)
-        return 128 + signal.SIGTERM if isinstance(e, Terminated) else 130
+        return status
     finally:
         warnings.showwarning = shown
         distributed.shutdown()   # under torchrun: leave the process group before exiting
