@@ -26,11 +26,14 @@ anything else that differs is refused, naming the keys.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import re
 import shutil
+import signal
+import threading
 import warnings
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -233,7 +236,7 @@ class RunFolder:
         atomic_write_text(self.file(self.ENVIRONMENT), json.dumps(environment, indent=2))
 
     def write_noisy_labels(self, indices: torch.Tensor) -> None:
-        atomic_save({"indices": indices.cpu()}, self.file(self.NOISY_LABELS))
+        save_tensors({"indices": indices.cpu()}, self.file(self.NOISY_LABELS))
 
     # -- metrics -------------------------------------------------------------------------------
     def read_metrics(self) -> list[dict[str, Any]]:
@@ -248,7 +251,7 @@ class RunFolder:
 
     # -- checkpoint --------------------------------------------------------------------------
     def save_checkpoint(self, state: dict[str, Any]) -> None:
-        atomic_save(state, self.file(self.CHECKPOINT))
+        save_tensors(state, self.file(self.CHECKPOINT))
 
     def load_checkpoint(self) -> dict[str, Any]:
         return load_file(self.file(self.CHECKPOINT))
@@ -339,7 +342,7 @@ class RunFolder:
         paths = []
         for n, (net, model) in enumerate(zip(networks, models)):
             path = folder / network_file(n, model)
-            atomic_save(net.state_dict(), path)
+            save_tensors(net.state_dict(), path)
             paths.append(path)
         return paths
 
@@ -372,6 +375,65 @@ class RunFolder:
         if self.path.is_dir():
             for tmp in self.path.glob(f".*{TMP_SUFFIX}"):
                 tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def deferred_signals(signums: Sequence[int] = (signal.SIGINT, signal.SIGTERM)) -> Iterator[None]:
+    """Hold back ``signums`` while the block runs, then deliver each one that arrived (once) to
+    the handler that was in place. A signal that interrupts ``torch.save`` midway surfaces as
+    the zip writer's ``RuntimeError`` rather than as the signal (issue 28 item 5), so a file
+    write is made whole first. Only in the main thread (the only one signal handlers run in);
+    an ignored signal stays ignored."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived: list[int] = []
+    previous: dict[int, Any] = {}
+    try:
+        for signum in signums:
+            handler = signal.getsignal(signum)
+            if handler in (signal.SIG_IGN, None):   # ignored, or set outside Python
+                continue
+            previous[signum] = handler
+            signal.signal(signum, lambda n, _frame: arrived.append(n))
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(arrived):
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, None)
+            else:   # the default action (SIGTERM's: the process ends, its files whole)
+                signal.raise_signal(signum)
+
+
+def save_tensors(obj: Any, path: Path) -> None:
+    """``torch.save`` ``obj`` to ``path`` atomically (:func:`dcmkd.weights.atomic_save`), with
+    SIGINT/SIGTERM held back until the file is whole (:func:`deferred_signals`). A failed write
+    of the file (a full disk) is an ``OSError`` naming ``path``: torch's zip writer reports it
+    as ``RuntimeError: … unexpected pos …`` with the ``OSError`` only as its context."""
+    with deferred_signals():
+        try:
+            atomic_save(obj, path)
+        except RuntimeError as e:
+            cause = _os_error_behind(e)
+            if cause is None:
+                raise
+            code = cause.errno or errno.EIO
+            raise OSError(code, cause.strerror or os.strerror(code), str(path)) from None
+
+
+def _os_error_behind(error: BaseException) -> OSError | None:
+    """The ``OSError`` in ``error``'s chain of causes and contexts, if any."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OSError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def read_json(path: Path) -> Any:
@@ -430,4 +492,4 @@ def resolve_weights(spec: str | os.PathLike, network: int | None = None) -> Path
 
 __all__ = ["RunFolder", "RunConflict", "RunLocked", "RESUMABLE_KEYS", "config_hash", "flatten", "defining", "differences",
            "network_file", "parse_network_file", "model_name", "default_run_path",
-           "resolve_weights"]
+           "resolve_weights", "save_tensors", "deferred_signals"]
