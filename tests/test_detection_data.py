@@ -119,9 +119,9 @@ def test_coco_bad_annotations_one_line(tmp_path, anns, error, match):
 
 def test_coco_bad_files_one_line(tmp_path):
     root = _coco(tmp_path)
-    (root / "images" / "train2017" / "001.png").write_bytes(b"not a png")
-    with pytest.raises(ValueError, match=r"cannot decode image .*001.png"):
-        CocoDetection(root)[0]
+    (root / "images" / "train2017" / "005.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match=r"cannot decode image .*005.png"):
+        CocoDetection(root)[2]
     (root / "images" / "train2017" / "002.png").unlink()
     with pytest.raises(FileNotFoundError, match=r"image id 2: image file .*002.png does not exist"):
         CocoDetection(root)
