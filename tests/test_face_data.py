@@ -1,4 +1,4 @@
-"""Face data: identity folders, identity splits, verifiability, LFW pair files, real CelebA crops."""
+"""Face data: identity folders, identity splits, verifiability, LFW pairs, real CelebA crops."""
 from __future__ import annotations
 
 import tarfile
@@ -81,7 +81,7 @@ def test_read_split_csv(tmp_path):
     with pytest.raises(ValueError, match="has no 'identity_dir' column"):
         read_split_csv(p)
     p.write_text("identity_dir,split\na,train\nb,val\n")
-    with pytest.raises(ValueError, match=r"line 3: split 'val' for 'b', expected 'train' or 'test'"):
+    with pytest.raises(ValueError, match=r"line 3: split 'val' for 'b', expected 'train'"):
         read_split_csv(p)
     p.write_text("identity_dir,split\na,train\nb,test\na,train\n")
     with pytest.raises(ValueError, match=r"identity 'a' is listed twice \(lines 2 and 4\)"):
