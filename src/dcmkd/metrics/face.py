@@ -94,7 +94,10 @@ def tar_at_far(scores: Any, same: Any, fars: Sequence[float] = (0.01, 0.001)) ->
     budget, the number would only say how many genuine pairs beat every impostor): it gives NaN
     and a warning naming the pairs needed. Fractions in [0, 1].
     """
-    from sklearn.metrics import roc_curve
+    try:
+        from sklearn.metrics import roc_curve
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("TAR at FAR needs scikit-learn: pip install 'dcmkd[train]'") from e
 
     s = _array(scores, "scores", 1).astype(np.float64)
     y = _array(same, "same", 1).astype(bool)
