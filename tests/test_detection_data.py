@@ -60,7 +60,8 @@ def test_coco_items_labels_crowd_and_negative_image(tmp_path):
     assert ds.categories == [(1, 3, "three"), (2, 9, "nine")]
     assert ds.label_to_category == {1: 3, 2: 9}
     img, t = ds[0]
-    assert img.dtype == torch.uint8 and torch.equal(img, torch.from_numpy(_pixels(1)).permute(2, 0, 1))
+    assert img.dtype == torch.uint8
+    assert torch.equal(img, torch.from_numpy(_pixels(1)).permute(2, 0, 1))
     assert t["image_id"] == 1
     assert torch.equal(t["boxes"], torch.tensor([[2.0, 3.0, 12.0, 23.0], [20.0, 0.0, 32.0, 12.0]]))
     assert t["labels"].tolist() == [2, 1]                 # crowd annotation 12 left out

@@ -314,9 +314,9 @@ class CocoDetection(_DetectionDataset):
             rec.crowd.append(int(bool(a.get("iscrowd", 0))))
             rec.ann_ids.append(aid)
         if dropped:
+            more = " ..." if len(dropped) > 5 else ""
             warnings.warn(f"{self.ann_file}: dropped {len(dropped)} box(es) of zero width or "
-                          f"height (annotation ids {dropped[:5]}{' ...' if len(dropped) > 5 else ''})",
-                          stacklevel=3)
+                          f"height (annotation ids {dropped[:5]}{more})", stacklevel=3)
         self.images = [by_id[i] for i in sorted(by_id)]
 
 
