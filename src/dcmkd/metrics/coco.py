@@ -3,8 +3,9 @@
 The six numbers of the SSKD paper's Tables 8-9 (Gao et al., "An Embarrassingly Simple Approach
 for Knowledge Distillation", COCO detection with FPN and RetinaNet, Detectron's metrics): AP
 (mean over the ten IoU thresholds 0.50:0.05:0.95), AP50, AP75, and AP over small (area < 32²),
-medium (32²..96²) and large (> 96²) objects, as defined by the COCO detection evaluation (Lin et al., "Microsoft COCO:
-Common Objects in Context", ECCV 2014; cocodataset.org/#detection-eval), all in percent.
+medium (32²..96²) and large (> 96²) objects, as defined by the COCO detection evaluation (Lin et
+al., "Microsoft COCO: Common Objects in Context", ECCV 2014; cocodataset.org/#detection-eval), all
+in percent.
 
 Why pycocotools and not faster-coco-eval (both install here): pycocotools is the COCO team's own
 implementation, the one torchvision's detection references (``references/detection/coco_eval.py``)
