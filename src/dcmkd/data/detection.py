@@ -231,7 +231,9 @@ class CocoDetection(_DetectionDataset):
     ``root/images/<split>/`` or (the official layout) ``root/<split>/``.
 
     ``categories``: ``(label, COCO category id, name)`` per class, labels 1..K in ascending id.
-    ``cache=True`` keeps decoded images in memory. See the module docstring for validation.
+    ``cache=True`` keeps decoded images in memory (returned shared: do not modify them in place;
+    a detector wants ``image.float() / 255``, a new tensor). See the module docstring for
+    validation.
     """
 
     def __init__(self, root: str | os.PathLike, split: str = "train2017", *,
