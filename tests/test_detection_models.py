@@ -186,7 +186,8 @@ def test_check_compatible():
     check_compatible(t, s)
     with pytest.raises(ValueError, match="^teacher kind 'fasterrcnn' vs student 'retinanet'$"):
         check_compatible(t, r)
-    with pytest.raises(ValueError, match=r"^teacher transform min_size \(64,\) vs student \(96,\)$"):
+    with pytest.raises(ValueError,
+                       match=r"^teacher transform min_size \(64,\) vs student \(96,\)$"):
         check_compatible(t, s96)
     msg = "teacher pyramid levels ['0', '1', '2', '3', 'pool'] vs student ['0', '1', '2', 'pool']"
     with pytest.raises(ValueError) as e:
@@ -213,7 +214,8 @@ def test_preprocess_resizes_normalises_and_pads():
     assert target["boxes"].tolist() == [[6.0, 10.0, 30.0, 40.0]]  # the caller's is untouched
     x2, none = preprocess(det, torch.stack([image, image]))
     assert none is None and x2.tensors.shape == (2, 3, 64, 64)
-    with pytest.raises(ValueError, match=r"image 0: expected a \[3, H, W\] tensor, got \(1, 8, 8\)"):
+    with pytest.raises(ValueError,
+                       match=r"image 0: expected a \[3, H, W\] tensor, got \(1, 8, 8\)"):
         preprocess(det, [torch.zeros(1, 8, 8)])
 
 
@@ -226,7 +228,8 @@ def test_model_size_hand_counts_and_torchvision_figures():
     assert size["fpn"] == 246_784 + 2_360_320
     # RPN 590,080+771+3,084; fc6 12544*1024+1024; fc7 1024*1024+1024; predictor 1024*5+5, 1024*20+20
     assert size["head"] == 593_935 + 12_846_080 + 1_049_600 + 5_125 + 20_500
-    assert size["total"] == size["backbone"] + size["head"] == size["body"] + size["fpn"] + size["head"]
+    assert size["total"] == size["backbone"] + size["head"]
+    assert size["backbone"] == size["body"] + size["fpn"]
     with torch.device("meta"):
         frcnn = build_detector("fasterrcnn", "resnet50", 91, norm="frozen_bn")
         retina_p5 = build_detector("retinanet", "resnet50", 91, norm="frozen_bn", p6_from="p5")
@@ -271,7 +274,8 @@ def test_backbone_weights_errors(tmp_path):
         build_detector("fasterrcnn", "resnet18", K + 1, backbone_weights=wrong)
     msg = str(e.value)
     assert "\n" not in msg and str(wrong) in msg
-    assert "unexpected keys ['layer1.2.conv1.weight', 'layer1.2.bn1.weight', 'layer1.2.bn1.bias']" in msg
+    assert ("unexpected keys ['layer1.2.conv1.weight', 'layer1.2.bn1.weight', "
+            "'layer1.2.bn1.bias'] (+" in msg)
     missing = tmp_path / "nope.pt"
     with pytest.raises(FileNotFoundError, match="nope.pt"):
         build_detector("fasterrcnn", "resnet18", K + 1, backbone_weights=missing)
@@ -293,3 +297,30 @@ def test_backbone_weights_errors(tmp_path):
 def test_build_errors(args, kw, match):
     with torch.device("meta"), pytest.raises(ValueError, match=match):
         build_detector(*args, **kw)
+
+
+@pytest.mark.parametrize("norm", ["bn", "frozen_bn"])
+def test_backbone_weights_from_a_zoo_resnet(norm):
+    from dcmkd.models.resnet_imagenet import resnet18 as zoo_resnet18
+    torch.manual_seed(4)
+    zoo = zoo_resnet18(num_classes=10)
+    for m in zoo.modules():  # non-trivial BN statistics
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    zoo.eval()
+    det = build_detector("fasterrcnn", "resnet18", K + 1, backbone_weights=zoo.state_dict(),
+                         norm=norm).eval()
+    assert det.dcmkd_spec["backbone_weights"] == "<state_dict>"
+    body = det.backbone.body
+    assert torch.equal(body.layer2[0].downsample[0].weight,
+                       zoo.stages.conv3_x[0].shortcut[0].weight)
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():  # same computation: layer4's map equals the zoo's last stage output
+        c5 = body(x)["3"]
+        ref = zoo.forward_features(x)
+    torch.testing.assert_close(c5, ref, rtol=1e-5, atol=1e-5)
+    # resnet18: 20 convs + 20 BNs x 4 tensors; resnet34: 36 convs + 36 x 4
+    with pytest.raises(ValueError,
+                       match="zoo ResNet with 100 backbone tensors, but ResNet here has 180"):
+        build_detector("fasterrcnn", "resnet34", K + 1, backbone_weights=zoo.state_dict())

@@ -13,11 +13,12 @@ task-head (:func:`head_modules`) and freezes the backbone for the head phase
 **Pyramids.** ``fasterrcnn``: P2–P6 from C2–C5 (FPN paper §4.1: "P6 is simply a stride two
 subsampling of P5", used by the RPN only; torchvision's ``LastLevelMaxPool``), level names
 ``'0','1','2','3','pool'`` (torchvision's, which its RoI pooler and anchor generator use).
-``retinanet``: P3–P7 from C3–C5 (RetinaNet paper §4.1: "P6 is obtained via a 3×3 stride-2 conv on
-C5, and P7 is computed by applying ReLU followed by a 3×3 stride-2 conv on P6"; torchvision's
-``LastLevelP6P7``), level names ``'0','1','2','p6','p7'``. **torchvision's** ``retinanet_resnet50_fpn``
-builds ``LastLevelP6P7(256, 256)``, whose ``use_P5`` makes P6 from **P5**; its ``_v2`` variant and
-Detectron use C5. The default here is the paper's C5 (``p6_from="c5"``); ``p6_from="p5"`` gives
+``retinanet``: P3–P7 from C3–C5 (RetinaNet paper §4.1: "P6 is obtained via a 3×3 stride-2 conv
+on C5, and P7 is computed by applying ReLU followed by a 3×3 stride-2 conv on P6"; torchvision's
+``LastLevelP6P7``), level names ``'0','1','2','p6','p7'``. **torchvision's**
+``retinanet_resnet50_fpn`` builds ``LastLevelP6P7(256, 256)``, whose ``use_P5`` makes P6 from
+**P5**; its ``_v2`` variant (``LastLevelP6P7(2048, 256)``) and Detectron2's RetinaNet (top block
+on ``res5``) use C5. The default here is the paper's C5 (``p6_from="c5"``); ``p6_from="p5"`` gives
 torchvision's v1 model exactly (34,014,999 parameters at 91 classes, its documented figure).
 
 **num_classes counts the background for both kinds** (torchvision's convention): class 0 is
@@ -33,8 +34,8 @@ for RetinaNet but not for Faster R-CNN; keep K + 1 for both so one label map ser
 with ``backbone_weights`` the default is ``norm="frozen_bn"`` (FrozenBatchNorm2d holding the
 ImageNet statistics) and ``trainable_layers=3`` (conv1 and layer1 frozen, as Detectron's
 ``FREEZE_AT: 2`` and torchvision's default); from scratch the default is ``norm="bn"`` (trainable
-BatchNorm, what torchvision itself builds without weights; a FrozenBatchNorm2d that never saw data is
-the identity, so a random network would have no normalisation at all) and ``trainable_layers=5``
+BatchNorm, what torchvision itself builds without weights; a FrozenBatchNorm2d that never saw data
+is the identity, so a random network would have no normalisation at all) and ``trainable_layers=5``
 (all). An explicit value is always honoured. Alternative not built: GroupNorm for from-scratch
 training (He et al. 2019, "Rethinking ImageNet Pre-training").
 """
@@ -45,7 +46,7 @@ from collections import OrderedDict
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -102,13 +103,51 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def load_backbone_weights(resnet: nn.Module, path: str | Path) -> None:
-    """Load an ImageNet ResNet ``state_dict`` in torchvision's key format (``conv1.weight``,
-    ``layer1.0.bn1.running_mean``, …) from a local file into ``resnet``; the classifier ``fc.*``
-    is ignored (absent or of any size). Raises one-line errors naming the file and the first
-    missing, unexpected or mis-shaped keys."""
-    path = Path(path)
-    sd = {k.removeprefix("module."): v for k, v in _read_state_dict(path).items()}
+def _is_zoo(sd: Mapping[str, torch.Tensor]) -> bool:
+    return any(k.startswith("stem.") for k in sd) and any(k.startswith("stages.") for k in sd)
+
+
+def zoo_to_torchvision(sd: Mapping[str, torch.Tensor], resnet: nn.Module, source: str = "weights"
+                       ) -> dict[str, torch.Tensor]:
+    """A dcmkd zoo ImageNet ResNet ``state_dict`` (``stem.0.weight``, ``stages.conv2_x.0.conv1
+    .weight``, ``…shortcut.0.weight``; :mod:`dcmkd.models.resnet_imagenet`) renamed to
+    torchvision's keys for ``resnet``. The two share one architecture (7×7/2 stem with max-pool,
+    projection shortcuts conv1×1+BN, bottleneck stride on the 3×3 conv, as torchvision's "v1.5")
+    and register their tensors in the same order, so keys are paired in order, the classifier
+    (``head.*`` / ``fc.*``) left out; every pair must agree in shape and in its last name part."""
+    def kept(items: Any, head: str) -> list[tuple[str, torch.Tensor]]:
+        # BN counters are left out: FrozenBatchNorm2d has none
+        return [(k, v) for k, v in items if not k.startswith(head)
+                and not k.endswith("num_batches_tracked")]
+
+    zoo, tv = kept(sd.items(), "head."), kept(resnet.state_dict().items(), "fc.")
+    if len(zoo) != len(tv):
+        raise ValueError(f"{source}: a zoo ResNet with {len(zoo)} backbone tensors, "
+                         f"but {type(resnet).__name__} here has {len(tv)} (another depth?)")
+    out = {}
+    for (zk, zv), (tk, tv_) in zip(zoo, tv):
+        if zk.rsplit(".", 1)[-1] != tk.rsplit(".", 1)[-1] or zv.shape != tv_.shape:
+            raise ValueError(f"{source}: zoo key {zk} {tuple(zv.shape)} does not match "
+                             f"torchvision {tk} {tuple(tv_.shape)}")
+        out[tk] = zv
+    return out
+
+
+def load_backbone_weights(resnet: nn.Module, weights: str | Path | Mapping[str, torch.Tensor]
+                          ) -> None:
+    """Load an ImageNet ResNet ``state_dict`` into ``resnet``: a local file (or an in-memory
+    mapping) in torchvision's key format (``conv1.weight``, ``layer1.0.bn1.running_mean``, …) or
+    a dcmkd zoo ResNet's (:func:`zoo_to_torchvision`). The classifier ``fc.*`` is ignored (absent
+    or of any size). Raises one-line errors naming the file and the first missing, unexpected or
+    mis-shaped keys."""
+    if isinstance(weights, Mapping):
+        path, sd = "backbone weights", dict(weights)
+    else:
+        path = Path(weights)
+        sd = _read_state_dict(path)
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    if _is_zoo(sd):
+        sd = zoo_to_torchvision(sd, resnet, str(path))
 
     def keep(k: str) -> bool:
         return not k.startswith("fc.") and not k.endswith("num_batches_tracked")
@@ -129,15 +168,17 @@ def load_backbone_weights(resnet: nn.Module, path: str | Path) -> None:
 
 
 def build_detector(kind: str, backbone: str, num_classes: int, *, min_size: int = 800,
-                   max_size: int = 1333, backbone_weights: str | Path | None = None,
+                   max_size: int = 1333,
+                   backbone_weights: str | Path | Mapping[str, torch.Tensor] | None = None,
                    trainable_layers: int | None = None, norm: str | None = None,
                    p6_from: str | None = None, **detector_options: Any) -> nn.Module:
     """A torchvision Faster R-CNN+FPN (``kind="fasterrcnn"``) or RetinaNet (``"retinanet"``) with
     a ResNet-18/34/50/101/152 + FPN backbone, never downloading anything.
 
     ``num_classes`` counts the background (labels 1..K, ``num_classes = K + 1``; module note).
-    ``backbone_weights``: a local ImageNet ResNet state_dict (``.pt``/``.pth`` via
-    ``torch.load(weights_only=True)``, or ``.safetensors``). ``norm`` (``"bn"``/``"frozen_bn"``) and
+    ``backbone_weights``: an ImageNet ResNet state_dict, a local file (``.pt``/``.pth`` via
+    ``torch.load(weights_only=True)``, or ``.safetensors``) or a mapping, with torchvision's or the
+    dcmkd zoo's keys (:func:`load_backbone_weights`). ``norm`` (``"bn"``/``"frozen_bn"``) and
     ``trainable_layers`` (0–5, counted from layer4 as torchvision) default to Detectron's
     practice with weights and to a fully trainable BN network without (module note).
     ``p6_from`` (RetinaNet only): ``"c5"`` (paper, default) or ``"p5"`` (torchvision v1).
@@ -185,7 +226,9 @@ def build_detector(kind: str, backbone: str, num_classes: int, *, min_size: int 
                         "min_size": min_size, "max_size": max_size, "norm": norm,
                         "trainable_layers": trainable_layers, "p6_from": p6_from,
                         "pretrained": pretrained,
-                        "backbone_weights": str(backbone_weights) if pretrained else None}
+                        "backbone_weights": (None if not pretrained else "<state_dict>"
+                                             if isinstance(backbone_weights, Mapping)
+                                             else str(backbone_weights))}
     return model
 
 
@@ -199,7 +242,8 @@ def detector_kind(detector: nn.Module) -> str:
         return "retinanet"
     if isinstance(detector, FasterRCNN):
         return "fasterrcnn"
-    raise ValueError(f"expected a torchvision FasterRCNN or RetinaNet, got {type(detector).__name__}")
+    raise ValueError(f"expected a torchvision FasterRCNN or RetinaNet, "
+                     f"got {type(detector).__name__}")
 
 
 def _fpn_backbone(detector: nn.Module) -> BackboneWithFPN:
@@ -414,7 +458,8 @@ class ResNetFPNPlan:
 
     def __repr__(self) -> str:
         spec = getattr(self.detector, "dcmkd_spec", {})
-        what = f"{spec.get('kind', type(self.detector).__name__)} {spec.get('backbone', '')}".strip()
+        kind = spec.get("kind", type(self.detector).__name__)
+        what = f"{kind} {spec.get('backbone', '')}".strip()
         return f"ResNetFPNPlan({what}: {', '.join(self.names)}; levels {self.level_names})"
 
 
@@ -471,6 +516,7 @@ def preprocess(detector: nn.Module, images: Sequence[torch.Tensor] | torch.Tenso
 
 
 __all__ = ["KINDS", "BACKBONES", "NORMS", "P6_SOURCES", "FPN_CHANNELS", "RESNET_FPN_PARAMS",
-           "build_detector", "load_backbone_weights", "detector_kind", "pyramid_levels",
+           "build_detector", "load_backbone_weights", "zoo_to_torchvision", "detector_kind",
+           "pyramid_levels",
            "head_modules", "model_size", "freeze_backbone", "PyramidState", "ResNetFPNPlan",
            "check_compatible", "preprocess"]
