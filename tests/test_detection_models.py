@@ -156,7 +156,7 @@ def test_freeze_backbone_one_sgd_step_changes_head_only(kind):
     head1 = _snapshot(nn.ModuleList(head_modules(det)))
     changed = [k for k in head0 if not torch.equal(head0[k], head1[k])]
     assert len(changed) >= 4
-    # restored: requires_grad and the train flags as they were inside (train())
+    # restored: requires_grad and the train flags as they were when freezing began
     assert all(p.requires_grad for p in det.backbone.parameters())
     assert det.backbone.training
     # the same step without freezing moves backbone BN statistics (the test above can fail)

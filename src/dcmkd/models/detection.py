@@ -510,9 +510,7 @@ def preprocess(detector: nn.Module, images: Sequence[torch.Tensor] | torch.Tenso
             raise ValueError(f"image {k}: expected a [3, H, W] tensor, got {shape}")
     if targets is not None and len(targets) != len(images):
         raise ValueError(f"{len(images)} images but {len(targets)} targets")
-    if targets is not None:
-        targets = [{k: v for k, v in t.items()} for t in targets]  # the transform edits in place
-    return detector.transform(images, targets)
+    return detector.transform(images, targets)  # it copies the targets before rescaling
 
 
 __all__ = ["KINDS", "BACKBONES", "NORMS", "P6_SOURCES", "FPN_CHANNELS", "RESNET_FPN_PARAMS",
