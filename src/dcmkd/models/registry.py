@@ -1,4 +1,8 @@
-"""The model registry: ``create_model`` / ``list_models``."""
+"""The model registry: ``create_model`` / ``list_models``.
+
+Besides the zoo's names, ``create_model`` builds the networks of torchvision and timm named
+``tv:<name>`` / ``timm:<name>`` (:mod:`dcmkd.models.ecosystem`, imported only then).
+"""
 from __future__ import annotations
 
 import inspect
@@ -32,13 +36,21 @@ def register_model(name: str, dataset: str, num_classes: int, summary: str):
 
 
 def model_options(name: str) -> dict[str, object]:
-    """The options ``create_model(name, ...)`` accepts, with their defaults."""
+    """The options ``create_model(name, ...)`` accepts, with their defaults (a library
+    network's ``tv:``/``timm:`` options are its constructor's: none listed here)."""
+    if _is_library(name):
+        return {}
     sig = inspect.signature(MODELS.get(name).builder)
     return {k: p.default for k, p in sig.parameters.items() if k != "num_classes"}
 
 
 def create_model(name: str, num_classes: int | None = None, **options) -> Backbone:
-    """Build a registered model. ``num_classes`` defaults to the model's dataset (100 / 1000)."""
+    """Build a registered model. ``num_classes`` defaults to the model's dataset (100 / 1000).
+    ``tv:<name>`` / ``timm:<name>``: a torchvision / timm network as a zoo backbone
+    (:func:`dcmkd.models.ecosystem.create_library_model`; ``num_classes`` default 1000)."""
+    if _is_library(name):
+        from dcmkd.models.ecosystem import create_library_model
+        return create_library_model(name, num_classes, **options)
     entry = MODELS.get(name)
     valid = model_options(name)
     for key, value in options.items():
@@ -53,6 +65,10 @@ def create_model(name: str, num_classes: int | None = None, **options) -> Backbo
     model = entry.builder(num_classes=num_classes or entry.num_classes, **options)
     model.model_name = name
     return model
+
+
+def _is_library(name: str) -> bool:
+    return isinstance(name, str) and name.partition(":")[0] in ("tv", "timm") and ":" in name
 
 
 def _kind(default: object) -> str | None:
