@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from dcmkd.methods.optimization import Schedule, SGDSettings
+from dcmkd.methods.optimization import AdamWSettings, Schedule, SGDSettings, optimizer_settings
 from dcmkd.registry import check_choice
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -29,7 +29,7 @@ class TrainSettings:
     budget").
     """
 
-    optim: SGDSettings = field(default_factory=SGDSettings)
+    optim: SGDSettings | AdamWSettings = field(default_factory=SGDSettings)   # optim.name
     schedule: Schedule = field(default_factory=Schedule)
     clip_grad_norm: float | None = None   # max total gradient norm (None: no clipping)
     device: str = "auto"                  # auto | cpu | cuda | cuda:N | mps
@@ -77,8 +77,7 @@ class TrainSettings:
         simple = {f.name: cfg[f.name] for f in fields(cls)
                   if f.name not in ("optim", "schedule", "clip_grad_norm")}
         return cls(
-            optim=SGDSettings(momentum=o["momentum"], nesterov=o["nesterov"],
-                              weight_decay=o["weight_decay"]),
+            optim=optimizer_settings(o),
             schedule=Schedule(**{**s, "milestones": tuple(s["milestones"])}, lr=o["lr"],
                               epochs=cfg["epochs"]),
             clip_grad_norm=o["clip_grad_norm"], **simple)

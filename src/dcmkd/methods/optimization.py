@@ -17,6 +17,8 @@ import torch
 from dcmkd.registry import check_choice
 
 SCHEDULES = ("step", "multistep", "cosine", "constant")
+#: the config's ``optim.name`` choices (the papers' recipes: ``sgd``)
+OPTIMIZERS = ("sgd", "adamw")
 RAMPUP_SHAPES = ("sigmoid", "linear")
 
 
@@ -32,6 +34,59 @@ class SGDSettings:
     def build(self, params: Iterable[torch.nn.Parameter], lr: float) -> torch.optim.SGD:
         return torch.optim.SGD(list(params), lr=lr, momentum=self.momentum,
                                nesterov=self.nesterov, weight_decay=self.weight_decay)
+
+
+@dataclass(frozen=True)
+class AdamWSettings:
+    """AdamW (Loshchilov & Hutter 2019, "Decoupled weight decay regularization", Alg. 2:
+    the decay ``lr · λ · θ`` is applied to the weights directly, not through the gradient), for
+    users' own models; the papers' recipes keep :class:`SGDSettings`. The rate comes from the
+    :class:`Schedule`.
+
+    Weight decay skips every parameter with at most one dimension: biases and the scales and
+    shifts of normalisation layers (BatchNorm, LayerNorm, GroupNorm), the usual practice of
+    BERT, timm (``param_groups_weight_decay``) and torchvision's reference scripts
+    (``norm_weight_decay=0``); the paper decays every weight, and this choice is the library's.
+    """
+
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        betas = tuple(float(b) for b in self.betas)
+        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"optim.betas: expected two numbers in [0, 1), got {self.betas!r}")
+        if self.eps <= 0 or self.weight_decay < 0:
+            raise ValueError(f"optim: AdamW needs eps > 0 and weight_decay ≥ 0, got "
+                             f"eps={self.eps}, weight_decay={self.weight_decay}")
+        object.__setattr__(self, "betas", betas)
+
+    def build(self, params: Iterable[torch.nn.Parameter], lr: float) -> torch.optim.AdamW:
+        """Two parameter groups: decayed (≥ 2 dimensions) first, then undecayed (≤ 1)."""
+        params = list(params)
+        decay = [p for p in params if p.ndim > 1]
+        plain = [p for p in params if p.ndim <= 1]
+        groups = [{"params": g, "weight_decay": wd} for g, wd in
+                  ((decay, self.weight_decay), (plain, 0.0)) if g]
+        return torch.optim.AdamW(groups, lr=lr, betas=self.betas, eps=self.eps)
+
+
+def optimizer_settings(optim: dict[str, Any]) -> SGDSettings | AdamWSettings:
+    """The settings of a run config's ``optim`` section: ``name`` (:data:`OPTIMIZERS`),
+    ``weight_decay``, and ``momentum``/``nesterov`` (sgd) or ``betas``/``eps`` (adamw); keys
+    the other optimiser uses are ignored."""
+    name = optim.get("name", "sgd")
+    check_choice("optimizer", name, OPTIMIZERS)
+    if name == "adamw":
+        defaults = AdamWSettings()
+        return AdamWSettings(weight_decay=optim.get("weight_decay", defaults.weight_decay),
+                             betas=tuple(optim.get("betas", defaults.betas)),
+                             eps=optim.get("eps", defaults.eps))
+    defaults_sgd = SGDSettings()
+    return SGDSettings(momentum=optim.get("momentum", defaults_sgd.momentum),
+                       nesterov=optim.get("nesterov", defaults_sgd.nesterov),
+                       weight_decay=optim.get("weight_decay", defaults_sgd.weight_decay))
 
 
 @dataclass(frozen=True)
@@ -176,5 +231,5 @@ class PlateauSchedule:
         for k, v in state.items():
             setattr(self, k, v)
 
-__all__ = ["SGDSettings", "Schedule", "SCHEDULES", "RAMPUP_SHAPES", "rampup_factor",
-           "PlateauSchedule"]
+__all__ = ["SGDSettings", "AdamWSettings", "OPTIMIZERS", "optimizer_settings", "Schedule",
+           "SCHEDULES", "RAMPUP_SHAPES", "rampup_factor", "PlateauSchedule"]
