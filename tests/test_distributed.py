@@ -158,6 +158,7 @@ def test_a_dead_rank_ends_the_job_and_the_rerun_resumes_to_the_same_weights(tmp_
 
 def test_reproduce_trains_each_run_under_torchrun(tmp_path):
     from dcmkd.recipes import load_experiment, reproduce
+    from dcmkd.recipes.runner import plan
 
     exp = load_experiment("quick-cifar10")
     same = [{"device": "cpu", "sync_bn": True, "deterministic": True}]
@@ -165,9 +166,13 @@ def test_reproduce_trains_each_run_under_torchrun(tmp_path):
                       log=lambda s: None)
     reproduce(exp, scale="smoke", out=tmp_path / "one", overrides=same, log=lambda s: None)
     assert paths["table_md"].is_file()
-    for run in sorted((tmp_path / "r").rglob("summary.json")):
-        twin = tmp_path / "one" / run.relative_to(tmp_path / "r")
-        assert_same_run(twin.parent, run.parent)
+    # every planned run is compared (issue 26: this loop once passed over zero runs)
+    runs = [r.run_dir.relative_to(tmp_path / "r")
+            for r in plan(exp, scale="smoke", out=tmp_path / "r", overrides=same)]
+    assert len(runs) == 13
+    for run in runs:
+        assert (tmp_path / "r" / run / "summary.json").is_file(), run
+        assert_same_run(tmp_path / "one" / run, tmp_path / "r" / run)
 
 
 # -- in one process: the checks that guard a distributed run ------------------------------------
@@ -226,3 +231,36 @@ def test_devices_of_a_run_under_torchrun_index_the_inherited_gpus():
     assert visible_devices([1, 2], "4,5,6,7") == "5,6"        # a SLURM allocation
     with pytest.raises(ValueError, match="cuda:4 is not among the 4 GPU"):
         visible_devices([4], "4,5,6,7")
+
+
+def test_group_batchnorm_statistics_hold_for_a_large_mean_beside_a_small_spread(monkeypatch):
+    """Issue 28 item 17: the synchronised statistics are formed in float64 (as torch's CPU
+    BatchNorm accumulates). Two ranks holding the same batch (the all-reduce doubles the sums)
+    must give one process's BatchNorm on that batch; a channel of mean 300 and spread 0.05 left
+    nothing of the variance in float32's E[x²] − mean² (its output was off by 100%)."""
+    from dcmkd.engine import distributed
+
+    class TwoEqualRanks:
+        @staticmethod
+        def apply(x, group):
+            return 2 * x
+
+    monkeypatch.setattr(distributed.dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(distributed, "_AllReduceSum", TwoEqualRanks)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 3, 5, 5, generator=g) * torch.tensor([1.0, 0.05, 2.0])[:, None, None] \
+        + torch.tensor([0.0, 300.0, -5.0])[:, None, None]
+    x.requires_grad_(True)
+    plain = torch.nn.BatchNorm2d(3)
+    synced = distributed.convert_sync_batchnorm(torch.nn.BatchNorm2d(3), None, cuda=False)
+    assert isinstance(synced, distributed.GroupBatchNorm2d)
+    y_plain, y_synced = plain(x), synced(x)
+    assert torch.allclose(y_synced, y_plain, atol=2e-3)             # float32 of 300 ± 0.05
+    assert y_synced[:, 1].std().item() == pytest.approx(1.0, abs=0.01)
+    # the running variance is of the doubled batch (400 values, unbiased), from 0.9 + 0.1·var
+    assert torch.allclose(synced.running_mean, plain.running_mean, rtol=1e-6)
+    var = x[:, 1].detach().double().var(unbiased=False).item()
+    assert synced.running_var[1].item() == pytest.approx(0.9 + 0.1 * var * 400 / 399, rel=1e-3)
+    grad_plain, = torch.autograd.grad(y_plain[:, 0].pow(3).sum(), x)
+    grad_synced, = torch.autograd.grad(y_synced[:, 0].pow(3).sum(), x)
+    assert torch.allclose(grad_synced, grad_plain, atol=1e-4)

@@ -304,8 +304,12 @@ class GroupBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm whose training statistics are those of the batch of every rank of
     ``group``: the same forward and backward as one process on the whole batch. For devices
     without torch's fused ``SyncBatchNorm`` (which needs a GPU): the per-channel sums are
-    all-reduced with ``torch.distributed.nn``'s differentiable all-reduce, so autograd
-    all-reduces their gradients too. Evaluation uses the running statistics, as BatchNorm."""
+    all-reduced with a differentiable all-reduce, so autograd all-reduces their gradients
+    too. The sums and the variance ``E[x²] − mean²`` are formed in float64, as torch's own CPU
+    BatchNorm accumulates: in float32 that difference cancels catastrophically where a
+    channel's mean is large beside its spread (mean/std = 100 already costs 3 digits), which
+    made the synchronised statistics, not only their order of summation, differ from one
+    process's. Evaluation uses the running statistics, as BatchNorm."""
 
     def __init__(self, *args: Any, group: Any = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -315,22 +319,25 @@ class GroupBatchNorm2d(nn.BatchNorm2d):
         if not self.training or dist.get_world_size(self.group) == 1:
             return super().forward(x)
         c = x.shape[1]
-        xf = x.float()
-        local = torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)),
-                           xf.new_tensor([x.numel() / c])])
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        xd = xf.double()
+        local = torch.cat([xd.sum((0, 2, 3)), (xd * xd).sum((0, 2, 3)),
+                           xd.new_tensor([x.numel() / c])])
         total = _AllReduceSum.apply(local, self.group)
         count = total[-1]
-        mean = total[:c] / count
-        var = (total[c:2 * c] / count - mean * mean).clamp_min(0)   # E[x²] − mean², rounded
+        mean64 = total[:c] / count
+        var64 = (total[c:2 * c] / count - mean64 * mean64).clamp_min(0)
+        mean, var = mean64.to(xf.dtype), var64.to(xf.dtype)
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked += 1
                 m = self.momentum if self.momentum is not None else \
                     1.0 / float(self.num_batches_tracked)
-                unbiased = var * count / (count - 1).clamp_min(1)
+                unbiased = (var64 * count / (count - 1).clamp_min(1)).to(xf.dtype)
                 self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
                 self.running_var.mul_(1 - m).add_(unbiased.detach(), alpha=m)
-        y = (xf - mean[None, :, None, None]) * torch.rsqrt(var + self.eps)[None, :, None, None]
+        invstd = torch.rsqrt(var64 + self.eps).to(xf.dtype)
+        y = (xf - mean[None, :, None, None]) * invstd[None, :, None, None]
         if self.affine:
             y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
         return y.to(x.dtype)
