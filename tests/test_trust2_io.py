@@ -147,3 +147,59 @@ def test_signals_during_checkpoint_writes_end_in_one_line_never_a_traceback(tmp_
     finally:
         p.kill()
         p.communicate()
+
+
+# -- item 18: progress of long work (decoding, evaluation) ----------------------------------------
+class _Stream(list):
+    """A stream that says whether it is a terminal and keeps what is written to it."""
+
+    def __init__(self, tty: bool):
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+    def write(self, text: str) -> int:
+        self.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_progress_off_a_terminal_is_one_line_per_interval(monkeypatch):
+    from dcmkd import progress
+
+    clock = iter(range(0, 1000, 10))   # each reading of the clock is 10 s later
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: float(next(clock)))
+    out = _Stream(tty=False)
+    seen = list(progress.track(range(8), what="decoding images", unit="img", interval=25,
+                               stream=out))
+    assert seen == list(range(8))
+    # the clock starts at 0 (t0 and the last line), updates read 10, 20, …, 80 s: lines at
+    # 30 s (3 done), 60 s (6 done)
+    assert "".join(out) == ("decoding images: 3/8 img (38%), 0.1 img/s, about 50 s left\n"
+                            "decoding images: 6/8 img (75%), 0.1 img/s, about 20 s left\n")
+
+
+def test_progress_is_silent_for_short_or_quiet_work_and_a_bar_on_a_terminal():
+    from dcmkd.progress import Progress, track
+
+    out = _Stream(tty=False)
+    assert sum(track(range(100), what="evaluating", stream=out)) == 4950   # < 30 s: no line
+    quiet = _Stream(tty=True)
+    list(track(range(5), what="evaluating", quiet=True, interval=0, stream=quiet))
+    assert quiet == []
+    pytest.importorskip("tqdm")
+    tty = _Stream(tty=True)
+    with Progress(4, "evaluating", unit="img", stream=tty, interval=0) as bar:
+        bar.update(2)
+        bar.update(2)
+        assert bar.bar is not None and bar.bar.n == 4
+    assert "evaluating" in "".join(tty)
+    images = [torch.zeros(3, 2), torch.zeros(5, 2)]    # batches, counted by their images
+    lines: list[str] = []
+    list(track(images, total=8, what="evaluating", unit="img", interval=0, log=lines.append,
+               stream=out, size=len))
+    assert lines[-1].startswith("evaluating: 8/8 img (100%)")
