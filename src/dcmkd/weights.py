@@ -106,9 +106,10 @@ def load_backbone_weights(model: nn.Module, path: str | os.PathLike) -> nn.Modul
     if any(k.startswith("networks.0.") for k in state):   # a method's: its first network
         state = {k[len("networks.0."):]: v for k, v in state.items()
                  if k.startswith("networks.0.")}
-    if any(k.startswith("backbone.") for k in state):
-        state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
     own = model.state_dict()
+    if any(k.startswith("backbone.") for k in state) and \
+            not any(k.startswith("backbone.") for k in own):   # (a detector has its own)
+        state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
     wrong = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items()
              if k in own and isinstance(v, torch.Tensor) and v.shape != own[k].shape]
     if wrong:

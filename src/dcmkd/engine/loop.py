@@ -31,6 +31,7 @@ from dcmkd.engine.plots import plot_test_error
 from dcmkd.engine.settings import TrainSettings
 from dcmkd.methods.base import Method, StepOutput
 from dcmkd.run_folder import RunFolder, model_name
+from dcmkd.tasks import Task, task_of
 
 Log = Callable[[str], None]
 
@@ -167,12 +168,14 @@ def _train(method: Method, train_batches: Batches, test_batches: Batches | None,
         evaluated = False
         if test_batches is not None and method.evaluate_epoch(epoch) and \
                 ((epoch + 1) % settings.eval_every == 0 or last):
-            record.update(evaluate(method, test_batches, device, precision, settings, ctx))
+            record.update(evaluate(method, test_batches, device, precision, settings, ctx,
+                                   run.path))
             evaluated = True
         record.update(method.end_epoch(epoch))
         loop.sync_replicas()   # a next phase may have re-initialised a part on every rank
         if test_batches is not None and not evaluated and method.training_done(epoch + 1):
-            record.update(evaluate(method, test_batches, device, precision, settings, ctx))
+            record.update(evaluate(method, test_batches, device, precision, settings, ctx,
+                                   run.path))
         history.append(record)
         loop.checkpoint(epoch + 1, 0, history)
         if loop.main:
@@ -224,18 +227,19 @@ def train_epoch(ctx: "Context", batches: Batches, epoch: int, start: int,
     method, settings = ctx.method, ctx.settings
     method.train()
     steps = len(batches)
-    meter = Meter(ctx.device, [net.classifier_names for net in method.networks], start,
-                  partial, ctx.own_partial(partial))
+    task = task_of(method)
+    names = [getattr(net, "classifier_names", []) for net in method.networks]
+    meter = Meter(ctx.device, names, start, partial, ctx.own_partial(partial), task)
     step = Step(method, ctx.precision, settings.clip_grad_norm,
                 ctx.dist if ctx.grad_allreduce else None,
                 ctx.dist if ctx.dist is not None and ctx.dist.networks > 1 else None)
-    progress = Progress(epoch, steps, start, settings.quiet or not ctx.main, ctx.log)
+    progress = Progress(epoch, steps, start, settings.quiet or not ctx.main, ctx.log, task)
     every = settings.checkpoint_every_steps
     for i, (x, y) in enumerate(batches.epoch(epoch, start), start=start):
-        x, y = _to_device(x, y, ctx.device, settings.channels_last)
+        x, y = task.to_device(x, y, ctx.device, settings.channels_last)
         method.begin_step(epoch + i / steps)
         out = method.training_step(x, y, step, ctx.precision.autocast)
-        meter.add(out, y)
+        meter.add(out, y, task.batch_size(x, y))
         if (i + 1) % settings.log_every == 0:
             progress.update(i + 1, ctx.read(meter, epoch, i + 1))
         if every and (i + 1) % every == 0 and i + 1 < steps:
@@ -287,16 +291,19 @@ class Meter:
     """Running sums of one training epoch, kept on the device and read in one batch.
 
     Per named loss ``k``: the batch-size-weighted sum (``train/k``) and the step at which it was
-    first non-finite; per classifier: the number of correct predictions
-    (``train/net{n}/{C}/acc``). :meth:`read` returns the epoch's means so far and raises
-    :class:`TrainingDiverged` naming the first non-finite step and its terms."""
+    first non-finite; the task's counts (:meth:`~dcmkd.tasks.base.Task.train_counts`, e.g. the
+    correct predictions of every classifier, ``train/net{n}/{C}/acc``). :meth:`read` returns the
+    epoch's means so far and raises :class:`TrainingDiverged` naming the first non-finite step
+    and its terms. Keys ending in ``/acc`` are counts, the others losses."""
 
     def __init__(self, device: torch.device, names: list[list[str]], start: int,
-                 partial: dict[str, Any] | None = None, share: dict[str, Any] | None = None):
+                 partial: dict[str, Any] | None = None, share: dict[str, Any] | None = None,
+                 task: Task | None = None):
         """``partial``: the running sums of every rank saved at a mid-epoch checkpoint (what
         the last read returned); ``share``: the part of them this rank carries on (default
-        all of them, one process)."""
+        all of them, one process); ``task``: what is counted (default classification)."""
         self.device, self.names = device, names
+        self.task = task or task_of(None)
         self.sums: dict[str, torch.Tensor] = {}
         self.bad: dict[str, torch.Tensor] = {}
         self.samples = 0
@@ -320,8 +327,8 @@ class Meter:
             self.sums[key] = torch.zeros((), device=self.device)
         return self.sums[key]
 
-    def add(self, out: StepOutput, targets: torch.Tensor) -> None:
-        b = len(targets)
+    def add(self, out: StepOutput, targets: Any, size: int | None = None) -> None:
+        b = len(targets) if size is None else size
         for k, v in out.losses.items():
             v = v.detach().float()
             self.sums[f"train/{k}"] = self._sum(f"train/{k}") + v * b
@@ -329,11 +336,8 @@ class Meter:
             if bad is None:
                 bad = self.bad[k] = torch.full((), -1.0, device=self.device)
             self.bad[k] = torch.where((bad < 0) & ~torch.isfinite(v), self.step, bad)
-        with torch.no_grad():
-            for n, logits in enumerate(out.logits):   # a method may leave a network out
-                for name, z in zip(self.names[n], logits):
-                    key = f"train/net{n}/{name}/acc"
-                    self.sums[key] = self._sum(key) + (z.argmax(1) == targets).sum()
+        for key, count in self.task.train_counts(out.logits, targets, self.names).items():
+            self.sums[key] = self._sum(key) + count
         self.samples += b
         self.step += 1
 
@@ -371,34 +375,26 @@ class Meter:
         return self.elapsed + time.perf_counter() - self.t0
 
 
-@torch.no_grad()
 def evaluate(method: Method, batches: Batches, device: torch.device, precision: Precision,
-             settings: TrainSettings, dist: distributed.Distributed | None = None
-             ) -> dict[str, float]:
-    """Top-1 and top-5 test error (%) of every classifier of every network (one host read;
-    under torchrun each rank evaluates its share and the counts are summed)."""
-    method.eval()
-    misses: dict[str, torch.Tensor] = {}
-    count = 0
-    for x, y in batches.epoch(0):
-        x, y = _to_device(x, y, device, settings.channels_last)
-        with precision.autocast():
-            logits = method.predict(x)
-        for n, net in enumerate(logits):
-            for name, z in zip(method.networks[n].classifier_names, net):
-                top = z.float().topk(min(5, z.shape[1]), dim=1).indices
-                hit = top.eq(y[:, None])
-                for k, h in ((1, hit[:, :1]), (5, hit)):
-                    key = f"test/net{n}/{name}/top{k}"
-                    miss = (~h.any(1)).sum()
-                    misses[key] = misses[key] + miss if key in misses else miss
-        count += len(y)
-    keys = list(misses)
-    values = torch.stack([misses[k].float() for k in keys]).tolist() if keys else []
-    totals = dict(zip(keys, values))
-    if dist is not None:
-        totals, count, _ = dist.reduce_sums(totals, count)
-    return {k: 100.0 * v / max(count, 1) for k, v in totals.items()}
+             settings: TrainSettings, dist: distributed.Distributed | None = None,
+             out_dir: Any = None) -> dict[str, float]:
+    """The test metrics of every network, as the method's task defines them
+    (:meth:`~dcmkd.tasks.base.Task.evaluate`; classification: top-1 and top-5 error of every
+    classifier). Under torchrun each rank evaluates its share and the counts are summed;
+    ``out_dir``: where a task may write its raw results (a detector's COCO results JSON)."""
+    return task_of(method).evaluate(method, batches, _Evaluation(
+        device, settings.channels_last, dist, out_dir, precision.autocast))
+
+
+class _Evaluation:
+    """What a task's ``evaluate`` receives (:class:`dcmkd.tasks.base.Evaluation`)."""
+
+    def __init__(self, device: torch.device, channels_last: bool,
+                 dist: distributed.Distributed | None, out_dir: Any,
+                 autocast: Callable[[], Any]):
+        self.device, self.channels_last, self.dist, self.out_dir = \
+            device, channels_last, dist, out_dir
+        self.autocast = autocast
 
 
 def finish(loop: Context, history: list[dict]) -> dict[str, Any]:
@@ -416,22 +412,20 @@ def finish(loop: Context, history: list[dict]) -> dict[str, Any]:
     if not loop.main:
         return loop.dist.broadcast_object()  # type: ignore[union-attr]
     paths = run.export_networks(exported, models)
-    evaluated = [r for r in history if "test/net0/C1/top1" in r]
-    nets = range(len(models))
+    task = task_of(method)
+    evaluated = [r for r in history if task.network_metric(r, 0) is not None]
     summary: dict[str, Any] = {
         "method": method.name or type(method).__name__, "nets": models,
         "epochs": len(history), "seed": settings.seed,
         "exported": [p.name for p in paths],
         "seconds": sum(r["seconds"] for r in history),
     }
+    if task is not task_of(None):
+        summary["task"] = task.name
+    summary.update(task.summary(evaluated, len(models)))
     if evaluated:
-        last = evaluated[-1]
-        summary.update({
-            "test_top1": [last[f"test/net{n}/C1/top1"] for n in nets],
-            "test_top5": [last[f"test/net{n}/C1/top5"] for n in nets],
-            "best_top1": [min(r[f"test/net{n}/C1/top1"] for r in evaluated) for n in nets]})
         try:
-            plot_test_error(evaluated, models, run.file(run.PLOT))
+            plot_test_error(history, models, run.file(run.PLOT), task)   # + training loss
         except ImportError:
             log("matplotlib is not installed: no test_error.png")
     run.write_summary(summary)
@@ -611,8 +605,9 @@ class DivergenceGuard:
             raise TrainingDiverged(
                 f"the loss exploded: {loss:.4g} at epoch {epoch + 1}, batch {batch}, more than "
                 f"{self.factor:g}× its start ({reference:.4g}) for {self.PATIENCE} log "
-                "intervals in a row (lower optim.lr, or set divergence_factor=0 to disable "
-                "this rule)")
+                "intervals in a row (rerun with a lower optim.lr, into another -o/--out if "
+                "you gave one: this folder keeps the diverged run; or set divergence_factor=0 "
+                "to disable this rule)")
 
     def state(self) -> dict[str, Any]:
         return {"references": self.references, "strikes": self.strikes}
@@ -637,7 +632,8 @@ def describe(method: Method, settings: TrainSettings) -> dict[str, Any]:
 class Progress:
     """A tqdm bar on a terminal; elsewhere (a log file, a pipe) one line per log interval."""
 
-    def __init__(self, epoch: int, steps: int, start: int, quiet: bool, log: Log):
+    def __init__(self, epoch: int, steps: int, start: int, quiet: bool, log: Log,
+                 task: Task | None = None):
         self.epoch, self.steps, self.log, self.t0, self.start = epoch, steps, log, \
             time.perf_counter(), start
         self.bar = None
@@ -674,13 +670,12 @@ def epoch_line(r: dict[str, Any], method: Method) -> str:
     total = method.planned_epochs
     head = f"epoch {r['epoch']}/{total or '?'} lr {r['lr']:.4g} "
     tail = f"({r['seconds']:.1f}s, {r['images_per_s']:.0f} img/s)"
-    nets = sorted({k.split("/")[1] for k in r if k.startswith("test/") and k.endswith("C1/top1")})
-    if not nets:   # not evaluated: the training losses
+    tested = task_of(method).epoch_text(r, len(method.networks))
+    if tested is None:   # not evaluated: the training losses
         losses = " ".join(f"{k[6:]} {v:.4g}" for k, v in r.items()
                           if k.startswith("train/") and not k.endswith("/acc"))
         return head + f"{losses} {tail}"
-    errs = " ".join(f"{n} {r[f'test/{n}/C1/top1']:.2f}%" for n in nets)
-    return head + f"test top-1 error {errs} {tail}"
+    return head + f"{tested} {tail}"
 
 
 # -- helpers --------------------------------------------------------------------------------------
@@ -731,15 +726,6 @@ def _check_shard(batches: Batches | None, ctx: distributed.Distributed, log: Log
         raise ValueError(f"the data are split as rank {where[0]} of {where[1]} but this process "
                          f"is data replica {ctx.replica} of {ctx.replicas}: build them with "
                          f"rank={ctx.replica}, world_size={ctx.replicas}")
-
-
-def _to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device, channels_last: bool
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    x = x.to(device, non_blocking=True)
-    y = torch.as_tensor(y).to(device, non_blocking=True)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x, y
 
 
 def _tensorboard(run: RunFolder):

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -132,12 +132,19 @@ class MutualLoss:
         return sum(self.per_network[network].values())  # type: ignore[return-value]
 
 
+def _cross_entropy(z: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0
+                   ) -> torch.Tensor:
+    return F.cross_entropy(z, targets, label_smoothing=label_smoothing)
+
+
 def mutual_distillation_loss(logits: Sequence[Sequence[torch.Tensor]], targets: torch.Tensor,
                              links: LinkMatrix, alpha: float = 1.0, beta: float = 1.0,
                              gamma: float = 1.0, temperature: float = 1.0,
                              divergence: str = "kl", t2_scaling: bool = False,
                              label_smoothing: float = 0.0,
-                             reduction: str = "sum") -> MutualLoss:
+                             reduction: str = "sum",
+                             criterion: Callable[..., torch.Tensor] | None = None
+                             ) -> MutualLoss:
     """DCM Eq. 6–9 for ``logits[n][c]`` (network n, classifier c; [B, classes] each).
 
     Defaults are the paper's: α = β = γ = T = 1, plain sums, no T² scaling. Computation is in
@@ -148,6 +155,9 @@ def mutual_distillation_loss(logits: Sequence[Sequence[torch.Tensor]], targets: 
     classifiers each, a classifier then gets CE + the mean of its 3 KL terms (the CE : KL balance
     of DML) instead of CE + their sum (Eq. 8 and 9 as printed). DML and KD, with one source per
     classifier, are unchanged.
+
+    ``criterion(logits, targets, label_smoothing)``: the supervised term of each classifier
+    (default cross-entropy; a face task's margin loss, :meth:`dcmkd.tasks.face.Face.criterion`).
     """
     check_choice("divergence", divergence, ("kl", "ce"))
     check_choice("distillation reduction", reduction, REDUCTIONS)
@@ -160,8 +170,8 @@ def mutual_distillation_loss(logits: Sequence[Sequence[torch.Tensor]], targets: 
     flat = torch.cat(own).detach()                                     # every node, as targets
     nodes = links.nodes
     batch = flat.shape[1]
-    ce_per_net = [[F.cross_entropy(z, targets, label_smoothing=label_smoothing) for z in zs]
-                  for zs in own]
+    supervised = criterion or _cross_entropy
+    ce_per_net = [[supervised(z, targets, label_smoothing) for z in zs] for zs in own]
     ce = torch.stack([c.detach() for cs in ce_per_net for c in cs])
 
     links_dev, same_stage = links.masks(flat.device)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dcmkd.methods.optimization import Schedule, SGDSettings
@@ -52,6 +53,8 @@ class Method(nn.Module):
     networks: nn.ModuleList
     frozen: frozenset[int]
     name: str = ""    # the registry name (create_method sets it)
+    #: what a batch is and how a model is evaluated (:mod:`dcmkd.tasks`); None: classification
+    task: Any = None
     _schedule: Schedule | None = None
     _optimizer: torch.optim.Optimizer | None = None
     _drops: int | None = None   # rate drops before the last step (for reset_momentum)
@@ -60,6 +63,14 @@ class Method(nn.Module):
         """What defines this method, for a run's ``config.yaml`` (subclasses add their
         options)."""
         return {"name": self.name or type(self).__name__, "frozen": sorted(self.frozen)}
+
+    def criterion(self, logits: torch.Tensor, targets: torch.Tensor,
+                  label_smoothing: float = 0.0) -> torch.Tensor:
+        """The supervised loss of one classifier's logits: the task's (cross-entropy for
+        classification, the margin loss of a face task)."""
+        if self.task is None:
+            return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+        return self.task.criterion(logits, targets, label_smoothing)
 
     # -- the step ------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor, targets: torch.Tensor) -> StepOutput:

@@ -136,7 +136,7 @@ class FeatureKD(Method):
         student = self.networks[1].backbone
         feats = self.s_part.run(images)
         logits = student.forward_head(feats[-1])
-        ce = F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing)
+        ce = self.criterion(logits.float(), targets, self.label_smoothing)
         loss = self.weight * WEIGHT_FACTOR[self.kind] * self.transfer_loss(images, feats)
         return StepOutput({"net1/ce": ce, f"net1/{self.kind}": loss}, [[], [logits]])
 

@@ -84,6 +84,48 @@ def phase_epochs(value: int | float | None, epochs: int) -> int:
     return int(value)
 
 
+def stage_plan(network: nn.Module, stages: Any) -> Any:
+    """The stage plan (:class:`~dcmkd.methods.stages.StagePlan`) of a network: its own
+    (``network.stage_plan``, e.g. a detector's ResNet-FPN) or the zoo partition of its
+    backbone."""
+    if hasattr(network, "stage_plan"):
+        return network.stage_plan(stages)
+    return partition_stages(network.backbone, stages)
+
+
+def feature(plan: Any, i: int, out: Any) -> Any:
+    """What SSKD compares at stage ``i`` (a plan's ``feature``, else the stage output)."""
+    return plan.feature(i, out) if hasattr(plan, "feature") else out
+
+
+def prepare(network: nn.Module, images: Any) -> Any:
+    """The input of stage 1 (a network's ``prepare``, e.g. a detector's transform; else the
+    images)."""
+    return network.prepare(images) if hasattr(network, "prepare") else images
+
+
+def head_modules(network: nn.Module) -> list[nn.Module]:
+    """The task head: a network's ``head_modules()`` (a detector's RPN + RoI heads or
+    RetinaNet's subnets), else the zoo backbone's ``head``."""
+    if hasattr(network, "head_modules"):
+        return list(network.head_modules())
+    return [network.backbone.head]
+
+
+def check_pair(teacher: nn.Module, student: nn.Module) -> None:
+    """Teacher and student must be of one kind (two detectors of the same kind and transform,
+    or two zoo networks); one line says what differs."""
+    t, s = getattr(teacher, "detector", None), getattr(student, "detector", None)
+    if (t is None) != (s is None):
+        raise ValueError("SSKD needs a teacher and a student of one kind: "
+                         f"{'a detector' if t is not None else 'a classifier'} teacher and "
+                         f"{'a detector' if s is not None else 'a classifier'} student")
+    if t is not None:
+        from dcmkd.models.detection import check_compatible
+
+        check_compatible(t, s)
+
+
 @dataclass(frozen=True)
 class Phase:
     kind: str     # "stage" (one stage), "stages" (multi-loss: all at once) or "head"
@@ -120,9 +162,10 @@ class SSKD(Method):
         self.networks = nn.ModuleList([teacher, student])
         self.frozen = frozenset({0})
         teacher.requires_grad_(False)
-        self.t_part = partition_stages(teacher.backbone, stages)
-        self.s_part = partition_stages(student.backbone,
-                                       student_stages if student_stages is not None else stages)
+        check_pair(teacher, student)
+        self.t_part = stage_plan(teacher, stages)
+        self.s_part = stage_plan(student, student_stages if student_stages is not None
+                                 else stages)
         if len(self.t_part) != len(self.s_part):
             raise ValueError(f"teacher and student have {len(self.t_part)} and "
                              f"{len(self.s_part)} stages")
@@ -199,13 +242,13 @@ class SSKD(Method):
 
     def trainable_modules(self) -> list[nn.Module]:
         """The modules trained in the current phase (the rest of the student is frozen)."""
-        ph, s = self.phase, self.student.backbone
+        ph = self.phase
         if ph.kind == "stage":
             return [*self.s_part.modules(ph.stage), self.adapters[ph.stage]]
         if ph.kind == "stages":
             return [m for i in range(len(self.s_part)) for m in self.s_part.modules(i)] + \
                 [self.adapters]
-        return [s.head] if self.head_mode == "separate" else [self.student]
+        return head_modules(self.student) if self.head_mode == "separate" else [self.student]
 
     def _enter(self) -> None:
         """Trainable flags and a fresh optimiser for the current phase (also after a resume)."""
@@ -221,7 +264,9 @@ class SSKD(Method):
         """State reset at the start of a phase (not on resume): schedule, distance, head init."""
         self._done_epochs, self._dist_sum, self._dist_count = 0, 0.0, 0
         self.plateau = PlateauSchedule(**self.plateau_options)
-        if self.phase.kind == "head":
+        if self.phase.kind == "head" and hasattr(self.student, "backbone"):
+            # a detector's head was never trained (its phases only trained the backbone) and
+            # keeps torchvision's own initialisation (e.g. RetinaNet's prior-probability bias)
             reset_head(self.student.backbone)
 
     @property
@@ -323,8 +368,16 @@ class SSKD(Method):
     def _apply_modes(self) -> None:
         """Only the modules trained in this phase are in training mode: frozen stages (and the
         teacher) keep their BatchNorm statistics."""
-        self.student.eval()
         self.adapters.eval()
+        if self.phase.kind == "head" and self.head_mode == "separate" and \
+                hasattr(self.student, "losses"):
+            # a detector computes its losses only in training mode: all of it in training
+            # mode but its frozen backbone, which keeps its BatchNorm statistics
+            self.student.train()
+            for m in self.student.backbone_modules():
+                m.eval()
+            return
+        self.student.eval()
         for m in self.trainable_modules():
             m.train()
 
@@ -333,24 +386,38 @@ class SSKD(Method):
         ph = self.phase
         if ph.kind == "head":
             return self._head_step(images, targets)
+        x0 = prepare(self.student, images)   # a detector's normalised, resized batch
         if ph.kind == "stages":
             with torch.no_grad():
-                t = self.t_part.run(images)
-            s = self.s_part.run(images)
-            losses = {f"net1/stage{i + 1}": hint_loss(a(si, ti.shape[-2:]), ti)
-                      for i, (a, si, ti) in enumerate(zip(self.adapters, s, t))}
+                t = self.t_part.run(x0)
+            s = self.s_part.run(x0)
+            losses = {f"net1/stage{i + 1}": self._distance(i, si, ti)
+                      for i, (si, ti) in enumerate(zip(s, t))}
             return StepOutput(losses, [[], []])
         i = ph.stage
         with torch.no_grad():
-            t = self.t_part.run(images, stop=i + 1)[-1]
-            x = images
+            t = self.t_part.run(x0, stop=i + 1)[-1]   # the teacher only as far as stage i
+            x = x0
             for j in range(i):
                 x = self.s_part.run_stage(j, x)
         s = self.s_part.run_stage(i, x)
-        loss = hint_loss(self.adapters[i](s, t.shape[-2:]), t)   # Eq. 6, ψ = squared l2
-        return StepOutput({f"net1/stage{i + 1}": loss}, [[], []])
+        return StepOutput({f"net1/stage{i + 1}": self._distance(i, s, t)}, [[], []])
+
+    def _distance(self, i: int, student_out: Any, teacher_out: Any) -> torch.Tensor:
+        """Eq. 6 at stage ``i``: ψ = squared l2 between the teacher's feature and the adapted
+        student's; on a feature pyramid (a detector's FPN stage), the mean of ψ over its levels
+        (**reading**: the paper's plain L2 on each level, the levels weighted alike)."""
+        s, t = feature(self.s_part, i, student_out), feature(self.t_part, i, teacher_out)
+        adapter = self.adapters[i]
+        if isinstance(t, torch.Tensor):
+            return hint_loss(adapter(s, t.shape[-2:]), t)
+        return torch.stack([hint_loss(adapter(s[k], v.shape[-2:]), v)
+                            for k, v in t.items()]).mean()
 
     def _head_step(self, images: torch.Tensor, targets: torch.Tensor) -> StepOutput:
+        if hasattr(self.student, "losses"):   # a detector: its own task losses (Eq. 4)
+            losses = self.student.losses(images, targets)
+            return StepOutput({f"net1/{k}": v for k, v in losses.items()}, [[], []])
         backbone = self.student.backbone
         if self.head_mode == "separate":
             with torch.no_grad():
@@ -358,7 +425,7 @@ class SSKD(Method):
             logits = backbone.forward_head(feats)
         else:
             logits = backbone(images)
-        ce = F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing)
+        ce = self.criterion(logits.float(), targets, self.label_smoothing)
         return StepOutput({"net1/ce": ce}, [[], [logits]])   # Eq. 4
 
     def training_step(self, images: torch.Tensor, targets: torch.Tensor, step: StepFn,
@@ -408,7 +475,7 @@ class FixedBackbone(Method):
         with torch.no_grad():
             feats = backbone.forward_features(images)
         logits = backbone.forward_head(feats)
-        ce = F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing)
+        ce = self.criterion(logits.float(), targets, self.label_smoothing)
         return StepOutput({"net0/ce": ce}, [[logits]])
 
 

@@ -1,0 +1,131 @@
+"""The task seam: what a batch is, how it reaches the device, what is counted while training and
+what evaluating a model means (DESIGN.md, "Tasks").
+
+The loop (:mod:`dcmkd.engine.loop`) trains every task the same way; it asks the method's task
+(``method.task``, default :class:`~dcmkd.tasks.classification.Classification`) for:
+
+- :meth:`Task.to_device`: a batch ``(inputs, targets)`` moved to the training device;
+- :meth:`Task.batch_size`: how many samples a batch holds (the weight of its losses in the
+  epoch means);
+- :meth:`Task.train_counts`: per-batch sums kept on the device while training (classification:
+  the correct predictions of every classifier); the loop divides them by the samples;
+- :meth:`Task.evaluate`: the test metrics of every network, a flat ``{key: float}`` record;
+- :meth:`Task.summary` and :meth:`Task.epoch_text`: what the run's ``summary.json`` and the
+  epoch's log line say of the evaluated records.
+
+Methods own their losses (a method may use :meth:`Task.criterion`, the supervised loss of a
+classifier's logits); the task never sees a loss.
+"""
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+
+
+class Evaluation(Protocol):
+    """What :meth:`Task.evaluate` receives from the loop."""
+
+    device: torch.device
+    channels_last: bool
+    dist: Any            # dcmkd.engine.distributed.Distributed or None
+    out_dir: Any         # the run folder's path (a task may write its raw results there) or None
+
+    def autocast(self) -> Any: ...
+
+
+class Task:
+    """Base of every task (see the module note). Subclasses override what differs."""
+
+    #: the registry name, recorded in a run's summary
+    name: str = "task"
+    #: the summary key of each network's headline test metric, and whether lower is better
+    headline: str = "test_metric"
+    lower_is_better: bool = True
+
+    # -- batches -------------------------------------------------------------------------------
+    def to_device(self, inputs: Any, targets: Any, device: torch.device,
+                  channels_last: bool = False) -> tuple[Any, Any]:
+        return move(inputs, device, channels_last), move(targets, device)
+
+    def batch_size(self, inputs: Any, targets: Any) -> int:
+        return len(targets)
+
+    # -- training ------------------------------------------------------------------------------
+    def criterion(self, logits: torch.Tensor, targets: torch.Tensor,
+                  label_smoothing: float = 0.0) -> torch.Tensor:
+        """The supervised loss of one classifier's logits (classification: cross-entropy)."""
+        return torch.nn.functional.cross_entropy(logits, targets,
+                                                 label_smoothing=label_smoothing)
+
+    def train_counts(self, outputs: list[list[Any]], targets: Any,
+                     names: list[list[str]]) -> dict[str, torch.Tensor]:
+        """Device sums over one training batch (divided by the samples in the epoch record)."""
+        return {}
+
+    # -- evaluation ----------------------------------------------------------------------------
+    def evaluate(self, method: Any, batches: Any, ctx: Evaluation) -> dict[str, float]:
+        raise NotImplementedError
+
+    def network_metric(self, record: dict[str, Any], n: int) -> float | None:
+        """Network ``n``'s headline metric in an evaluated record (None: not evaluated)."""
+        return None
+
+    def summary(self, evaluated: list[dict[str, Any]], networks: int) -> dict[str, Any]:
+        """The summary entries of a run from its evaluated records (oldest first)."""
+        if not evaluated:
+            return {}
+        last = evaluated[-1]
+        values = [self.network_metric(last, n) for n in range(networks)]
+        if any(v is None for v in values):
+            return {}
+        pick = min if self.lower_is_better else max
+        history = [[self.network_metric(r, n) for r in evaluated] for n in range(networks)]
+        return {self.headline: values,
+                f"best_{self.headline.removeprefix('test_')}": [
+                    pick(v for v in h if v is not None) for h in history]}
+
+    def epoch_text(self, record: dict[str, Any], networks: int) -> str | None:
+        """The evaluated part of an epoch's log line (None: not evaluated)."""
+        values = [self.network_metric(record, n) for n in range(networks)]
+        shown = [f"net{n} {v:.2f}" for n, v in enumerate(values) if v is not None]
+        return f"test {self.headline.removeprefix('test_')} {' '.join(shown)}" if shown else None
+
+    def describe(self) -> dict[str, Any]:
+        """What defines the task for a run's config (subclasses add their options)."""
+        return {"name": self.name}
+
+
+def move(obj: Any, device: torch.device, channels_last: bool = False) -> Any:
+    """``obj`` on ``device``: a tensor (4-D image batches in channels_last when asked), or the
+    tensors of a list, tuple or dict (a detection batch: images and box-target dicts)."""
+    if isinstance(obj, torch.Tensor):
+        obj = obj.to(device, non_blocking=True)
+        if channels_last and obj.dim() == 4:
+            obj = obj.contiguous(memory_format=torch.channels_last)
+        return obj
+    if isinstance(obj, dict):
+        return {k: move(v, device, channels_last) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(move(v, device, channels_last) for v in obj)
+    return torch.as_tensor(obj).to(device, non_blocking=True)
+
+
+def sum_over_processes(totals: dict[str, float], count: int, dist: Any
+                       ) -> tuple[dict[str, float], int]:
+    """Sums of every process under torchrun (one process: unchanged)."""
+    if dist is None:
+        return totals, count
+    totals, count, _ = dist.reduce_sums(totals, count)
+    return totals, count
+
+
+def stacked_read(values: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Device scalars read to the host in one transfer."""
+    keys = list(values)
+    if not keys:
+        return {}
+    return dict(zip(keys, torch.stack([values[k].float() for k in keys]).tolist()))
+
+
+__all__ = ["Task", "Evaluation", "move", "sum_over_processes", "stacked_read"]

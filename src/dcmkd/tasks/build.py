@@ -1,0 +1,187 @@
+"""Data and methods of the face and detection tasks, from names and folders (the Python API of
+SSKD Tables 7–9; the classification path is :func:`dcmkd.engine.build.build`).
+
+- :func:`face_data` / :func:`face_method`: an identity-folder dataset (one folder per identity,
+  an identity-disjoint train/test split) and a method over zoo backbones with face heads.
+- :func:`detection_data` / :func:`detection_method`: a COCO-layout dataset and a method over
+  torchvision detectors (``fasterrcnn`` / ``retinanet`` with a ResNet-FPN backbone).
+
+Both return what :func:`dcmkd.engine.fit` takes: ``fit(method, data, run, settings)``.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from dcmkd.methods.base import Method
+
+
+@dataclass
+class TaskData:
+    """Training and test batches of a task, with what defines them (``identity``, a run
+    folder's ``data.json``)."""
+
+    train: Any
+    test: Any
+    num_classes: int
+    identity: dict[str, Any] = field(default_factory=dict)
+    classes: list[str] = field(default_factory=list)
+
+
+def _digest(items: Sequence[Any]) -> str:
+    h = hashlib.sha256()
+    for item in items:
+        h.update(str(item).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+# -- face ------------------------------------------------------------------------------------
+#: the face crops' normalisation: per-channel mean/std on the 0..1 scale (**choice**: the
+#: ImageNet statistics, as the zoo's ImageNet ResNets use; faces differ little in colour)
+FACE_MEAN, FACE_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def face_data(root: str | os.PathLike, *, split: str | os.PathLike | None = None,
+              size: int = 64, batch_size: int = 64, test_batch_size: int = 256,
+              test_fraction: float = 0.25, device: torch.device | str = "cpu", seed: int = 0,
+              max_identities: int | None = None) -> TaskData:
+    """An identity folder split into training and unseen test identities.
+
+    ``split``: a CSV of ``identity_dir,…,split`` rows (``train``/``test``; e.g. the face crops'
+    ``SPLIT_SUGGESTED.csv``), default ``root/SPLIT_SUGGESTED.csv`` when it exists, else a seeded
+    split of ``test_fraction`` of the identities. Training images get a random crop (padding
+    ``size/8``) and a horizontal flip; ``max_identities`` keeps the first identities of each
+    side (tests and smoke runs).
+    """
+    from dcmkd.data import augment as aug
+    from dcmkd.data.faces import (IdentityFolder, check_verifiable, identity_folders,
+                                  read_split_csv, split_identities)
+    from dcmkd.data.loader import DeviceLoader
+
+    root = Path(root).expanduser()
+    csv = Path(split) if split is not None else root / "SPLIT_SUGGESTED.csv"
+    if split is not None or csv.is_file():
+        sides = read_split_csv(csv)
+    else:
+        sides = split_identities(identity_folders(root), test_fraction, seed=0)
+    if max_identities is not None:
+        sides = {k: v[:max_identities] for k, v in sides.items()}
+    train = IdentityFolder(root, sides["train"], size=size)
+    test = IdentityFolder(root, sides["test"], size=size)
+    check_verifiable(test.labels)
+    transform = aug.pad_crop_flip(max(1, size // 8))
+    common = dict(device=device, seed=seed, mean=FACE_MEAN, std=FACE_STD)
+    identity = {"name": "faces", "root": str(root.resolve()), "size": size,
+                "train_identities": len(train.identities), "train_images": len(train),
+                "test_identities": len(test.identities), "test_images": len(test),
+                "files": _digest([*(p.relative_to(root) for p in train.paths), "|",
+                                  *(p.relative_to(root) for p in test.paths)])}
+    return TaskData(
+        train=DeviceLoader(train.images, train.labels, batch_size, train=True,
+                           augment=transform, **common),
+        test=DeviceLoader(test.images, test.labels, test_batch_size, train=False, **common),
+        num_classes=train.num_identities, identity=identity, classes=list(train.identities))
+
+
+def face_method(name: str, nets: Sequence[str], num_identities: int, *, head: str = "softmax",
+                s: float | None = None, m: float | None = None,
+                teacher_weights: str | os.PathLike | None = None,
+                model_options: dict[str, Any] | None = None, **options: Any) -> Method:
+    """``name`` (``ind``, ``kd``, ``sskd``, ``fitnets``, …) over zoo backbones ``nets`` with
+    face heads (:func:`~dcmkd.tasks.face.make_face_network`), trained on the face task.
+    ``options``: :func:`~dcmkd.methods.create_method`'s (``sskd={...}``, ``temperature``, …).
+    SSKD on a face model trains its stages only (``head_epochs`` 0 unless set): the output
+    feature is the pooled last stage, so the task head is not tuned (SSKD Table 7)."""
+    from dcmkd.methods import create_method
+    from dcmkd.models import create_model
+    from dcmkd.tasks.face import Face, make_face_network
+
+    task = Face(head, s, m)
+    backbones = [make_face_network(create_model(n, num_identities, **(model_options or {})),
+                                   num_identities, head, task.s if head != "softmax" else None,
+                                   task.m if head != "softmax" else None) for n in nets]
+    if name == "sskd":
+        options["sskd"] = {"head_epochs": 0, **(options.get("sskd") or {})}
+    method = create_method(name, backbones, num_identities, teacher_weights=teacher_weights,
+                           **options)
+    method.task = task
+    return method
+
+
+# -- detection --------------------------------------------------------------------------------
+def detection_data(root: str | os.PathLike, *, train_split: str = "train2017",
+                   test_split: str = "val2017", batch_size: int = 4, test_batch_size: int = 4,
+                   seed: int = 0, flip: bool = True, min_size: int | None = None,
+                   max_size: int | None = None) -> TaskData:
+    """A COCO-layout dataset (``annotations/instances_<split>.json`` + images) as training and
+    test batches (:class:`~dcmkd.data.detection.DetectionBatches`); ``min_size``/``max_size``
+    resize the images once when loading (the detectors resize again to their own sizes)."""
+    from dcmkd.data.detection import CocoDetection, DetectionBatches
+
+    train = CocoDetection(root, train_split, min_size=min_size, max_size=max_size, cache=True)
+    test = CocoDetection(root, test_split, min_size=min_size, max_size=max_size, cache=True)
+    if [c[1] for c in train.categories] != [c[1] for c in test.categories]:
+        raise ValueError(f"{root}: the {train_split} and {test_split} annotations list "
+                         "different categories")
+    identity = {"name": "coco", "root": str(Path(root).expanduser().resolve()),
+                "train_split": train_split, "test_split": test_split,
+                "train_images": len(train), "test_images": len(test),
+                "min_size": min_size, "max_size": max_size,
+                "categories": _digest([c[1] for c in train.categories])}
+    return TaskData(
+        train=DetectionBatches(train, batch_size, seed=seed, flip=flip),
+        test=DetectionBatches(test, test_batch_size, seed=seed, shuffle=False,
+                              drop_last=False),
+        num_classes=train.num_classes, identity=identity,
+        classes=[c[2] for c in train.categories])
+
+
+def detection_method(name: str, kind: str, backbones: Sequence[str], num_classes: int, *,
+                     teacher_weights: str | os.PathLike | None = None,
+                     backbone_weights: Sequence[str | None] | None = None,
+                     detector_options: dict[str, Any] | None = None,
+                     sskd: dict[str, Any] | None = None) -> Method:
+    """``name`` (``ind``: each detector alone; ``sskd``: the first, a trained teacher, into the
+    second) over torchvision detectors ``kind`` (``fasterrcnn`` / ``retinanet``) with ResNet-FPN
+    ``backbones``; ``num_classes`` object classes (background added). ``teacher_weights``: the
+    teacher detector's weights (an exported network or a run folder); ``backbone_weights``: per
+    network, a local ImageNet ResNet state_dict (or None: from scratch)."""
+    from dcmkd.methods.builders import SSKD_OPTIONS, _options
+    from dcmkd.methods.sskd import SSKD
+    from dcmkd.methods.supervised import Supervised
+    from dcmkd.methods.teacher import load_pretrained
+    from dcmkd.models.detection import build_detector
+    from dcmkd.tasks.detection import Detection, DetectorNetwork
+
+    weights = list(backbone_weights or [None] * len(backbones))
+    if len(weights) != len(backbones):
+        raise ValueError(f"{len(weights)} backbone_weights for {len(backbones)} detectors")
+    nets = [DetectorNetwork(build_detector(kind, b, num_classes + 1, backbone_weights=w,
+                                           **(detector_options or {})))
+            for b, w in zip(backbones, weights)]
+    task = Detection()
+    if name == "ind":
+        return Supervised(nets, task)
+    if name != "sskd":
+        raise ValueError(f"method '{name}' is not built for detectors (ind, sskd); KD does "
+                         "not apply to detection (SSKD paper, Tables 8–9)")
+    if len(nets) != 2:
+        raise ValueError(f"sskd needs 2 detectors (teacher, student), got {len(nets)}")
+    if teacher_weights is not None:
+        load_pretrained(nets[0].detector, teacher_weights)
+    else:
+        warnings.warn("'sskd' without teacher_weights: the teacher is untrained", stacklevel=2)
+    method = SSKD(nets[0], nets[1], **_options(SSKD_OPTIONS, sskd, "sskd"))
+    method.name, method.task = "sskd", task
+    return method
+
+
+__all__ = ["TaskData", "face_data", "face_method", "detection_data", "detection_method",
+           "FACE_MEAN", "FACE_STD"]

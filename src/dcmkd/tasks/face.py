@@ -1,0 +1,154 @@
+"""Face recognition (SSKD paper Table 7): networks are trained as classifiers of the training
+identities and evaluated open-set, on the embeddings of identities never seen in training.
+
+- **Batch**: ``(images [B,3,H,W], identity labels [B])``, as classification.
+- **Network**: a zoo backbone whose head is :class:`FaceHead`: global average pooling (the
+  *output feature*), then the identity classifier (:class:`~dcmkd.losses.margin.MarginHead`:
+  ``softmax``, ``cosface`` or ``arcface``). **Reading** (the paper: "only the output feature is
+  used at test time, so the task-head is not tuned"): the output feature is the pooled last
+  stage, so SSKD's stages alone determine it, and the classifier is a training-only task head.
+- **Training loss** (:meth:`Face.criterion`): cross-entropy of the classifier's logits; for the
+  margin heads the logits are ``s·cos θ`` and the margin is applied to the target's logit here,
+  CosFace (Wang et al., CVPR 2018, Eq. 4) or ArcFace (Deng et al., CVPR 2019, Eq. 3). Every
+  method (ind, kd, sskd, …) therefore trains a face network unchanged; KD (the paper's KD row)
+  distils the teacher's identity posteriors ``softmax(z / T)`` of the margin-free logits
+  (Hinton et al. 2015) into the student's, beside the student's own supervised loss.
+- **Evaluation** (:meth:`Face.evaluate`): each network's L2-normalised output features of the
+  test images; verification TAR at FAR = 1% and 0.1% over every pair, identification Rank-1 and
+  Rank-5 with each identity's first image as its gallery entry
+  (:func:`~dcmkd.metrics.face.evaluate_face`). Keys ``test/net{n}/face/{metric}`` (percent); a
+  TAR at a FAR smaller than one over the test set's impostor pairs is not measured (no key;
+  ``null`` in the summary). The headline of a run is Rank-1.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from dcmkd.losses.margin import MarginHead, arcface_logits, cosface_logits
+from dcmkd.tasks.base import Evaluation, Task
+from dcmkd.tasks.classification import Classification
+
+HEADS = ("softmax", "cosface", "arcface")
+#: the metrics of :func:`dcmkd.metrics.face.evaluate_face`, in table order (SSKD Table 7)
+FACE_METRICS = ("tar@far=0.01", "tar@far=0.001", "rank1", "rank5")
+
+
+def face_key(net: int, metric: str) -> str:
+    return f"test/net{net}/face/{metric}"
+
+
+class FaceHead(nn.Module):
+    """Global average pooling (the output feature, :meth:`embed`), then the identity
+    classifier. A zoo backbone's head is replaced by it (:func:`make_face_network`)."""
+
+    def __init__(self, in_features: int, num_identities: int, kind: str = "softmax",
+                 s: float | None = None, m: float | None = None):
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = MarginHead(in_features, num_identities, kind=kind, s=s, m=m)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(x).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.embed(x))   # margin-free logits; the margin is in Face.criterion
+
+
+def make_face_network(backbone: nn.Module, num_identities: int, kind: str = "softmax",
+                      s: float | None = None, m: float | None = None) -> nn.Module:
+    """``backbone`` (a zoo :class:`~dcmkd.models.base.Backbone`) with a :class:`FaceHead` over
+    its last stage's channels."""
+    if kind not in HEADS:
+        raise ValueError(f"face head '{kind}' is not one of {', '.join(HEADS)}")
+    backbone.head = FaceHead(backbone.num_features, num_identities, kind, s, m)
+    return backbone
+
+
+class Face(Classification):
+    """See the module note. ``head``/``s``/``m``: the identity classifier's kind and margin
+    (defaults: the papers' s = 64 with m = 0.35 (CosFace) or 0.5 (ArcFace))."""
+
+    name = "face"
+    headline = "test_rank1"   # defined on any test set (a TAR at a FAR needs enough pairs)
+    lower_is_better = False
+
+    def __init__(self, head: str = "softmax", s: float | None = None, m: float | None = None):
+        if head not in HEADS:
+            raise ValueError(f"face head '{head}' is not one of {', '.join(HEADS)}")
+        self.head = head
+        probe = MarginHead(1, 1, kind=head, s=s, m=m)   # the head's own defaults
+        self.s, self.m = getattr(probe, "s", None), getattr(probe, "m", None)
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "head": self.head, "s": self.s, "m": self.m}
+
+    def criterion(self, logits: torch.Tensor, targets: torch.Tensor,
+                  label_smoothing: float = 0.0) -> torch.Tensor:
+        """Cross-entropy with the head's margin on the target logit (module note)."""
+        if self.head == "cosface":
+            logits = cosface_logits(logits / self.s, targets, self.s, self.m)
+        elif self.head == "arcface":
+            logits = arcface_logits((logits / self.s).clamp(-1, 1), targets, self.s, self.m)
+        return super().criterion(logits, targets, label_smoothing)
+
+    @torch.no_grad()
+    def evaluate(self, method: Any, batches: Any, ctx: Evaluation) -> dict[str, float]:
+        from dcmkd.metrics.face import evaluate_face
+
+        method.eval()
+        feats: list[list[torch.Tensor]] = [[] for _ in method.networks]
+        labels: list[torch.Tensor] = []
+        for x, y in batches.epoch(0):
+            x, y = self.to_device(x, y, ctx.device, ctx.channels_last)
+            with ctx.autocast():
+                for n, net in enumerate(method.networks):
+                    feats[n].append(embed(net, x).float().cpu())
+            labels.append(y.cpu())
+        if ctx.dist is not None and ctx.dist.world > 1:
+            raise ValueError("face evaluation runs in one process (the pairs span the whole "
+                             "test set); evaluate the run with `dcmkd eval` after training")
+        y_all = torch.cat(labels)
+        out: dict[str, float] = {}
+        for n, f in enumerate(feats):
+            for k, v in evaluate_face(torch.cat(f), y_all).items():
+                if math.isfinite(v):   # a FAR beyond the test set's impostor pairs: not measured
+                    out[face_key(n, k)] = float(v)
+        return out
+
+    def network_metric(self, record: dict[str, Any], n: int) -> float | None:
+        return record.get(face_key(n, "rank1"))
+
+    def summary(self, evaluated: list[dict[str, Any]], networks: int) -> dict[str, Any]:
+        out = Task.summary(self, evaluated, networks)
+        if out:
+            last = evaluated[-1]
+            out["test_face"] = [{k: last.get(face_key(n, k)) for k in FACE_METRICS}
+                                for n in range(networks)]
+        return out
+
+    def epoch_text(self, record: dict[str, Any], networks: int) -> str | None:
+        shown = []
+        for n in range(networks):
+            if face_key(n, "rank1") in record:
+                tar = record.get(face_key(n, "tar@far=0.01"))
+                shown.append(f"net{n} TAR@1% {'n/a' if tar is None else f'{tar:.1f}'} "
+                             f"rank-1 {record[face_key(n, 'rank1')]:.1f}")
+        return "test " + ", ".join(shown) if shown else None
+
+
+def embed(network: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A network's output feature (:class:`FaceHead.embed` of its last stage)."""
+    backbone = getattr(network, "backbone", network)
+    head = backbone.head
+    if not isinstance(head, FaceHead):
+        raise ValueError(f"{type(backbone).__name__} has no face head: build it with "
+                         "make_face_network (task: face)")
+    return head.embed(backbone.forward_features(x))
+
+
+__all__ = ["Face", "FaceHead", "make_face_network", "embed", "face_key", "FACE_METRICS",
+           "HEADS"]
