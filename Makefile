@@ -2,14 +2,26 @@
 # install the package into it first; nothing is downloaded beyond the Python packages.
 VENV  ?= .venv
 PY    := $(VENV)/bin/python
-# This machine has a local CPU build of torch 2.13.0; elsewhere override, e.g. TORCH=torch
+# The demo needs torch only: this machine has a local CPU build of torch 2.13.0 (small, quick to
+# install); elsewhere override, e.g. TORCH=torch. The tests also run the detection, face and
+# timm/torchvision code, which needs torchvision: the registry's torchvision does not load beside
+# that local torch, so the tests pin the pair below (both on this machine's local mirror);
+# elsewhere override, e.g. VISION="torch torchvision".
 TORCH ?= torch==2.13.0
+VISION ?= torch==2.14.1 torchvision==0.29.1
 
 .PHONY: setup demo test bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[train]"
+	touch $@
+
+# the tests' extras (torchvision, timm, pycocotools) with the torch/torchvision pair they need
+$(VENV)/.installed-test: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -c "import torchvision" 2>/dev/null || $(PY) -m pip install -q $(VISION)
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
@@ -18,7 +30,7 @@ setup: $(VENV)/.installed
 demo: setup
 	$(VENV)/bin/dcmkd demo
 
-test: setup
+test: $(VENV)/.installed-test
 	$(PY) -m pytest
 
 clean:
