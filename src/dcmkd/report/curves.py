@@ -1,44 +1,67 @@
 """Test-error curves over seeds: the mean per epoch and the range (min..max) as a band
-(DCM paper Fig. 2, with the spread of the seeds made visible)."""
+(DCM paper Fig. 2, with the spread of the seeds made visible); with the runs' training losses,
+a second row of panels shows them the same way. Each evaluated epoch is a point: a run
+evaluated once (``eval_every`` > 1, a smoke reproduction) still shows it."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from dcmkd.report.results import CellStats  # noqa: E402
 
 
+Curves = Sequence[Sequence[tuple[int, float]]]   # one (epoch, value) list per seed
+
+
+def _draw(ax: plt.Axes, curves: Curves, label: str) -> None:
+    """The mean over seeds at the epochs every seed has (runs may evaluate every N epochs),
+    as points joined by a line, and the range over seeds as a band."""
+    common = sorted(set.intersection(*(set(e for e, _ in c) for c in curves))) if curves else []
+    if not common:
+        return
+    values = [[dict(c)[e] for e in common] for c in curves]
+    mean = [sum(v) / len(v) for v in zip(*values)]
+    seeds = f"{len(values)} seed" + ("s" if len(values) > 1 else "")
+    line, = ax.plot(common, mean, marker="o", markersize=4, label=f"{label} ({seeds})")
+    if len(values) > 1:
+        ax.fill_between(common, [min(v) for v in zip(*values)], [max(v) for v in zip(*values)],
+                        color=line.get_color(), alpha=0.2, linewidth=0)
+
+
 def plot_row_curves(stats: Sequence[CellStats], networks: Sequence[str], title: str,
-                    path: str | Path) -> None:
-    """One panel per reported network, one line per column (method), band = range over seeds."""
+                    path: str | Path,
+                    losses: Mapping[tuple[str, str], Curves] | None = None) -> None:
+    """One panel per reported network, one line per column (method), band = range over seeds.
+    ``losses`` (``(column, network)`` → each seed's ``(epoch, training loss)`` list, e.g. from
+    :func:`dcmkd.engine.plots.training_loss` of its metrics) adds a row of training-loss panels
+    below."""
     panels = [n for n in networks if any(s.network == n for s in stats)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
-    for ax, net in zip(axes[0], panels):
+    rows = 2 if losses else 1
+    fig, axes = plt.subplots(rows, len(panels), figsize=(5 * len(panels), 3.6 * rows),
+                             squeeze=False, sharex="col")
+    for i, net in enumerate(panels):
+        ax = axes[0][i]
         for s in (s for s in stats if s.network == net):
-            # the epochs every seed evaluated (runs may evaluate every N epochs)
-            common = sorted(set.intersection(*(set(e for e, _ in c) for c in s.curves)))
-            if not common:
-                continue
-            curves = [[dict(c)[e] for e in common] for c in s.curves]
-            epochs = common
-            mean = [sum(v) / len(v) for v in zip(*curves)]
-            seeds = f"{len(curves)} seed" + ("s" if len(curves) > 1 else "")
-            line, = ax.plot(epochs, mean, label=f"{s.column} ({seeds})")
-            if len(curves) > 1:
-                ax.fill_between(epochs, [min(v) for v in zip(*curves)],
-                                [max(v) for v in zip(*curves)], color=line.get_color(),
-                                alpha=0.2, linewidth=0)
+            _draw(ax, s.curves, s.column)
         model = next((s.model for s in stats if s.network == net and s.model), "")
         ax.set_title(f"{net}: {model}" if model else net)
-        ax.set_xlabel("epoch")
         ax.set_ylabel("test top-1 error (%)")
-        ax.grid(alpha=0.3)
-        ax.legend()
+        if losses:
+            for s in (s for s in stats if s.network == net):
+                _draw(axes[1][i], losses.get((s.column, net)) or [], s.column)
+            axes[1][i].set_ylabel("training loss (sum of the logged terms)")
+        for a in (axes[r][i] for r in range(rows)):
+            a.set_xlabel("epoch")
+            a.xaxis.set_major_locator(MaxNLocator(integer=True))
+            a.grid(alpha=0.3)
+            if a.lines:
+                a.legend()
     fig.suptitle(title)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
