@@ -168,7 +168,9 @@ def detection_method(name: str, kind: str, backbones: Sequence[str], num_classes
             for b, w in zip(backbones, weights)]
     task = Detection()
     if name == "ind":
-        return Supervised(nets, task)
+        method = Supervised(nets, task)
+        method.name = "ind"
+        return method
     if name != "sskd":
         raise ValueError(f"method '{name}' is not built for detectors (ind, sskd); KD does "
                          "not apply to detection (SSKD paper, Tables 8–9)")
