@@ -63,12 +63,16 @@ def test_a_really_full_disk_is_one_line_and_keeps_the_previous_checkpoint(small_
 
 def test_save_checkpoint_on_a_full_disk_raises_enospc_naming_the_file(small_fs):
     run = RunFolder(small_fs / "run")
-    run.save_checkpoint({"w": torch.arange(10.0)})
+
+    def state(w: torch.Tensor) -> dict:
+        return {"epoch": 1, "batch": 0, "method": {"w": w}, "optimizer": {}, "history": "[]"}
+
+    run.save_checkpoint(state(torch.arange(10.0)))
     with pytest.raises(OSError) as caught:
-        run.save_checkpoint({"w": torch.zeros(1 << 20)})   # 4 MiB on a 3 MiB disk
+        run.save_checkpoint(state(torch.zeros(1 << 20)))   # 4 MiB on a 3 MiB disk
     assert caught.value.errno == errno.ENOSPC
     assert caught.value.filename == str(run.file("checkpoint.pt"))
-    assert torch.equal(run.load_checkpoint()["w"], torch.arange(10.0))
+    assert torch.equal(run.load_checkpoint()["method"]["w"], torch.arange(10.0))
     assert sorted(p.name for p in run.path.iterdir()) == ["checkpoint.pt"]
 
 
