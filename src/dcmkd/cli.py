@@ -20,8 +20,8 @@ from typing import Any, Iterator, Sequence
 
 from dcmkd import __version__
 from dcmkd.engine import distributed
-from dcmkd.engine.build import Built, build, evaluate_built, load_run, unfinished_state
-from dcmkd.engine.config import resolve
+from dcmkd.engine.build import Built, build, build_method, evaluate_built, load_run
+from dcmkd.engine.config import _deep_update, parse_override, resolve
 from dcmkd.engine.loop import TrainingDiverged
 from dcmkd.engine.trainer import Trainer
 from dcmkd.heads.describe import describe_model, model_rows
@@ -32,6 +32,7 @@ from dcmkd.registry import UnknownNameError
 from dcmkd.report import report_runs
 from dcmkd.report.tsne import tsne_plot
 from dcmkd.run_folder import RunFolder, RunLocked, model_name, parse_network_file
+from dcmkd.weights import atomic_save, load_file
 
 
 def _millions(n: int) -> str:
@@ -160,12 +161,30 @@ def _weights_file(path: Path, args: argparse.Namespace) -> Built:
     return built
 
 
+def _data_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """What ``eval``/``tsne`` of a run folder are told to use instead of the run's own: the
+    data of ``-d``/``--data-dir`` (and ``key=value`` overrides), the device. Evaluating a run on
+    other data is what a user asks for with them ("how does my model do on this data"); the
+    run's ``data.json`` tells when it is not the data the run trained on (a warning)."""
+    out: dict[str, Any] = {}
+    for o in [*flag_overrides(args), *getattr(args, "overrides", [])]:
+        out = _deep_update(out, parse_override(o) if isinstance(o, str) else o)
+    data = out.get("data") or {}
+    if getattr(args, "dataset", None) and "root" not in data and \
+            args.dataset in BUNDLED_DATASETS:
+        data["root"] = None      # -d digits on a run of a folder: no root to carry over
+    if data:
+        out["data"] = data
+    return out
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     path = Path(args.run)
     if not path.exists():
         raise FileNotFoundError(f"no run folder or weights file at {path}")
     if path.is_dir():
-        built = load_run(path, **({"device": args.device} if args.device else {}))
+        RunFolder(path).require_run("evaluate")
+        built = load_run(path, **_data_overrides(args))
     else:
         built = _weights_file(path, args)
     result = evaluate_built(built)
@@ -180,18 +199,56 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _method_of(run: RunFolder) -> Any:
+    """A run's method with its checkpoint's weights, built without its data (export reads
+    none): the class count is the config's ``num_classes``, else the one ``data.json``
+    records; a run without ``data.json`` (older than it) is loaded with its data."""
+    cfg = resolve(run.read_config(), [{"quiet": True}])
+    classes = cfg["num_classes"] or (run.read_data() or {}).get("classes")
+    if not isinstance(classes, int):
+        return load_run(run).method
+    method = build_method(cfg, classes)
+    if not run.has_checkpoint:
+        raise ValueError(f"{run} holds no {RunFolder.CHECKPOINT}, so no weights to export")
+    method.load_state_dict(run.load_checkpoint()["method"])
+    return method
+
+
+def stopped_at(ckpt: dict[str, Any], cfg: dict[str, Any]) -> str:
+    """Where an interrupted run stopped: ``stopped in epoch 2 of 3, after batch 9`` or
+    ``stopped after epoch 2 of 3``."""
+    epoch, batch, of = int(ckpt.get("epoch", 0)), int(ckpt.get("batch", 0)), cfg.get("epochs")
+    total = f" of {of}" if of else ""
+    return f"stopped in epoch {epoch + 1}{total}, after batch {batch}" if batch else \
+        f"stopped after epoch {epoch}{total}"
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     if args.to and Path(args.to).exists() and not Path(args.to).is_dir():
         raise NotADirectoryError(f"--to {args.to} is a file: give a folder")
-    run = RunFolder(args.run).require_run()
+    run = RunFolder(args.run).require_run(rebuild=None)
+    if run.built_from_objects:   # a dcmkd.fit run: its finish exported them already
+        if not run.finished:
+            raise ValueError(run.not_rebuildable("export"))
+        summary = run.read_summary() or {}
+        sources = [run.own_file(name) for name in summary.get("exported") or []]
+        if args.to is None:
+            for path in sources:
+                print(path)
+            return 0
+        for path in sources:
+            target = Path(args.to) / path.name
+            atomic_save(load_file(path), target)
+            print(target)
+        return 0
     if not run.finished and not args.unfinished:
-        state = unfinished_state(run.load_checkpoint(), run.read_config() or {}) \
+        state = stopped_at(run.load_checkpoint(), run.read_config() or {}) \
             if run.has_checkpoint else "not started"
         raise ValueError(f"{run} is not finished ({state}): rerun its training to finish it, "
                          "or pass --unfinished to export its weights as they are")
-    built = load_run(run)
-    models = [model_name(net) for net in built.method.networks]
-    for path in run.export_networks(built.method.export(), models, to=args.to):
+    method = _method_of(run)
+    models = [model_name(net) for net in method.networks]
+    for path in run.export_networks(method.export(), models, to=args.to):
         print(path)
     return 0
 
@@ -248,7 +305,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_tsne(args: argparse.Namespace) -> int:
     path = tsne_plot(args.run, stage=args.stage, net=args.net, classes=args.classes,
                      samples=args.samples, out=args.out, seed=args.seed, pool=args.pool,
-                     device=args.device)
+                     device=args.device, data_root=args.data_dir)
     print(path)
     return 0
 
@@ -264,8 +321,26 @@ def positive_int(text: str) -> int:
     return value
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, whose usage errors are one line (argparse prints the usage block
+    first): the error and where the help is, exit status 2."""
+
+    def error(self, message: str) -> Any:   # type: ignore[override]
+        if "required: command" in message:
+            message = ("a command is required: " + ", ".join(COMMANDS) + " (dcmkd --help says "
+                       "what each does)")
+        else:
+            message += f" (see {self.prog} --help)"
+        self.exit(2, f"dcmkd: error: {message}\n")
+
+
+#: the sub-commands, in the order of ``dcmkd --help``
+COMMANDS = ("models", "describe", "train", "eval", "export", "reproduce", "report", "tsne",
+            "demo")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dcmkd", description=__doc__.splitlines()[0])
+    p = Parser(prog="dcmkd", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"dcmkd {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -317,10 +392,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("overrides", nargs="*", help="dotted overrides for a weights file, "
                    "e.g. data.test_batch_size=256")
     e.add_argument("--model", help="the weights file's model (default: from net<N>_<model>.pt)")
-    e.add_argument("-d", "--dataset", help="dataset for a weights file")
-    e.add_argument("--data-dir", help="dataset folder for a weights file")
+    e.add_argument("-d", "--dataset", help="evaluate on this dataset (default: the run's)")
+    e.add_argument("--data-dir", help="evaluate on the data in this folder (default: the "
+                   "run's data.root); a warning says when it is not the data the run trained on")
     e.add_argument("--device", help="auto, cpu, cuda, cuda:N, mps")
-    e.add_argument("--json", action="store_true")
+    e.add_argument("--json", action="store_true",
+                   help="print the errors as one JSON object (classifier key → error %%)")
     e.set_defaults(func=cmd_eval)
 
     x = sub.add_parser("export", help="write a run's networks without auxiliary classifiers",
@@ -380,7 +457,10 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", default="runs/report", help="folder for table.md/csv and curves")
     rep.set_defaults(func=cmd_report)
 
-    ts = sub.add_parser("tsne", help="t-SNE of a stage's features of a finished run (SSKD Fig. 4)")
+    ts = sub.add_parser("tsne", help="t-SNE of a stage's features of a finished run (SSKD Fig. 4)",
+                        description="A PNG of the t-SNE embedding of one stage's features of a "
+                        "finished run's exported network, for the test images of a few random "
+                        "classes (SSKD paper, Fig. 4).")
     ts.add_argument("run", help="a finished run folder")
     ts.add_argument("--stage", default=None, help="stage1..stageK of the SSKD partition (default "
                     "the last) or a unit name such as conv3_x")
@@ -393,6 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("--seed", type=int, default=0, help="class choice and t-SNE seed")
     ts.add_argument("--pool", action="store_true", help="average over positions, not flatten")
     ts.add_argument("--device", default="cpu")
+    ts.add_argument("--data-dir", help="the run's data at another place (default: its data.root)")
     ts.set_defaults(func=cmd_tsne)
 
     demo = sub.add_parser("demo", help="ind vs DML vs DCM on the bundled digits (CPU minutes)",

@@ -57,6 +57,9 @@ RESUMABLE_KEYS = ("out", "quiet", "tensorboard", "device", "log_every", "eval_ev
                   "data.workers", "data.test_batch_size", "data.root", "data.cache_dir",
                   "data.download")
 
+#: keys of ``data.json`` that describe the run's use of the data, not the data: never compared
+DATA_INFO_KEYS = ("train_images_used",)
+
 NETWORK_FILE = re.compile(r"net(\d+)_(.+)\.pt")
 
 
@@ -84,11 +87,37 @@ def defining(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in flatten(config).items() if k not in RESUMABLE_KEYS}
 
 
+#: config keys naming a weights file: two spellings of one file (relative or absolute, a run
+#: folder or its exported file) are the same value when the files' contents are equal
+WEIGHTS_KEYS = ("teacher_weights",)
+
+
 def differences(saved: dict[str, Any], config: dict[str, Any]) -> list[str]:
-    """Defining keys whose values differ between two configs, as ``key: old → new``."""
+    """Defining keys whose values differ between two configs, as ``key: old → new`` (a
+    teacher is told by the content of its weights, not by the spelling of its path)."""
     a, b = defining(saved), defining(config)
     return [f"{k}: {a.get(k, '<unset>')!r} → {b.get(k, '<unset>')!r}"
-            for k in sorted(set(a) | set(b)) if a.get(k, "<unset>") != b.get(k, "<unset>")]
+            for k in sorted(set(a) | set(b)) if a.get(k, "<unset>") != b.get(k, "<unset>")
+            and not (k in WEIGHTS_KEYS and _same_weights(a.get(k), b.get(k),
+                                                         a.get("teacher_net"),
+                                                         b.get("teacher_net")))]
+
+
+def weights_digest(spec: Any, network: Any = None) -> str | None:
+    """SHA-256 of the weights file that ``spec`` designates (:func:`resolve_weights`); None
+    when it cannot be found."""
+    if not isinstance(spec, (str, os.PathLike)):
+        return None
+    try:
+        path = resolve_weights(spec, network)
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except (OSError, ValueError):
+        return None
+
+
+def _same_weights(a: Any, b: Any, net_a: Any, net_b: Any) -> bool:
+    da = weights_digest(a, net_a)
+    return da is not None and da == weights_digest(b, net_b)
 
 
 def network_file(index: int, model: str) -> str:
@@ -150,12 +179,38 @@ class RunFolder:
         """Whether the folder holds a run (a config)."""
         return self.file(self.CONFIG).is_file()
 
-    def require_run(self) -> "RunFolder":
+    def require_run(self, rebuild: str | None = "rebuild") -> "RunFolder":
+        """This folder, if it holds a run; ``rebuild`` (what the caller does, e.g. "evaluate"):
+        the run must also be one whose method and data dcmkd can rebuild from its config (not
+        one that :func:`dcmkd.fit` trained from your own objects), else a one-line error that
+        says what to do instead. ``rebuild=None``: any run."""
         if not self.path.is_dir():
             raise FileNotFoundError(f"no run folder at {self.path}")
         if not self.is_run:
             raise FileNotFoundError(f"{self.path} is not a run folder (no {self.CONFIG})")
+        if rebuild is not None and self.built_from_objects:
+            raise ValueError(self.not_rebuildable(rebuild))
         return self
+
+    @property
+    def built_from_objects(self) -> bool:
+        """Whether the run was trained by :func:`dcmkd.fit` from built objects: its config
+        describes the method and settings (``method``, ``networks``…), not a run config with
+        ``nets`` that dcmkd can build again."""
+        cfg = self.read_config()
+        return cfg is not None and "nets" not in cfg
+
+    def not_rebuildable(self, what: str) -> str:
+        """Why dcmkd cannot ``what`` (evaluate, t-SNE…) a run of built objects, and what works."""
+        summary = self.read_summary() if self.finished else None
+        have = (f"its trained networks are "
+                f"{', '.join(self.own_file(n).name for n in summary.get('exported') or [])} (plain "
+                "state_dicts: load them into your model)" if summary is not None else
+                f"it is not finished: rerun your dcmkd.fit to finish it ({self.CHECKPOINT}'s "
+                "'method' entry is your method's state_dict)")
+        return (f"cannot {what} {self.path}: dcmkd.fit trained it from your own objects (its "
+                f"{self.CONFIG} describes them; dcmkd cannot build that model or data again); "
+                + have)
 
     # -- config ------------------------------------------------------------------------------
     def read_config(self) -> dict[str, Any] | None:
@@ -197,8 +252,10 @@ class RunFolder:
         diff = differences(saved, config)
         if diff:
             shown = "; ".join(diff[:4]) + (f"; and {len(diff) - 4} more" if len(diff) > 4 else "")
+            keep = ("the finished run stays there" if self.finished else
+                    "or rerun with the run's own settings to resume it")
             raise RunConflict(f"{self.path} holds {state} run with another config ({shown}); "
-                              "choose another -o/--out, or delete the folder")
+                              f"choose another -o/--out ({keep})")
         shown = self.data_differences(data) if data is not None else ""
         if shown:
             raise RunConflict(f"{self.path} holds {state} run of the same config on other data "
@@ -209,6 +266,9 @@ class RunFolder:
         """How ``data`` (an identity) differs from the run's ``data.json``, as ``key: old →
         new; …``; empty when they agree or the run has no ``data.json``."""
         saved = self.read_data()
+        if isinstance(saved, dict) and isinstance(data, dict):   # informational keys aside
+            saved = {k: v for k, v in saved.items() if k not in DATA_INFO_KEYS}
+            data = {k: v for k, v in data.items() if k not in DATA_INFO_KEYS}
         if saved is None or saved == data:
             return ""
         return "; ".join(f"{k}: {saved.get(k, '<unset>')!r} → {data.get(k, '<unset>')!r}"
@@ -253,8 +313,22 @@ class RunFolder:
     def save_checkpoint(self, state: dict[str, Any]) -> None:
         save_tensors(state, self.file(self.CHECKPOINT))
 
+    #: what every run checkpoint holds (a file without one of them is not a run's checkpoint)
+    CHECKPOINT_KEYS = ("epoch", "batch", "method", "optimizer", "history")
+
     def load_checkpoint(self) -> dict[str, Any]:
-        return load_file(self.file(self.CHECKPOINT))
+        """The checkpoint, checked to be a run's (a dict with :data:`CHECKPOINT_KEYS`)."""
+        path = self.file(self.CHECKPOINT)
+        state = load_file(path)
+        missing = [k for k in self.CHECKPOINT_KEYS if k not in state] \
+            if isinstance(state, dict) else list(self.CHECKPOINT_KEYS)
+        if missing:
+            held = (f"a {type(state).__name__}" if not isinstance(state, dict) else
+                    "only " + ", ".join(map(str, list(state)[:5])) if state else "nothing")
+            raise ValueError(f"{path} is not a run's checkpoint: it holds {held}, without "
+                             f"{', '.join(missing)}; put the run's own {self.CHECKPOINT} back "
+                             "(or move this file away to start the run afresh)")
+        return state
 
     def checkpoint_config(self) -> dict[str, Any] | None:
         """The config the checkpoint records (None for a checkpoint that records none)."""
@@ -279,7 +353,17 @@ class RunFolder:
             raise FileExistsError(f"the run folder {self.path} is a file, not a folder")
         created = [p for p in (self.path, *self.path.parents) if not p.exists()]
         new_lock = not self.file(self.LOCK).exists()
-        fd = self._take_lock()
+        try:
+            fd = self._take_lock()
+        except OSError as e:   # a finished run on a read-only disk: nothing will be written
+            if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM) or not self.finished:
+                raise
+            self._lock_depth = 1
+            try:
+                yield self
+            finally:
+                self._lock_depth = 0
+            return
         try:
             os.ftruncate(fd, 0)
             os.write(fd, str(os.getpid()).encode())
@@ -354,7 +438,7 @@ class RunFolder:
             if not 0 <= index < len(exported):
                 raise ValueError(f"{self.path} exported {len(exported)} networks; there is no "
                                  f"network {index}")
-            return self.file(exported[index])
+            return self.own_file(exported[index])
         found = sorted(self.path.glob(f"net{index}_*.pt"))
         if len(found) == 1:
             return found[0]
@@ -363,9 +447,58 @@ class RunFolder:
         raise FileNotFoundError(f"{self.path} holds no exported network {index} "
                                 f"(net{index}_*.pt)")
 
+    def own_file(self, name: Any) -> Path:
+        """The file ``name`` that a run's JSON names (``summary.json``'s ``exported``): a plain
+        file name in this folder; a path that leads elsewhere (``../``, absolute, a folder) is
+        refused, so that a crafted run folder makes no command read outside it."""
+        if not isinstance(name, str) or not name or name in (".", "..") or \
+                Path(name).name != name or "/" in name or "\\" in name:
+            raise ValueError(f"{self.file(self.SUMMARY)} names the file {name!r}, which is "
+                             "not a file of the run folder; restore the run's own summary.json")
+        return self.file(name)
+
     # -- summary -----------------------------------------------------------------------------
     def read_summary(self) -> dict[str, Any] | None:
-        return read_json(self.file(self.SUMMARY))
+        """The summary, checked against ``metrics.jsonl`` (:meth:`check_summary`)."""
+        summary = read_json(self.file(self.SUMMARY))
+        if summary is not None:
+            self.check_summary(summary)
+        return summary
+
+    def check_summary(self, summary: Any) -> None:
+        """Refuse a summary that disagrees with what the run recorded epoch by epoch: its
+        ``epochs`` with the records of ``metrics.jsonl``, its ``test_top1``/``test_top5`` with
+        the last evaluated record and ``best_top1`` with the best one (the same floats: both
+        files are written from the same values). A summary edited by hand, or copied from
+        another run, is named with the first value that differs."""
+        path = self.file(self.SUMMARY)
+        if not isinstance(summary, dict):
+            raise ValueError(f"{path} is not a run's summary (a JSON object): restore it")
+        history = self.read_metrics()
+        if not history:
+            return
+        found: list[str] = []
+        if isinstance(summary.get("epochs"), int) and summary["epochs"] != len(history):
+            found.append(f"epochs {summary['epochs']} in the summary, {len(history)} records")
+        for field, metric, pick in (("test_top1", "top1", "last"), ("test_top5", "top5", "last"),
+                                    ("best_top1", "top1", "best")):
+            values = summary.get(field)
+            if not isinstance(values, list):
+                continue
+            for n, value in enumerate(values):
+                key = f"test/net{n}/C1/{metric}"
+                seen = [r[key] for r in history if isinstance(r, dict) and key in r]
+                if not seen:
+                    continue
+                want = seen[-1] if pick == "last" else min(seen)
+                if not isinstance(value, (int, float)) or abs(value - want) > 1e-9:
+                    found.append(f"{field}[{n}] {value!r} in the summary, {want!r} in "
+                                 f"{self.METRICS}")
+        if found:
+            raise ValueError(f"{path} disagrees with {self.file(self.METRICS)} ({found[0]}): "
+                             "one of them was edited or replaced; restore it, or remove "
+                             f"{self.SUMMARY} and rerun the same command to write it again "
+                             "from the run's final checkpoint")
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         atomic_write_text(self.file(self.SUMMARY), json.dumps(summary, indent=2))

@@ -149,6 +149,9 @@ def _in_memory(cfg: DataConfig, device, seed: int, train: tuple[torch.Tensor, to
     keep, y, noisy = _prepare_train(y, cfg, len(classes), subset)
     if keep is not None:
         x = x[keep]
+        # what the run trains on beside the dataset as stored (train_images); informational:
+        # the run's config records train_subset, and data.json comparisons leave it aside
+        ident = {**ident, "train_images_used": int(len(y))}
     return Data(
         train=DeviceLoader(x, y, cfg.batch_size, train=True, device=device, seed=seed,
                            augment=transform, mean=mean, std=std, **dist),

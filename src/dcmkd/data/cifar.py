@@ -91,7 +91,19 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
         ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
         ("numpy", "ndarray"): np.ndarray,
         ("numpy", "dtype"): np.dtype,
+        # Python 3's pickle protocols 0-2 write bytes as _codecs.encode(text, "latin1")
+        ("_codecs", "encode"): _latin1_bytes,
     }
+
+
+def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
+    """What a protocol-2 pickle (a CIFAR file re-pickled by Python 3) rebuilds its bytes with;
+    only the latin-1 round trip is accepted (no other codec runs)."""
+    if encoding.lower().replace("_", "-") not in ("latin1", "latin-1", "iso-8859-1") or \
+            not isinstance(text, str):
+        raise pickle.UnpicklingError(f"refusing _codecs.encode with {encoding!r}: a CIFAR file "
+                                     "only holds latin-1 encoded bytes")
+    return text.encode("latin1")
 
 
 class RestrictedUnpickler(pickle.Unpickler):
@@ -120,7 +132,8 @@ def read_pickle(path: str | os.PathLike) -> dict:
             "delete it and download/extract the archive again") from e
     if not isinstance(obj, dict):
         raise CifarFormatError(f"{path}: expected a pickled dict, found {type(obj).__name__}")
-    return obj
+    # a file re-pickled after loading with encoding="latin1" has str keys: the same entries
+    return {k.encode("latin1") if isinstance(k, str) else k: v for k, v in obj.items()}
 
 
 # ----------------------------------------------------------------------------- download

@@ -12,7 +12,7 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tif
 #: the largest side (pixels) for which a folder dataset is decoded into the in-memory cache
 CACHE_MAX_SIZE = 64
 #: bumped whenever the cache file layout changes
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2   # 2: 16-bit images scaled to 8 bits, not clipped
 #: below this many images decoding runs in-process (a pool costs more than it saves)
 _POOL_MIN_IMAGES = 4096
 
@@ -154,15 +154,40 @@ def decode_image(path: str, size: tuple[int, int] | None = None, draft: bool = F
         with Image.open(path) as im:
             if size is not None and draft and im.format == "JPEG":
                 im.draft("RGB", size)
+            if im.mode in WIDE_MODES:
+                im = _eight_bits(im, path)
             if im.mode != "RGB":
                 im = im.convert("RGB")
             if size is not None and im.size != tuple(size):
                 im = im.resize(tuple(size), Image.BILINEAR)
             return np.asarray(im)
+    except BadImage:
+        raise
     except (OSError, SyntaxError, ValueError) as e:   # truncated, corrupt, not an image
         raise BadImage(f"{path}: cannot decode this image ({type(e).__name__}: "
                        f"{(str(e).splitlines() or [''])[0][:120]}); remove it, or set "
                        "data.skip_bad_images=true to leave such files out") from None
+
+
+#: Pillow's modes of one channel wider than 8 bits: 16-bit greyscale PNG/TIFF opens as
+#: ``I;16*`` (or ``I``, 32-bit integers, in older Pillow); ``F`` is 32-bit float
+WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def _eight_bits(im: Any, path: str) -> Any:
+    """A greyscale image of more than 8 bits as 8-bit ``L``: integer values are taken as 16-bit
+    (0..65535, what PNG and TIFF store; Pillow's own ``convert`` clips them at 255 instead) and
+    scaled by 255/65535, rounded. A float image (no known range) or an integer image with values
+    beyond 16 bits is refused, naming the file."""
+    Image = _pil()
+    if im.mode == "F":
+        raise BadImage(f"{path}: a 32-bit float image (mode F) has no known value range; "
+                       "convert it to 8- or 16-bit first")
+    a = np.asarray(im).astype(np.int64)
+    if a.size and (a.min() < 0 or a.max() > 65535):
+        raise BadImage(f"{path}: a {im.mode} image with values {a.min()}..{a.max()}, outside "
+                       "16 bits; convert it to 8- or 16-bit first")
+    return Image.fromarray(((a * 255 + 32767) // 65535).astype(np.uint8), mode="L")
 
 
 class BadImage(ValueError):

@@ -1,6 +1,7 @@
 """How a run is trained, apart from the method and the data: :class:`TrainSettings`."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -65,6 +66,8 @@ class TrainSettings:
         if self.clip_grad_norm is not None and self.clip_grad_norm <= 0:
             raise ValueError(f"optim.clip_grad_norm must be > 0 (or null), got "
                              f"{self.clip_grad_norm}")
+        for note in schedule_beyond_run(self.schedule):
+            warnings.warn(note, stacklevel=3)
 
     @property
     def epochs(self) -> int:
@@ -88,4 +91,23 @@ class TrainSettings:
         return d
 
 
-__all__ = ["TrainSettings", "PRECISIONS"]
+def schedule_beyond_run(schedule: Any) -> list[str]:
+    """What of ``schedule`` lies at or beyond the run's last epoch and so never acts: a step
+    size, absolute milestones (> 1; smaller ones are fractions of the run), a warm-up."""
+    out, epochs = [], schedule.epochs
+    if schedule.name == "step" and schedule.step_size >= epochs:
+        out.append(f"schedule.step_size={schedule.step_size} is not shorter than the run's "
+                   f"{epochs} epochs: the rate never drops (shorten it, or use "
+                   "schedule.name=cosine)")
+    late = [m for m in schedule.milestones if m > 1 and m >= epochs]
+    if schedule.name == "multistep" and late:
+        out.append(f"schedule.milestones {', '.join(f'{m:g}' for m in late)} lie at or beyond "
+                   f"the run's {epochs} epochs: those drops never happen (give epochs < "
+                   f"{epochs}, or fractions of the run such as 0.5)")
+    if schedule.warmup_epochs and schedule.warmup_epochs >= epochs:
+        out.append(f"schedule.warmup_epochs={schedule.warmup_epochs:g} is not shorter than the "
+                   f"run's {epochs} epochs: the rate never reaches optim.lr")
+    return out
+
+
+__all__ = ["TrainSettings", "PRECISIONS", "schedule_beyond_run"]

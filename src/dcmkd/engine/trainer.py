@@ -5,6 +5,7 @@ networks and data); the config path is :func:`dcmkd.engine.build.build`.
 """
 from __future__ import annotations
 
+import os
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ class Trainer:
         """``cfg``: a config of any completeness (a dict, a recipe name or a YAML file), resolved
         with :func:`dcmkd.engine.config.resolve`: ``Trainer({"method": "dml"})`` is the paper's
         recipe for the default networks with DML."""
-        self.cfg = cfg = resolve(cfg)
+        self.cfg = cfg = absolute_data_root(resolve(cfg))
         self.run = RunFolder(run_dir or cfg["out"] or default_run_path(cfg))
         self.log = log
 
@@ -63,6 +64,16 @@ class Trainer:
         return self.run.read_summary()
 
 
+def absolute_data_root(cfg: dict[str, Any]) -> dict[str, Any]:
+    """``cfg`` with a relative ``data.root`` made absolute (``~`` expanded), so that the run
+    folder's config names its data from any directory (``data.root`` does not define a run:
+    another root of the same data, checked by ``data.json``, is accepted later)."""
+    root = cfg["data"].get("root")
+    if isinstance(root, str) and root:
+        cfg = {**cfg, "data": {**cfg["data"], "root": os.path.abspath(os.path.expanduser(root))}}
+    return cfg
+
+
 def check_finished_data(run: RunFolder, cfg: dict[str, Any], log: Log = print,
                         known: dict[str, dict[str, Any] | None] | None = None) -> None:
     """Refuse a finished run whose ``data.json`` names other data than ``cfg`` names now
@@ -87,4 +98,4 @@ def train(cfg: dict[str, Any], run_dir: str | Path | None = None, **kw: Any) -> 
     return Trainer(cfg, run_dir, **kw).fit()
 
 
-__all__ = ["Trainer", "TrainingDiverged", "check_finished_data", "train"]
+__all__ = ["Trainer", "TrainingDiverged", "absolute_data_root", "check_finished_data", "train"]

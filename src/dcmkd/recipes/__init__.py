@@ -24,6 +24,9 @@ def list_experiments() -> list[str]:
 def load_experiment(name_or_path: str | Path) -> Experiment:
     path = Path(name_or_path)
     if not (path.suffix in (".yaml", ".yml") and path.is_file()):
+        if path.suffix in (".yaml", ".yml") or len(path.parts) > 1:   # a file was meant
+            raise FileNotFoundError(f"no such file: {path} (an experiment file, or one of "
+                                    f"the bundled experiments: {', '.join(list_experiments())})")
         names = list_experiments()
         if str(name_or_path) not in names:
             raise UnknownNameError("experiment", str(name_or_path), names)

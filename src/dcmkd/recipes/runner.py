@@ -60,6 +60,12 @@ def _as_dict(overrides: Sequence[str | dict]) -> dict[str, Any]:
     return out
 
 
+#: the lowest layer of every reproduced cell: the paper's constant distillation weights (the run
+#: config's default ramps them up, see ``dcmkd.methods.mutual.AUTO_RAMPUP``); an experiment or
+#: its scale may still set ``loss.rampup`` (quick-cifar10 does)
+PAPER_LOSS: dict[str, Any] = {"loss": {"rampup": 0.0}}
+
+
 def cell_config(exp: Experiment, cell: Cell, seed: int, scale: str = "full",
                 overrides: Sequence[str | dict] = (), *, run_dir: Path | None = None,
                 standins: bool = False) -> dict[str, Any]:
@@ -71,7 +77,7 @@ def cell_config(exp: Experiment, cell: Cell, seed: int, scale: str = "full",
     user) shortens the schedule with it."""
     check_choice("scale", scale, SCALES)
     user = _as_dict(overrides)
-    full = resolve(_deep_merge(exp.base, cell.config))
+    full = resolve(_deep_merge(PAPER_LOSS, _deep_merge(exp.base, cell.config)))
     if scale == "quick":
         layer = quick_overrides(exp.scales, full["epochs"])
     elif scale == "smoke":

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from dcmkd.methods import needs_teacher
 from dcmkd.recipes.experiment import Cell, Experiment, PaperValue
 from dcmkd.report.table import write_experiment_report
 from dcmkd.run_folder import RunFolder, defining
@@ -28,23 +29,26 @@ def group_runs(run_dirs: Sequence[str | Path]) -> tuple[Experiment, list[LoadedR
     """Group run folders into cells (the configs that define a run, apart from the seed)."""
     loaded = []
     for d in run_dirs:
-        run = RunFolder(d).require_run()
+        run = RunFolder(d).require_run(rebuild=None)
         cfg = run.read_config() or {}
+        if run.built_from_objects:   # dcmkd.fit of built objects: the summary names them
+            cfg = _built_config(run, cfg)
         flat = {k: v for k, v in defining(cfg).items() if k != "seed"}
         loaded.append((run.path, cfg, flat))
     if not loaded:
         raise ValueError("no run folders given")
     keys = sorted({k for _, _, f in loaded for k in f} - {"method", "nets"})
-    varying = [k for k in keys if len({repr(f.get(k)) for _, _, f in loaded}) > 1]
-    width = max(len(cfg["nets"]) for _, cfg, _ in loaded)
+    varying = [k for k in keys if _varies(k, loaded)]
+    width = max(len(_trained(cfg)) for _, cfg, _ in loaded)
     networks = tuple(f"Net{i + 1}" for i in range(width))
-    group = _row_networks([tuple(cfg["nets"]) for _, cfg, _ in loaded])
+    group = _row_networks([_trained(cfg) for _, cfg, _ in loaded])
     rows: list[str] = []
     columns: list[str] = []
     cells: dict[tuple[str, str], Cell] = {}
     runs = []
     for path, cfg, flat in loaded:
-        row = " + ".join(group[tuple(cfg["nets"])])
+        trained = _trained(cfg)
+        row = " + ".join(group[trained])
         extra = [f"{k}={flat.get(k)}" for k in varying]
         if extra:
             row += " (" + ", ".join(extra) + ")"
@@ -52,10 +56,10 @@ def group_runs(run_dirs: Sequence[str | Path]) -> tuple[Experiment, list[LoadedR
         rows += [row] if row not in rows else []
         columns += [col] if col not in columns else []
         if (row, col) not in cells:
-            n = len(cfg["nets"])
-            shown = len(group[tuple(cfg["nets"])])   # a network alone in its pair's row: both
+            n, first = len(trained), len(cfg["nets"]) - len(trained)
+            shown = len(group[trained])   # a network alone in its pair's row: both
             cells[(row, col)] = Cell(row, col, {}, tuple(PaperValue() for _ in networks),
-                                     tuple(min(i, n - 1) if i < shown else -1
+                                     tuple(first + min(i, n - 1) if i < shown else -1
                                            for i in range(width)))
         seed = int(cfg.get("seed", 0))
         twin = next((r.run_dir for r in runs if r.cell is cells[(row, col)] and r.seed == seed),
@@ -68,6 +72,42 @@ def group_runs(run_dirs: Sequence[str | Path]) -> tuple[Experiment, list[LoadedR
     exp = Experiment("runs", "Results of the given runs", source, networks,
                      tuple(columns), tuple(rows), tuple(cells.values()), seeds=0)
     return exp, runs
+
+
+#: config keys of one method's options: they tell rows apart only where runs of one method
+#: differ in them (an SSKD run's teacher or stages do not set it apart from the Ind run beside it)
+METHOD_KEYS = ("teacher_weights", "teacher_net", "classifiers", "aux_kind")
+METHOD_PREFIXES = ("loss.", "sskd.", "feature.")
+
+
+def _varies(key: str, loaded: Sequence[tuple[Path, dict, dict]]) -> bool:
+    """Whether ``key`` tells rows apart: its value differs between the runs (for a method's
+    option, between runs of the same method)."""
+    if key in METHOD_KEYS or key.startswith(METHOD_PREFIXES):
+        methods = {str(cfg.get("method")) for _, cfg, _ in loaded}
+        return any(len({repr(f.get(key)) for _, c, f in loaded if str(c.get("method")) == m})
+                   > 1 for m in methods)
+    return len({repr(f.get(key)) for _, _, f in loaded}) > 1
+
+
+def _trained(cfg: dict[str, Any]) -> tuple[str, ...]:
+    """The networks a run trains and reports: all of them, but for a method that distils from
+    a fixed teacher (kd, sskd, fitnets…: network 0) the students only."""
+    nets = tuple(cfg["nets"])
+    return nets[1:] if len(nets) > 1 and needs_teacher(str(cfg.get("method"))) else nets
+
+
+def _built_config(run: RunFolder, cfg: dict[str, Any]) -> dict[str, Any]:
+    """The config of a run that :func:`dcmkd.fit` trained from built objects, as a table needs
+    it: the method's name and the networks' (from its summary; an unfinished run has none:
+    its config's class names), beside the recorded description."""
+    summary = run.read_summary() or {}
+    method = cfg.get("method")
+    name = summary.get("method") or (method.get("name") if isinstance(method, dict) else method)
+    nets = summary.get("nets") or [str(n.get("class", f"net{i}")) if isinstance(n, dict) else
+                                   str(n) for i, n in enumerate(cfg.get("networks") or [])]
+    return {**{k: v for k, v in cfg.items() if k not in ("method", "networks")},
+            "method": str(name or "fit"), "nets": list(nets) or ["net0"]}
 
 
 def _row_networks(nets: Sequence[tuple[str, ...]]) -> dict[tuple[str, ...], tuple[str, ...]]:

@@ -79,7 +79,7 @@ def markdown(exp: Experiment, stats: Sequence[CellStats], *, scale: str | None =
     by_key = {(s.row, s.column, s.network): s for s in stats}
     metric = "top-1" + ("/top-5" if with_top5 else "")
     lines = [f"# {exp.title}", "",
-             f"Source: {exp.source}."
+             (f"Source: {exp.source}." if exp.source else "")
              + (f" Scale: **{scale}**" if scale else "")
              + ((", " if scale else " ") + f"{seeds} seed(s)" if seeds else "")
              + (" planned, some cells not yet complete"
@@ -147,8 +147,8 @@ def write_experiment_report(exp: Experiment, runs: Sequence, folder: str | Path,
                             scale: str | None = "full") -> dict[str, Path]:
     """``table.md``, ``table.csv`` and ``curves/<row>.png`` in ``folder``."""
     folder = Path(folder)
+    stats = collect(exp, runs)   # a run that cannot be read leaves no report folder behind
     folder.mkdir(parents=True, exist_ok=True)
-    stats = collect(exp, runs)
     seeds = len({r.seed for r in runs}) or None
     paths = {"table_md": folder / "table.md", "table_csv": folder / "table.csv"}
     atomic_write_text(paths["table_md"], markdown(exp, stats, scale=scale, seeds=seeds))

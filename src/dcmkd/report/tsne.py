@@ -33,7 +33,7 @@ __all__ = ["stage_features", "tsne_plot"]
 
 
 def _load_run(run_dir: Path, net: int | None):
-    run = RunFolder(run_dir).require_run()
+    run = RunFolder(run_dir).require_run("draw the t-SNE of")
     summary = run.read_summary()
     if summary is None:
         raise ValueError(f"the run in {run_dir} is not finished (no {run.SUMMARY})")
@@ -72,18 +72,22 @@ def _extractor(model, cfg: dict[str, Any], stage: str | None):
 @torch.no_grad()
 def stage_features(run_dir: str | Path, *, stage: str | None = None, net: int | None = None,
                    classes: int | None = None, samples: int = 50, seed: int = 0,
-                   pool: bool = False, device: str = "cpu") -> dict[str, Any]:
+                   pool: bool = False, device: str = "cpu",
+                   data_root: str | Path | None = None) -> dict[str, Any]:
     """Features of one stage for ``samples`` test images of each of ``classes`` random classes
     (default :data:`DEFAULT_CLASSES`, or every class of data with fewer).
 
     Returns ``{"features": (n, d) float tensor, "labels": (n,), "classes": class indices,
     "class_names": names, "stage": description, "model": name, "net": index}``.
+    ``data_root``: the run's data at another place (a warning says when it is other data).
     """
     run_dir = Path(run_dir)
     cfg, model, index = _load_run(run_dir, net)
     model.to(device)
     name, extract = _extractor(model, cfg, stage)
     data_cfg = {k: v for k, v in cfg["data"].items() if k in DataConfig.__dataclass_fields__}
+    if data_root is not None:
+        data_cfg["root"] = str(data_root)
     data = build_data(DataConfig(**data_cfg), device, int(cfg.get("seed", 0)))
     warn_if_other_data(RunFolder(run_dir), data)
     num = data.num_classes
@@ -120,7 +124,7 @@ def stage_features(run_dir: str | Path, *, stage: str | None = None, net: int | 
 def tsne_plot(run_dir: str | Path, *, stage: str | None = None, net: int | None = None,
               classes: int | None = None, samples: int = 50, out: str | Path | None = None,
               seed: int = 0, perplexity: float = 30.0, pool: bool = False,
-              device: str = "cpu") -> Path:
+              device: str = "cpu", data_root: str | Path | None = None) -> Path:
     """Write the t-SNE scatter of :func:`stage_features` as a PNG; returns its path (default
     ``RUN_DIR/tsne_<stage>.png``)."""
     try:
@@ -133,7 +137,7 @@ def tsne_plot(run_dir: str | Path, *, stage: str | None = None, net: int | None 
     import matplotlib.pyplot as plt
 
     d = stage_features(run_dir, stage=stage, net=net, classes=classes, samples=samples,
-                       seed=seed, pool=pool, device=device)
+                       seed=seed, pool=pool, device=device, data_root=data_root)
     x, y = d["features"].numpy(), d["labels"].numpy()
     if len(x) < 3:
         raise ValueError(f"t-SNE needs at least 3 images, got {len(x)}")
