@@ -16,11 +16,10 @@ from dcmkd.engine.device import Precision, pick_device
 from dcmkd.engine.loop import evaluate
 from dcmkd.engine.settings import TrainSettings
 from dcmkd.methods import Method, create_method, needs_teacher
+from dcmkd.methods.optimization import OPTIMIZERS
 from dcmkd.models.base import official_init
 from dcmkd.registry import UnknownNameError
 from dcmkd.run_folder import RunFolder
-
-OPTIMIZERS = ("sgd",)
 
 
 @dataclass
