@@ -116,9 +116,10 @@ class MultiExitNetwork(nn.Module):
         logits += [b(feats[i]) for b, i in zip(self.branches.values(), self._tap_index)]
         return logits
 
-    def export(self) -> Backbone:
-        """A copy of the plain backbone (no auxiliary classifier) for inference and deployment."""
-        return copy.deepcopy(self.backbone)
+    def export(self) -> nn.Module:
+        """A copy of the plain backbone (no auxiliary classifier) for inference and deployment:
+        the backbone's own export (a timm/torchvision network: the plain library model)."""
+        return self.backbone.export()
 
     def downsamplings(self, input_size: int | None = None) -> dict[str, int]:
         """Number of down-samplings on the path to each classifier's pooling, measured by a
