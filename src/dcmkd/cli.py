@@ -32,6 +32,7 @@ from dcmkd.registry import UnknownNameError
 from dcmkd.report import report_runs
 from dcmkd.report.tsne import tsne_plot
 from dcmkd.run_folder import RunFolder, RunLocked, model_name, parse_network_file
+from dcmkd.tasks import task_named
 from dcmkd.weights import atomic_save, load_file
 
 
@@ -133,9 +134,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     trainer = Trainer(cfg)
     summary = trainer.fit()
     if int(os.environ.get("RANK", "0")) == 0:   # under torchrun, rank 0 speaks
-        errs = ", ".join(f"{n} {e:.2f}%" for n, e in zip(summary["nets"],
-                                                          summary.get("test_top1") or []))
-        print(f"{trainer.run_dir}: {summary['method']} test top-1 error {errs}")
+        text = task_named(summary.get("task")).result_text(summary)
+        print(f"{trainer.run_dir}: {summary['method']} {text}")
     return 0
 
 

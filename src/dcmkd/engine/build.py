@@ -20,6 +20,7 @@ from dcmkd.methods.optimization import OPTIMIZERS
 from dcmkd.models.base import official_init
 from dcmkd.registry import UnknownNameError
 from dcmkd.run_folder import RunFolder
+from dcmkd.tasks.build import build_task, task_name
 
 
 @dataclass
@@ -60,6 +61,9 @@ def build(cfg: dict[str, Any]) -> Built:
                               settings.dist_timeout)
     device = pick_device(distributed.device_of(ctx, settings.device))
     torch.manual_seed(cfg["seed"])
+    if task_name(cfg) != "classification":   # face / detection (dcmkd.tasks)
+        method, task_data = build_task(cfg, device, ctx)
+        return Built(method, task_data, settings)  # type: ignore[arg-type]
     shard = {"rank": ctx.replica, "world_size": ctx.replicas} if ctx is not None else {}
     data = distributed.in_turn(ctx, lambda: build_data(DataConfig.from_dict(cfg["data"]),
                                                        device, cfg["seed"], **shard))

@@ -16,6 +16,7 @@ from dcmkd.data.build import DataConfig
 from dcmkd.engine.settings import TrainSettings
 from dcmkd.methods import FEATURE_OPTIONS, SSKD_OPTIONS, LossOptions, Schedule, SGDSettings
 from dcmkd.registry import UnknownNameError
+from dcmkd.tasks.build import TASK_DATASETS, TaskConfig, task_name
 
 def _defaults() -> dict[str, Any]:
     """Every key a run config may hold, with its default, taken from the one owner of each
@@ -47,6 +48,7 @@ def _defaults() -> dict[str, Any]:
         "epochs": schedule.pop("epochs"),
         "schedule": {**schedule, "milestones": list(schedule["milestones"])},
         "sskd": dict(SSKD_OPTIONS),     # stage-wise feature methods (dcmkd.methods.builders)
+        "task": asdict(TaskConfig()),   # face / detection options (dcmkd.tasks.build)
         "feature": dict(FEATURE_OPTIONS),
         **loop,
         "out": None,                    # run folder; default runs/<method>-<nets>-<data>-s<seed>-<hash>
@@ -69,6 +71,8 @@ TYPES: dict[str, tuple] = {
     "sskd.stages": (int, list), "sskd.weight_decay": (float, None), "sskd.milestones": (list,),
     "sskd.stage_epochs": (int, float, None), "sskd.head_epochs": (int, float, None),
     "feature.stages": (int, list), "feature.hint": (str, int),
+    "task.s": (float, None), "task.m": (float, None), "task.split": (str, None),
+    "task.backbone_weights": (str, None),
 }
 #: (smallest, largest) accepted value of numeric keys; None: unbounded
 RANGES: dict[str, tuple[float | None, float | None]] = {
@@ -80,7 +84,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "schedule.warmup_epochs": (0, None), "log_every": (1, None), "eval_every": (1, None),
     "checkpoint_every_steps": (0, None), "loss.temperature": (0, None), "loss.rampup": (0, None),
     "loss.label_smoothing": (0, 1), "loss.alpha": (0, None), "loss.beta": (0, None),
-    "loss.gamma": (0, None),
+    "loss.gamma": (0, None), "task.min_size": (16, None), "task.max_size": (16, None),
 }
 #: list keys of epochs (or fractions of the epochs) at which the rate drops: numbers in
 #: non-decreasing order (two drops at one epoch are two drops: a schedule shortened to a few
@@ -299,7 +303,22 @@ def resolve(base: str | dict | None = None, overrides: list[str] | list[dict] = 
         raise UnknownNameError("protocol", str(protocol), PROTOCOLS)
     cfg = merge(merge(merge(DEFAULTS, RECIPES[recipe]), PROTOCOLS[protocol]), user)
     cfg["recipe"] = recipe
-    return validate(cfg)
+    return _task_section(validate(cfg))
+
+
+def _task_section(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The ``task`` section stays only in a config of the face or detection task (the task
+    follows ``data.name``): a classification run's config has none, as before the section
+    existed, so its identity is unchanged; a task option given to it is an error."""
+    if task_name(cfg) != "classification":
+        return cfg
+    changed = [k for k, v in cfg["task"].items() if v != DEFAULTS["task"][k]]
+    if changed:
+        raise ConfigError(f"task.{changed[0]} is an option of the face and detection tasks "
+                          f"(data.name {' or '.join(TASK_DATASETS)}), not of "
+                          f"data.name={cfg['data']['name']}")
+    del cfg["task"]
+    return cfg
 
 
 def _deep_update(a: dict, b: dict) -> dict:

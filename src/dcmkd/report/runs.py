@@ -126,6 +126,13 @@ def _row_networks(nets: Sequence[tuple[str, ...]]) -> dict[tuple[str, ...], tupl
 def report_runs(run_dirs: Sequence[str | Path], out: str | Path) -> dict[str, Path]:
     """Write ``table.md``, ``table.csv`` and curves for arbitrary run folders into ``out``; an
     error when none of them is finished (a table of dashes would say nothing)."""
+    for d in run_dirs:   # the tables are of test errors: a face or detection run has none
+        summary = RunFolder(d).read_summary() or {}
+        if summary.get("task", "classification") != "classification":
+            raise ValueError(f"{d} is a {summary['task']} run: dcmkd report tables "
+                             "classification runs; its results are in its summary.json "
+                             f"({'test_face' if summary['task'] == 'face' else 'test_coco'}) "
+                             "and `dcmkd eval` prints them")
     exp, runs = group_runs(run_dirs)
     if not any(RunFolder(r.run_dir).finished for r in runs):
         raise ValueError(f"none of the {len(runs)} run folder(s) is finished (no "

@@ -91,6 +91,12 @@ class Task:
         shown = [f"net{n} {v:.2f}" for n, v in enumerate(values) if v is not None]
         return f"test {self.headline.removeprefix('test_')} {' '.join(shown)}" if shown else None
 
+    def result_text(self, summary: dict[str, Any]) -> str:
+        """A finished run's result in one line (``dcmkd train``'s last line)."""
+        values = summary.get(self.headline) or []
+        shown = ", ".join(f"{n} {v:.2f}" for n, v in zip(summary.get("nets", []), values))
+        return f"test {self.headline.removeprefix('test_')} {shown}"
+
     def describe(self) -> dict[str, Any]:
         """What defines the task for a run's config (subclasses add their options)."""
         return {"name": self.name}

@@ -22,6 +22,79 @@ import torch
 from dcmkd.methods.base import Method
 
 
+#: the datasets of the tasks other than classification (``data.name``): the task follows the data
+TASK_DATASETS = {"faces": "face", "coco": "detection"}
+
+
+@dataclass
+class TaskConfig:
+    """The ``task`` section of a run config: options of the face and detection tasks (the task
+    itself follows ``data.name``: :data:`TASK_DATASETS`, else classification)."""
+
+    head: str = "softmax"          # face: identity classifier: softmax | cosface | arcface
+    s: float | None = None         # face margin heads' scale (None: the papers' 64)
+    m: float | None = None         # face margin (None: CosFace 0.35, ArcFace 0.5)
+    split: str | None = None       # face: identity split CSV (None: root/SPLIT_SUGGESTED.csv,
+                                   # else a seeded quarter of the identities as test)
+    detector: str = "fasterrcnn"   # detection: fasterrcnn | retinanet
+    min_size: int = 800            # detection: the detectors' resize (Detectron's 800 / 1333)
+    max_size: int = 1333
+    train_split: str = "train2017"   # detection: COCO annotation splits
+    test_split: str = "val2017"
+    backbone_weights: str | None = None   # detection: local ImageNet ResNet weights of the
+                                          # trained detector(s) (None: from scratch)
+
+
+def task_name(cfg: dict[str, Any]) -> str:
+    """The task of a resolved run config: from its ``data.name``."""
+    return TASK_DATASETS.get(cfg["data"]["name"], "classification")
+
+
+def build_task(cfg: dict[str, Any], device: torch.device, ctx: Any = None
+               ) -> tuple[Method, TaskData]:
+    """The method and data of a resolved run config of the face or detection task."""
+    if ctx is not None and ctx.world > 1:
+        raise ValueError(f"the {task_name(cfg)} task runs in one process in this version "
+                          "(its evaluation spans the whole test set)")
+    task, data_cfg = TaskConfig(**cfg["task"]), cfg["data"]
+    if not data_cfg["root"]:
+        raise ValueError(f"data.name={data_cfg['name']} needs data.root: the "
+                          + ("identity folder (one folder per identity)"
+                             if task_name(cfg) == "face" else
+                             "COCO folder (annotations/instances_<split>.json + images)"))
+    batch, test_batch = data_cfg["batch_size"], data_cfg["test_batch_size"] or 64
+    torch.manual_seed(cfg["seed"])
+    options = {"teacher_weights": cfg["teacher_weights"]}
+    if task_name(cfg) == "face":
+        data = face_data(data_cfg["root"], split=task.split, size=data_cfg["image_size"] or 64,
+                         batch_size=batch, test_batch_size=test_batch, device=device,
+                         seed=cfg["seed"])
+        method = face_method(cfg["method"], cfg["nets"], data.num_classes, head=task.head,
+                             s=task.s, m=task.m, sskd=cfg["sskd"] if cfg["method"] == "sskd"
+                             else None, **options, **_changed_loss(cfg))
+        return method, data
+    data = detection_data(data_cfg["root"], train_split=task.train_split,
+                          test_split=task.test_split, batch_size=batch,
+                          test_batch_size=test_batch, seed=cfg["seed"])
+    method = detection_method(
+        cfg["method"], task.detector, cfg["nets"], data.num_classes,
+        backbone_weights=[task.backbone_weights] * len(cfg["nets"])
+        if task.backbone_weights else None,
+        detector_options={"min_size": task.min_size, "max_size": task.max_size},
+        sskd=cfg["sskd"], **options)
+    return method, data
+
+
+def _changed_loss(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The loss options a config changes from their defaults (the face methods take them)."""
+    from dataclasses import asdict
+
+    from dcmkd.methods.mutual import LossOptions
+
+    defaults = asdict(LossOptions())
+    return {k: v for k, v in cfg["loss"].items() if k in defaults and v != defaults[k]}
+
+
 @dataclass
 class TaskData:
     """Training and test batches of a task, with what defines them (``identity``, a run
@@ -108,7 +181,10 @@ def face_method(name: str, nets: Sequence[str], num_identities: int, *, head: st
                                    num_identities, head, task.s if head != "softmax" else None,
                                    task.m if head != "softmax" else None) for n in nets]
     if name == "sskd":
-        options["sskd"] = {"head_epochs": 0, **(options.get("sskd") or {})}
+        given = dict(options.get("sskd") or {})
+        if given.get("head_epochs") is None:
+            given["head_epochs"] = 0
+        options["sskd"] = given
     method = create_method(name, backbones, num_identities, teacher_weights=teacher_weights,
                            **options)
     method.task = task

@@ -71,6 +71,11 @@ class Classification(Task):
             out["test_top5"] = [evaluated[-1][topk_key(n, k=5)] for n in range(networks)]
         return out
 
+    def result_text(self, summary: dict[str, Any]) -> str:
+        errs = ", ".join(f"{n} {e:.2f}%" for n, e in zip(summary.get("nets", []),
+                                                         summary.get("test_top1") or []))
+        return f"test top-1 error {errs}"
+
     def epoch_text(self, record: dict[str, Any], networks: int) -> str | None:
         shown = [f"net{n} {record[topk_key(n)]:.2f}%" for n in range(networks)
                  if topk_key(n) in record]

@@ -122,6 +122,8 @@ class Face(Classification):
     def network_metric(self, record: dict[str, Any], n: int) -> float | None:
         return record.get(face_key(n, "rank1"))
 
+    result_text = Task.result_text   # Rank-1 (%), not classification's top-1 error
+
     def summary(self, evaluated: list[dict[str, Any]], networks: int) -> dict[str, Any]:
         out = Task.summary(self, evaluated, networks)
         if out:
