@@ -398,3 +398,35 @@ def test_data_json_says_how_many_training_images_the_run_used(finished):
     data = json.loads((finished / "data.json").read_text())
     assert run.data_differences({**data, "train_images_used": 5}) == ""
     assert run.data_differences({**data, "train_images": 5}) == "train_images: 32 → 5"
+
+
+def test_create_method_without_num_classes_says_the_head_it_builds():
+    from dcmkd.methods import create_method
+
+    with pytest.warns(UserWarning, match=r"create_method\('dcm', 'resnet20', …\) without "
+                                         r"num_classes: the zoo networks get their default "
+                                         r"head \(100 classes\)"):
+        m = create_method("dcm", ["resnet20", "resnet20"])
+    assert m.networks[0](torch.randn(1, 3, 32, 32))[0].shape == (1, 100)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        create_method("dcm", ["resnet20", "resnet20"], 10)
+
+
+def test_export_reads_no_data(finished, tmp_path, capsys, monkeypatch):
+    """A run whose data is not where its config says (a relative root from another directory)
+    exports all the same: the networks come from the checkpoint, the class count from data.json."""
+    import yaml
+
+    copy = tmp_path / "copy"
+    shutil.copytree(finished, copy)
+    cfg = yaml.safe_load((copy / "config.yaml").read_text())
+    cfg["data"].update(name="folder", root="../data/base")
+    (copy / "config.yaml").write_text(yaml.safe_dump(cfg))
+    monkeypatch.chdir(tmp_path)
+    code, out = cli(capsys, "export", copy, "--to", tmp_path / "out")
+    assert code == 0, out
+    a = torch.load(tmp_path / "out" / "net1_resnet20.pt")
+    b = torch.load(finished / "net1_resnet20.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -22,6 +22,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import torch
 from torch import nn
 
 from dcmkd.heads import MultiExitNetwork, build_multi_exit
@@ -33,6 +34,7 @@ from dcmkd.methods.builders import FEATURE_OPTIONS, SSKD_OPTIONS, STAGE_METHODS,
 from dcmkd.methods.mutual import UPDATE_MODES, LossOptions, MutualMethod, bn_stats_frozen
 from dcmkd.methods.optimization import Schedule, SGDSettings
 from dcmkd.methods.teacher import load_pretrained
+from dcmkd.models import create_model
 from dcmkd.models.base import Backbone
 from dcmkd.registry import Registry, UnknownNameError
 from dcmkd.weights import load_backbone_weights
@@ -112,7 +114,15 @@ def create_method(name: str, nets: Sequence[str | nn.Module], num_classes: int |
         with_aux = ", ".join(m for m in METHODS.names() if METHODS.get(m).aux)
         raise ValueError(f"{given}: method '{name}' trains no auxiliary classifier (the "
                          f"methods with them: {with_aux})")
+    zoo = [n for n in nets if isinstance(n, str)]
+    if num_classes is None and zoo:   # the zoo's default head fits CIFAR-100 / ImageNet only
+        warnings.warn(f"create_method('{name}', {zoo[0]!r}, …) without num_classes: the zoo "
+                      f"networks get their default head ({_default_classes(zoo[0])} classes); "
+                      "pass num_classes= the class count of your data", stacklevel=2)
     if name in STAGE_METHODS:
+        if num_classes is None and zoo:   # said once above, not again for the inner call
+            default = _default_classes(zoo[0])
+            num_classes = default if isinstance(default, int) else None
         networks = list(create_method("ind", nets, num_classes,
                                       model_options=model_options).networks)
         method = build_stage_method(name, networks, teacher_weights=teacher_weights,
@@ -172,6 +182,15 @@ def create_method(name: str, nets: Sequence[str | nn.Module], num_classes: int |
                           options=options, term_names=dict(preset.term_names))
     method.name = name
     return method
+
+
+def _default_classes(model: str) -> int | str:
+    """The head size a zoo model gets without ``num_classes``."""
+    try:
+        with torch.device("meta"):
+            return int(create_model(model).num_classes)
+    except Exception:  # noqa: BLE001 - an unknown name is refused later, with its own message
+        return "its default"
 
 
 __all__ = ["METHODS", "MethodPreset", "needs_teacher", "Method", "MutualMethod", "StepOutput", "create_method",
