@@ -91,6 +91,8 @@ def _check_loss_options(name: str, loss_options: dict[str, Any]) -> dict[str, An
                 raise ValueError(f"loss.beta does not apply to '{name}' (it has no loss weight)")
         elif k in USED_LOSS_OPTIONS:
             used[k] = v
+        elif k == "rampup" and v == "auto":   # the config default: no distillation weight to ramp
+            continue
         elif v != defaults[k]:
             raise ValueError(f"loss.{k} does not apply to '{name}'")
     return used
