@@ -64,12 +64,17 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def load_file(path: str | os.PathLike) -> Any:
-    """``torch.load`` with ``weights_only=True`` on the CPU, with a clear error for a bad file."""
+    """``torch.load`` with ``weights_only=True`` on the CPU, with a clear error for a bad file;
+    a safetensors file (``.safetensors``, or a file that starts as one) is read with
+    :func:`load_safetensors` (a dict of tensors; no code runs either way)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no weights file at {path}")
     with open(path, "rb") as f:
-        magic = f.read(2)
+        head = f.read(9)
+    magic = head[:2]
+    if path.suffix == ".safetensors" or (magic[:2] != b"PK" and head[8:9] == b"{"):
+        return load_safetensors(path)
     if magic[:2] != b"PK" and magic[:1] != b"\x80":   # torch's zip archive, or a legacy pickle
         raise ValueError(f"{path} is not a weights file (neither torch.save's archive nor a "
                          "pickle)" + (": it is empty" if not magic else ""))
@@ -88,6 +93,24 @@ def load_file(path: str | os.PathLike) -> Any:
         first = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:160]
         raise ValueError(f"{path} is not a readable weights file ({type(e).__name__}: "
                          f"{first}): restore it, or delete it") from None
+
+
+def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file (a JSON header, then raw tensor data: the format holds
+    no code), read on the CPU with ``safetensors.torch.load_file``; one line naming the package
+    when it is not installed, or the file when it is damaged."""
+    path = Path(path)
+    try:
+        from safetensors.torch import load_file as read
+    except ImportError:
+        raise ValueError(f"{path} is a safetensors file: reading it needs the safetensors "
+                         "package (pip install safetensors)") from None
+    try:
+        return dict(read(str(path), device="cpu"))
+    except Exception as e:  # noqa: BLE001 - a damaged header or a cut file
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise ValueError(f"{path} is not a readable safetensors file ({first}): restore it, "
+                         "or delete it") from None
 
 
 def load_backbone_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
