@@ -29,6 +29,7 @@ from dcmkd.engine import distributed
 from dcmkd.engine.device import Precision, compile_networks, environment, pick_device
 from dcmkd.engine.plots import plot_test_error
 from dcmkd.engine.settings import TrainSettings
+from dcmkd.engine.trackers import Trackers, check_trackers, open_trackers, tracker_names
 from dcmkd.methods.base import Method, StepOutput
 from dcmkd.run_folder import RunFolder, model_name
 from dcmkd.tasks import Task, task_of
@@ -61,6 +62,7 @@ def fit(method: Method, data: Any, run: RunFolder | str, settings: TrainSettings
                               settings.dist_timeout)
     main = ctx is None or ctx.is_main
     log = log if main and not settings.quiet else (lambda s: None)
+    agree(ctx, lambda: check_trackers(tracker_names(settings.trackers, settings.tensorboard)))
     train_batches, test_batches = _split(data, test, settings.seed, ctx, log)
     identity = config if config is not None else describe(method, settings)
     data_identity = getattr(data, "identity", None) or generic_identity(train_batches)
@@ -157,39 +159,36 @@ def _train(method: Method, train_batches: Batches, test_batches: Batches | None,
                              f"{first[0]}, batch {first[1]}; rank {ctx.rank}: epoch {mine[0]}, "
                              f"batch {mine[1]}): the run folder must be one file system that "
                              "every rank sees alike")
-    writer = _tensorboard(run) if settings.tensorboard and loop.main else None
+    trackers = open_trackers(tracker_names(settings.trackers, settings.tensorboard), run,
+                             identity) if loop.main else Trackers()
 
     # -- train
-    while not method.training_done(epoch):
-        record = train_epoch(loop, train_batches, epoch, start_batch, partial, history)
-        start_batch, partial = 0, None
-        loop.sync_replicas()
-        last = method.training_done(epoch + 1)   # a phased method knows only after end_epoch
-        evaluated = False
-        if test_batches is not None and method.evaluate_epoch(epoch) and \
-                ((epoch + 1) % settings.eval_every == 0 or last):
-            record.update(evaluate(method, test_batches, device, precision, settings, ctx,
-                                   run.path))
-            evaluated = True
-        record.update(method.end_epoch(epoch))
-        loop.sync_replicas()   # a next phase may have re-initialised a part on every rank
-        if test_batches is not None and not evaluated and method.training_done(epoch + 1):
-            record.update(evaluate(method, test_batches, device, precision, settings, ctx,
-                                   run.path))
-        history.append(record)
-        loop.checkpoint(epoch + 1, 0, history)
-        if loop.main:
-            run.write_metrics(history)
-        log(epoch_line(record, method))
-        if loop.main and (hint := method.advice(epoch, record)):
-            warnings.warn(hint, stacklevel=1)
-        if writer is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)):
-                    writer.add_scalar(k, v, epoch + 1)
-        epoch += 1
-    if writer is not None:
-        writer.close()
+    with trackers:   # closed also when training stops with an error
+        while not method.training_done(epoch):
+            record = train_epoch(loop, train_batches, epoch, start_batch, partial, history)
+            start_batch, partial = 0, None
+            loop.sync_replicas()
+            last = method.training_done(epoch + 1)   # a phased method knows only after end_epoch
+            evaluated = False
+            if test_batches is not None and method.evaluate_epoch(epoch) and \
+                    ((epoch + 1) % settings.eval_every == 0 or last):
+                record.update(evaluate(method, test_batches, device, precision, settings, ctx,
+                                       run.path))
+                evaluated = True
+            record.update(method.end_epoch(epoch))
+            loop.sync_replicas()   # a next phase may have re-initialised a part on every rank
+            if test_batches is not None and not evaluated and method.training_done(epoch + 1):
+                record.update(evaluate(method, test_batches, device, precision, settings, ctx,
+                                       run.path))
+            history.append(record)
+            loop.checkpoint(epoch + 1, 0, history)
+            if loop.main:
+                run.write_metrics(history)
+            log(epoch_line(record, method))
+            if loop.main and (hint := method.advice(epoch, record)):
+                warnings.warn(hint, stacklevel=1)
+            trackers.log(record)
+            epoch += 1
     return finish(loop, history)
 
 
@@ -382,8 +381,9 @@ def evaluate(method: Method, batches: Batches, device: torch.device, precision: 
     (:meth:`~dcmkd.tasks.base.Task.evaluate`; classification: top-1 and top-5 error of every
     classifier). Under torchrun each rank evaluates its share and the counts are summed;
     ``out_dir``: where a task may write its raw results (a detector's COCO results JSON)."""
+    quiet = settings.quiet or (dist is not None and not dist.is_main)
     return task_of(method).evaluate(method, batches, _Evaluation(
-        device, settings.channels_last, dist, out_dir, precision.autocast))
+        device, settings.channels_last, dist, out_dir, precision.autocast, quiet))
 
 
 class _Evaluation:
@@ -391,10 +391,10 @@ class _Evaluation:
 
     def __init__(self, device: torch.device, channels_last: bool,
                  dist: distributed.Distributed | None, out_dir: Any,
-                 autocast: Callable[[], Any]):
+                 autocast: Callable[[], Any], quiet: bool = True):
         self.device, self.channels_last, self.dist, self.out_dir = \
             device, channels_last, dist, out_dir
-        self.autocast = autocast
+        self.autocast, self.quiet = autocast, quiet
 
 
 def finish(loop: Context, history: list[dict]) -> dict[str, Any]:
@@ -726,15 +726,6 @@ def _check_shard(batches: Batches | None, ctx: distributed.Distributed, log: Log
         raise ValueError(f"the data are split as rank {where[0]} of {where[1]} but this process "
                          f"is data replica {ctx.replica} of {ctx.replicas}: build them with "
                          f"rank={ctx.replica}, world_size={ctx.replicas}")
-
-
-def _tensorboard(run: RunFolder):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as e:
-        raise ImportError("tensorboard=true needs the tensorboard package "
-                          "(pip install tensorboard)") from e
-    return SummaryWriter(str(run.file(run.TENSORBOARD)))
 
 
 __all__ = ["fit", "evaluate", "TrainingDiverged", "Step", "Meter", "describe"]

@@ -30,6 +30,7 @@ class Evaluation(Protocol):
     channels_last: bool
     dist: Any            # dcmkd.engine.distributed.Distributed or None
     out_dir: Any         # the run folder's path (a task may write its raw results there) or None
+    quiet: bool          # no progress output (quiet runs, and every rank but 0)
 
     def autocast(self) -> Any: ...
 
@@ -100,6 +101,15 @@ class Task:
     def describe(self) -> dict[str, Any]:
         """What defines the task for a run's config (subclasses add their options)."""
         return {"name": self.name}
+
+
+def batches_of(batches: Any, ctx: Evaluation) -> Any:
+    """The test batches of one evaluation, with progress on long work (a bar on a terminal,
+    a line per interval elsewhere, :mod:`dcmkd.progress`)."""
+    from dcmkd.progress import track
+
+    return track(batches.epoch(0), total=len(batches), what="evaluating", unit="batch",
+                 quiet=getattr(ctx, "quiet", True))
 
 
 def move(obj: Any, device: torch.device, channels_last: bool = False) -> Any:

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from dcmkd.tasks.base import Evaluation, Task, stacked_read, sum_over_processes
+from dcmkd.tasks.base import Evaluation, Task, batches_of, stacked_read, sum_over_processes
 
 
 def topk_key(net: int, classifier: str = "C1", k: int = 1) -> str:
@@ -46,7 +46,7 @@ class Classification(Task):
         method.eval()
         misses: dict[str, torch.Tensor] = {}
         count = 0
-        for x, y in batches.epoch(0):
+        for x, y in batches_of(batches, ctx):
             x, y = self.to_device(x, y, ctx.device, ctx.channels_last)
             with ctx.autocast():
                 logits = method.predict(x)

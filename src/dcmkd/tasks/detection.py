@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dcmkd.tasks.base import Evaluation, Task, move
+from dcmkd.tasks.base import Evaluation, Task, batches_of, move
 
 COCO_METRICS = ("AP", "AP50", "AP75", "APS", "APM", "APL")
 
@@ -117,7 +117,7 @@ class Detection(Task):
         method.eval()
         mapping = self.label_to_category or dataset.label_to_category
         results: list[list[dict]] = [[] for _ in method.networks]
-        for images, targets in batches.epoch(0):
+        for images, targets in batches_of(batches, ctx):
             images, targets = self.to_device(images, targets, ctx.device)
             ids = [int(t["image_id"]) for t in targets]
             with ctx.autocast():

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from dcmkd.losses.margin import MarginHead, arcface_logits, cosface_logits
-from dcmkd.tasks.base import Evaluation, Task
+from dcmkd.tasks.base import Evaluation, Task, batches_of
 from dcmkd.tasks.classification import Classification
 
 HEADS = ("softmax", "cosface", "arcface")
@@ -102,7 +102,7 @@ class Face(Classification):
         method.eval()
         feats: list[list[torch.Tensor]] = [[] for _ in method.networks]
         labels: list[torch.Tensor] = []
-        for x, y in batches.epoch(0):
+        for x, y in batches_of(batches, ctx):
             x, y = self.to_device(x, y, ctx.device, ctx.channels_last)
             with ctx.autocast():
                 for n, net in enumerate(method.networks):
