@@ -51,7 +51,7 @@ from dcmkd.weights import TMP_SUFFIX, atomic_save, atomic_write_text, load_file
 
 #: dotted config keys that do not define a run: they may change between an interruption and its
 #: resumption, and a finished run is returned whatever their values
-RESUMABLE_KEYS = ("out", "quiet", "tensorboard", "device", "log_every", "eval_every",
+RESUMABLE_KEYS = ("out", "quiet", "tensorboard", "trackers", "device", "log_every", "eval_every",
                   "checkpoint_every_steps", "compile", "divergence_factor", "parallel",
                   "dist_timeout",
                   "data.workers", "data.test_batch_size", "data.root", "data.cache_dir",

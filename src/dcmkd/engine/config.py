@@ -51,6 +51,7 @@ def _defaults() -> dict[str, Any]:
         "task": asdict(TaskConfig()),   # face / detection options (dcmkd.tasks.build)
         "feature": dict(FEATURE_OPTIONS),
         **loop,
+        "trackers": [],                 # tensorboard | wandb | mlflow (dcmkd.engine.trackers)
         "out": None,                    # run folder; default runs/<method>-<nets>-<data>-s<seed>-<hash>
     }
 
@@ -72,7 +73,7 @@ TYPES: dict[str, tuple] = {
     "sskd.stage_epochs": (int, float, None), "sskd.head_epochs": (int, float, None),
     "feature.stages": (int, list), "feature.hint": (str, int),
     "task.s": (float, None), "task.m": (float, None), "task.split": (str, None),
-    "task.backbone_weights": (str, None),
+    "task.backbone_weights": (str, None), "trackers": (list, str),
 }
 #: (smallest, largest) accepted value of numeric keys; None: unbounded
 RANGES: dict[str, tuple[float | None, float | None]] = {

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from dcmkd.methods.optimization import AdamWSettings, Schedule, SGDSettings, optimizer_settings
+from dcmkd.engine.trackers import tracker_names
 from dcmkd.registry import check_choice
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -21,6 +22,8 @@ class TrainSettings:
     running losses and accuracies from the device; the progress bar refreshes from those reads.
     ``eval_every``: epochs between test-set evaluations (the last epoch is always evaluated).
     ``compile``: the networks run through ``torch.compile`` (eager if it fails, with a message).
+    ``trackers``: experiment trackers that log every epoch record (:mod:`dcmkd.engine.trackers`:
+    tensorboard, wandb, mlflow; ``tensorboard=true`` adds tensorboard).
     ``divergence_factor``: a run whose mean loss over a log interval exceeds this multiple of
     its first interval's for two intervals in a row stops like a NaN does (0 disables).
     ``clip_grad_norm`` (the config's ``optim.clip_grad_norm``; beyond the paper, which does not
@@ -45,6 +48,7 @@ class TrainSettings:
     eval_every: int = 1
     quiet: bool = False
     tensorboard: bool = False
+    trackers: tuple[str, ...] = ()        # tensorboard | wandb | mlflow (dcmkd.engine.trackers)
     # under torchrun (dcmkd.engine.distributed): data-parallel, or one network per rank group
     parallel: str = "data"                # data | networks
     sync_bn: bool = False                 # BatchNorm statistics over the data replicas
@@ -52,6 +56,7 @@ class TrainSettings:
 
     def __post_init__(self) -> None:
         check_choice("precision", self.precision, PRECISIONS)
+        object.__setattr__(self, "trackers", tracker_names(self.trackers))
         for name in ("log_every", "eval_every"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
@@ -88,6 +93,7 @@ class TrainSettings:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["schedule"]["milestones"] = list(d["schedule"]["milestones"])
+        d["trackers"] = list(d["trackers"])
         return d
 
 
