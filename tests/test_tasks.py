@@ -207,3 +207,15 @@ def test_a_finished_task_run_folder_is_a_run_folder(tmp_path):
                              quiet=True)
     fit(method, _regression_data(16, 0), tmp_path / "r", settings, test=_regression_data(8, 1))
     assert RunFolder(tmp_path / "r").finished
+
+
+def test_library_warnings_point_at_the_callers_line(tmp_path):
+    """A Python API user sees their own file in a dcmkd warning, not a quoted library line."""
+    import warnings as w
+
+    from dcmkd.engine.settings import TrainSettings as TS
+
+    with w.catch_warnings(record=True) as caught:
+        w.simplefilter("always")
+        TS(schedule=Schedule("step", lr=0.1, epochs=2, step_size=60))
+    assert caught and all(c.filename == __file__ for c in caught), [(c.filename, str(c.message)[:60]) for c in caught]

@@ -20,7 +20,8 @@ from typing import Any, Iterator, Sequence
 
 from dcmkd import __version__
 from dcmkd.engine import distributed
-from dcmkd.engine.build import Built, build, build_method, evaluate_built, load_run
+from dcmkd.engine.build import (Built, build, build_method, evaluate_built, load_run,
+                                unfinished_state)
 from dcmkd.engine.config import _deep_update, parse_override, resolve
 from dcmkd.engine.loop import TrainingDiverged
 from dcmkd.engine.trainer import Trainer
@@ -214,15 +215,6 @@ def _method_of(run: RunFolder) -> Any:
     return method
 
 
-def stopped_at(ckpt: dict[str, Any], cfg: dict[str, Any]) -> str:
-    """Where an interrupted run stopped: ``stopped in epoch 2 of 3, after batch 9`` or
-    ``stopped after epoch 2 of 3``."""
-    epoch, batch, of = int(ckpt.get("epoch", 0)), int(ckpt.get("batch", 0)), cfg.get("epochs")
-    total = f" of {of}" if of else ""
-    return f"stopped in epoch {epoch + 1}{total}, after batch {batch}" if batch else \
-        f"stopped after epoch {epoch}{total}"
-
-
 def cmd_export(args: argparse.Namespace) -> int:
     if args.to and Path(args.to).exists() and not Path(args.to).is_dir():
         raise NotADirectoryError(f"--to {args.to} is a file: give a folder")
@@ -242,7 +234,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             print(target)
         return 0
     if not run.finished and not args.unfinished:
-        state = stopped_at(run.load_checkpoint(), run.read_config() or {}) \
+        state = unfinished_state(run.load_checkpoint(), run.read_config() or {}) \
             if run.has_checkpoint else "not started"
         raise ValueError(f"{run} is not finished ({state}): rerun its training to finish it, "
                          "or pass --unfinished to export its weights as they are")

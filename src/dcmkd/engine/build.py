@@ -99,11 +99,12 @@ def load_run(run: RunFolder | str | Path, **overrides: Any) -> Built:
 
 
 def unfinished_state(ckpt: dict[str, Any], cfg: dict[str, Any]) -> str:
-    """Where an interrupted run stopped, from its checkpoint: ``stopped in epoch 2 of 3``."""
-    epoch, batch = int(ckpt.get("epoch", 0)), int(ckpt.get("batch", 0))
-    where = f"stopped in epoch {epoch + 1}, at batch {batch}" if batch else \
-        f"stopped after epoch {epoch}"
-    return f"{where} of {cfg.get('epochs', '?')}"
+    """Where an interrupted run stopped, from its checkpoint: ``stopped in epoch 2 of 3, after
+    batch 9`` or ``stopped after epoch 2 of 3``."""
+    epoch, batch, of = int(ckpt.get("epoch", 0)), int(ckpt.get("batch", 0)), cfg.get("epochs")
+    total = f" of {of}" if of else ""
+    return f"stopped in epoch {epoch + 1}{total}, after batch {batch}" if batch else \
+        f"stopped after epoch {epoch}{total}"
 
 
 def warn_if_other_data(run: RunFolder, data: Data) -> None:

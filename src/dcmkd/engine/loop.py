@@ -3,6 +3,11 @@ run folder, resumes it after an interruption, evaluates and exports. Read it top
 :func:`fit`, then :func:`train_epoch` (with :class:`Step` and :class:`Meter`), :func:`evaluate`
 and :func:`finish`.
 
+With a validation split (``data.val_split``, or ``fit(val=…)``), each evaluated epoch also
+evaluates it (keys ``val/…``) and :class:`BestOnValidation` keeps each network's weights at its
+best validation epoch (``best_net{n}_{model}.pt``); the test set never selects anything, and the
+last epoch's results (the papers' tables) are reported as before.
+
 No tensor value is read on the host inside a training step: losses, accuracies and a
 non-finite-loss flag accumulate on the device and are read together once per ``log_every`` steps,
 at a checkpoint and at the end of an epoch (the progress bar refreshes from those reads).
@@ -17,12 +22,12 @@ from __future__ import annotations
 import json
 import sys
 import time
-import warnings
 from contextlib import nullcontext
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
+from dcmkd.warn import warn
 from dcmkd.data.batches import Batches, as_batches
 from dcmkd.data.identity import generic_identity
 from dcmkd.engine import distributed
@@ -31,7 +36,7 @@ from dcmkd.engine.plots import plot_test_error
 from dcmkd.engine.settings import TrainSettings
 from dcmkd.engine.trackers import Trackers, check_trackers, open_trackers, tracker_names
 from dcmkd.methods.base import Method, StepOutput
-from dcmkd.run_folder import RunFolder, model_name
+from dcmkd.run_folder import RunFolder, best_file, model_name
 from dcmkd.tasks import Task, task_of
 
 Log = Callable[[str], None]
@@ -43,13 +48,16 @@ class TrainingDiverged(RuntimeError):
 
 
 def fit(method: Method, data: Any, run: RunFolder | str, settings: TrainSettings | None = None,
-        *, test: Iterable | None = None, config: dict[str, Any] | None = None,
-        log: Log = print) -> dict[str, Any]:
+        *, test: Iterable | None = None, val: Iterable | None = None,
+        config: dict[str, Any] | None = None, log: Log = print) -> dict[str, Any]:
     """Train ``method`` on ``data`` into the run folder ``run``; returns the run's summary.
 
     ``data``: the library's :class:`~dcmkd.data.Data` (train and test loaders), or a
     ``DataLoader`` / any re-iterable of ``(images, labels)`` training batches, with ``test`` the
-    same for the test set (no test set: no evaluation). ``config``: what defines the run, saved
+    same for the test set (no test set: no evaluation). ``val``: validation batches (default:
+    ``data.val``, the split ``data.val_split`` carves from the training set), evaluated with the
+    test set; a network's weights at its best validation epoch are kept as
+    ``best_net{n}_{model}.pt``. ``config``: what defines the run, saved
     as ``config.yaml`` (default: a description of the method and the settings). Rerunning on an
     interrupted folder resumes it; a finished folder returns its summary; a folder holding
     another run is refused (:class:`~dcmkd.run_folder.RunConflict`), and so is a folder another
@@ -64,6 +72,7 @@ def fit(method: Method, data: Any, run: RunFolder | str, settings: TrainSettings
     log = log if main and not settings.quiet else (lambda s: None)
     agree(ctx, lambda: check_trackers(tracker_names(settings.trackers, settings.tensorboard)))
     train_batches, test_batches = _split(data, test, settings.seed, ctx, log)
+    val_batches = _validation(data, val, settings.seed, ctx, log)
     identity = config if config is not None else describe(method, settings)
     data_identity = getattr(data, "identity", None) or generic_identity(train_batches)
     with run.lock() if main else nullcontext():
@@ -73,8 +82,9 @@ def fit(method: Method, data: Any, run: RunFolder | str, settings: TrainSettings
             log(f"{run}: finished run, not redone")
             return summary
         try:
-            return _train(method, train_batches, test_batches, getattr(data, "noisy_indices", None),
-                          run, settings, identity, data_identity, ctx, log)
+            return _train(method, train_batches, test_batches, val_batches,
+                          getattr(data, "noisy_indices", None), run, settings, identity,
+                          data_identity, ctx, log)
         except BaseException as e:
             kept = run.has_checkpoint
             if main:
@@ -117,8 +127,8 @@ def agree(ctx: distributed.Distributed | None, decide: Callable[[], Any]) -> Any
 
 
 def _train(method: Method, train_batches: Batches, test_batches: Batches | None,
-           noisy: torch.Tensor | None, run: RunFolder, settings: TrainSettings,
-           identity: dict[str, Any], data_identity: dict[str, Any],
+           val_batches: Batches | None, noisy: torch.Tensor | None, run: RunFolder,
+           settings: TrainSettings, identity: dict[str, Any], data_identity: dict[str, Any],
            ctx: distributed.Distributed | None, log: Log) -> dict[str, Any]:
     # -- set up: device, precision, processes, the method's optimisation, the run folder
     device = pick_device(distributed.device_of(ctx, settings.device))
@@ -162,7 +172,8 @@ def _train(method: Method, train_batches: Batches, test_batches: Batches | None,
     trackers = open_trackers(tracker_names(settings.trackers, settings.tensorboard), run,
                              identity) if loop.main else Trackers()
 
-    # -- train
+    # -- train (evaluating the test set, and the validation split when there is one)
+    sets = {k: b for k, b in (("test", test_batches), ("val", val_batches)) if b is not None}
     with trackers:   # closed also when training stops with an error
         while not method.training_done(epoch):
             record = train_epoch(loop, train_batches, epoch, start_batch, partial, history)
@@ -170,23 +181,24 @@ def _train(method: Method, train_batches: Batches, test_batches: Batches | None,
             loop.sync_replicas()
             last = method.training_done(epoch + 1)   # a phased method knows only after end_epoch
             evaluated = False
-            if test_batches is not None and method.evaluate_epoch(epoch) and \
+            if sets and method.evaluate_epoch(epoch) and \
                     ((epoch + 1) % settings.eval_every == 0 or last):
-                record.update(evaluate(method, test_batches, device, precision, settings, ctx,
-                                       run.path))
+                record.update(evaluate_sets(method, sets, device, precision, settings, ctx,
+                                            run.path))
                 evaluated = True
             record.update(method.end_epoch(epoch))
             loop.sync_replicas()   # a next phase may have re-initialised a part on every rank
-            if test_batches is not None and not evaluated and method.training_done(epoch + 1):
-                record.update(evaluate(method, test_batches, device, precision, settings, ctx,
-                                       run.path))
+            if sets and not evaluated and method.training_done(epoch + 1):
+                record.update(evaluate_sets(method, sets, device, precision, settings, ctx,
+                                            run.path))
             history.append(record)
+            loop.keep_best(record)   # before the checkpoint that records it
             loop.checkpoint(epoch + 1, 0, history)
             if loop.main:
                 run.write_metrics(history)
             log(epoch_line(record, method))
             if loop.main and (hint := method.advice(epoch, record)):
-                warnings.warn(hint, stacklevel=1)
+                warn(hint)
             trackers.log(record)
             epoch += 1
     return finish(loop, history)
@@ -376,14 +388,31 @@ class Meter:
 
 def evaluate(method: Method, batches: Batches, device: torch.device, precision: Precision,
              settings: TrainSettings, dist: distributed.Distributed | None = None,
-             out_dir: Any = None) -> dict[str, float]:
+             out_dir: Any = None, prefix: str = "test") -> dict[str, float]:
     """The test metrics of every network, as the method's task defines them
     (:meth:`~dcmkd.tasks.base.Task.evaluate`; classification: top-1 and top-5 error of every
     classifier). Under torchrun each rank evaluates its share and the counts are summed;
-    ``out_dir``: where a task may write its raw results (a detector's COCO results JSON)."""
+    ``out_dir``: where a task may write its raw results (a detector's COCO results JSON);
+    ``prefix="val"``: the keys of a validation split (``val/…``)."""
     quiet = settings.quiet or (dist is not None and not dist.is_main)
-    return task_of(method).evaluate(method, batches, _Evaluation(
-        device, settings.channels_last, dist, out_dir, precision.autocast, quiet))
+    ctx = _Evaluation(device, settings.channels_last, dist, out_dir, precision.autocast, quiet)
+    task = task_of(method)
+    if prefix == "test":   # (a task of one's own may not take the prefix)
+        return task.evaluate(method, batches, ctx)
+    return task.evaluate(method, batches, ctx, prefix=prefix)
+
+
+def evaluate_sets(method: Method, sets: dict[str, Batches], device: torch.device,
+                  precision: Precision, settings: TrainSettings,
+                  dist: distributed.Distributed | None = None,
+                  out_dir: Any = None) -> dict[str, float]:
+    """:func:`evaluate` on each set of ``sets`` (``{"test": …, "val": …}``), its keys
+    prefixed with the set's name."""
+    out: dict[str, float] = {}
+    for prefix, batches in sets.items():
+        out.update(evaluate(method, batches, device, precision, settings, dist, out_dir,
+                            prefix))
+    return out
 
 
 class _Evaluation:
@@ -423,6 +452,7 @@ def finish(loop: Context, history: list[dict]) -> dict[str, Any]:
     if task is not task_of(None):
         summary["task"] = task.name
     summary.update(task.summary(evaluated, len(models)))
+    summary.update(loop.best.summary(history, models))
     if evaluated:
         try:
             plot_test_error(history, models, run.file(run.PLOT), task)   # + training loss
@@ -449,6 +479,21 @@ class Context:
         self.guard, self.log = guard, log
         self.dist, self.grad_allreduce = dist, grad_allreduce
         self.main = dist is None or dist.is_main
+        self.best = BestOnValidation(task_of(method), len(method.networks))
+
+    def keep_best(self, record: dict[str, Any]) -> None:
+        """Save ``best_net{n}_{model}.pt`` for each network whose validation metric in
+        ``record`` is its best so far (rank 0 writes; every rank sees the same reduced
+        metrics, so they agree on which)."""
+        improved = self.best.update(record)
+        if not improved:
+            return
+        if self.dist is not None:
+            self.dist.sync_networks(self.method.networks)
+        exported = self.method.export()
+        if self.main:
+            self.run.export_best({n: exported[n] for n in improved},
+                                 [model_name(net) for net in self.method.networks])
 
     def read(self, meter: "Meter", epoch: int, batch: int) -> dict[str, float]:
         """Read the meter (one host read; under torchrun reduced over the ranks) and apply
@@ -510,6 +555,7 @@ class Context:
                 "scaler": self.precision.scaler.state_dict(), "rng": rng,
                 "history": json.dumps(history), "partial": json.dumps(partial),
                 "guard": json.dumps(self.guard.state()), "config": json.dumps(self.identity),
+                "best": json.dumps(self.best.state()),
                 "world_size": world})
 
     def restore(self, ckpt: dict[str, Any]) -> tuple[int, int, list[dict], dict | None]:
@@ -535,6 +581,7 @@ class Context:
                      "stream (dropout) is seeded afresh, and a loader that augments per rank "
                      "(a streamed dataset) crops differently")
         self.guard.load_state(json.loads(ckpt.get("guard") or "{}"))
+        self.best.load_state(json.loads(ckpt.get("best") or "{}"))
         partial = json.loads(ckpt.get("partial") or "null")
         return int(ckpt["epoch"]), int(ckpt["batch"]), json.loads(ckpt["history"]), partial
 
@@ -617,6 +664,61 @@ class DivergenceGuard:
         self.strikes = int(state.get("strikes", 0))
 
 
+class BestOnValidation:
+    """Per network, the epoch of its best validation headline metric so far (the task's,
+    e.g. classification's top-1 error of C1 on ``val/…``; lower or higher is better as the task
+    says) and that value. **Choice** (no paper selects checkpoints): a tie keeps the earlier
+    epoch; only evaluated epochs compete (``eval_every``). Its state goes into the checkpoint,
+    so a resumed run selects as an uninterrupted one."""
+
+    def __init__(self, task: Task, networks: int):
+        self.task = task
+        self.epochs: list[int | None] = [None] * networks
+        self.values: list[float | None] = [None] * networks
+
+    def update(self, record: dict[str, Any]) -> list[int]:
+        """The networks whose validation metric in ``record`` beats their best so far."""
+        improved = []
+        for n, best in enumerate(self.values):
+            v = self.task.network_metric(record, n, "val") if any(
+                k.startswith("val/") for k in record) else None
+            if v is None:
+                continue
+            if best is None or (v < best if self.task.lower_is_better else v > best):
+                self.epochs[n], self.values[n] = int(record["epoch"]), float(v)
+                improved.append(n)
+        return improved
+
+    def summary(self, history: list[dict[str, Any]], models: list[str]) -> dict[str, Any]:
+        """``best_epoch``, the last and the best validation metric (``val_top1``,
+        ``best_val_top1``), the test metric at the best epoch (``test_top1_at_best_epoch``,
+        None where that epoch was not tested) and ``best_exported``; nothing without a
+        validation split."""
+        if all(e is None for e in self.epochs):
+            return {}
+        name = self.task.headline.removeprefix("test_")
+        by_epoch = {r.get("epoch"): r for r in history}
+        validated = [r for r in history if any(k.startswith("val/") for k in r)]
+        last = validated[-1] if validated else {}
+        return {
+            "best_epoch": self.epochs,
+            f"val_{name}": [self.task.network_metric(last, n, "val")
+                            for n in range(len(self.epochs))],
+            f"best_val_{name}": self.values,
+            f"test_{name}_at_best_epoch": [
+                None if e is None else self.task.network_metric(by_epoch.get(e, {}), n)
+                for n, e in enumerate(self.epochs)],
+            "best_exported": [None if e is None else best_file(n, models[n])
+                              for n, e in enumerate(self.epochs)]}
+
+    def state(self) -> dict[str, Any]:
+        return {"epochs": self.epochs, "values": self.values}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        if state:
+            self.epochs, self.values = list(state["epochs"]), list(state["values"])
+
+
 # -- what a run of built objects is ------------------------------------------------------------
 def describe(method: Method, settings: TrainSettings) -> dict[str, Any]:
     """The ``config.yaml`` of a run started from built objects: the method
@@ -670,7 +772,12 @@ def epoch_line(r: dict[str, Any], method: Method) -> str:
     total = method.planned_epochs
     head = f"epoch {r['epoch']}/{total or '?'} lr {r['lr']:.4g} "
     tail = f"({r['seconds']:.1f}s, {r['images_per_s']:.0f} img/s)"
-    tested = task_of(method).epoch_text(r, len(method.networks))
+    task = task_of(method)
+    if any(k.startswith("val/") for k in r):   # a validation split: its headline first
+        values = [task.network_metric(r, n, "val") for n in range(len(method.networks))]
+        tail = (f"val {task.headline.removeprefix('test_')} " + " ".join(
+            f"net{n} {v:.2f}" for n, v in enumerate(values) if v is not None) + f" {tail}")
+    tested = task.epoch_text(r, len(method.networks))
     if tested is None:   # not evaluated: the training losses
         losses = " ".join(f"{k[6:]} {v:.4g}" for k, v in r.items()
                           if k.startswith("train/") and not k.endswith("/acc"))
@@ -698,6 +805,20 @@ def _split(data: Any, test: Iterable | None, seed: int,
         raise ValueError(f"the training set ({size} samples) holds no full batch of {batch}: no "
                          "training step would run (lower data.batch_size, or use more data)")
     return train, evaluation
+
+
+def _validation(data: Any, val: Iterable | None, seed: int,
+                ctx: distributed.Distributed | None = None, log: Log = print
+                ) -> Batches | None:
+    """The validation batches: ``val``, else the library's ``Data.val`` (``data.val_split``);
+    None without a validation split."""
+    source, what = (val, "val") if val is not None else (getattr(data, "val", None), "data.val")
+    if source is None:
+        return None
+    batches = as_batches(source, seed, what)
+    if ctx is not None:
+        _check_shard(batches, ctx, log, False)
+    return batches
 
 
 def _check_shard(batches: Batches | None, ctx: distributed.Distributed, log: Log,

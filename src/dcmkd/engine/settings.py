@@ -1,10 +1,10 @@
 """How a run is trained, apart from the method and the data: :class:`TrainSettings`."""
 from __future__ import annotations
 
-import warnings
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from dcmkd.warn import warn
 from dcmkd.methods.optimization import AdamWSettings, Schedule, SGDSettings, optimizer_settings
 from dcmkd.engine.trackers import tracker_names
 from dcmkd.registry import check_choice
@@ -72,7 +72,7 @@ class TrainSettings:
             raise ValueError(f"optim.clip_grad_norm must be > 0 (or null), got "
                              f"{self.clip_grad_norm}")
         for note in schedule_beyond_run(self.schedule):
-            warnings.warn(note, stacklevel=3)
+            warn(note)
 
     @property
     def epochs(self) -> int:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable, ContextManager, Iterator, Sequence
@@ -21,6 +20,7 @@ from typing import Any, Callable, ContextManager, Iterator, Sequence
 import torch
 from torch import nn
 
+from dcmkd.warn import warn
 from dcmkd.heads import MultiExitNetwork
 from dcmkd.losses.mutual import REDUCTIONS, LinkMatrix, MutualLoss, mutual_distillation_loss
 from dcmkd.methods.base import Method, StepFn, StepOutput
@@ -157,10 +157,9 @@ class MutualMethod(Method):
         r = self.options.rampup
         if r != "auto" and float(r) > schedule.epochs:
             end = rampup_factor(schedule.epochs, float(r), self.options.rampup_shape)
-            warnings.warn(f"loss.rampup={r:g} epochs is longer than the run's {schedule.epochs} "
-                          f"epochs: the distillation weights end at {end:.2f} of their value; "
-                          "give a ramp shorter than the run (or loss.rampup=auto, 25% of it)",
-                          stacklevel=2)
+            warn(f"loss.rampup={r:g} epochs is longer than the run's {schedule.epochs} epochs: "
+                 f"the distillation weights end at {end:.2f} of their value; give a ramp "
+                 "shorter than the run (or loss.rampup=auto, 25% of it)")
 
     def begin_step(self, epoch: float) -> float:
         """Sets the rate and the ramp-up factor of the distillation weights β and γ (DML's and
