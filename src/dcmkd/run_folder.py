@@ -13,6 +13,8 @@ A run is a folder::
     checkpoint.pt      the latest checkpoint (weights_only loading)
     noisy_labels.pt    the corrupted training indices, with label noise
     net{n}_{model}.pt  the trained networks without auxiliary classifiers (plain state_dicts)
+    best_net{n}_{model}.pt  with ``data.val_split``: network n at the epoch of its best
+                       validation headline metric (never selected on the test set)
     summary.json       written last: its presence means the run is finished
     test_error.png     test error per epoch of each network
     tensorboard/       event files, with ``tensorboard=true``
@@ -58,9 +60,10 @@ RESUMABLE_KEYS = ("out", "quiet", "tensorboard", "trackers", "device", "log_ever
                   "data.download")
 
 #: keys of ``data.json`` that describe the run's use of the data, not the data: never compared
-DATA_INFO_KEYS = ("train_images_used",)
+DATA_INFO_KEYS = ("train_images_used", "val_images")
 
 NETWORK_FILE = re.compile(r"net(\d+)_(.+)\.pt")
+BEST_FILE = re.compile(r"best_net(\d+)_(.+)\.pt")
 
 
 class RunConflict(ValueError):
@@ -123,6 +126,12 @@ def _same_weights(a: Any, b: Any, net_a: Any, net_b: Any) -> bool:
 def network_file(index: int, model: str) -> str:
     """The file name of exported network ``index`` (``net0_resnet20.pt``)."""
     return f"net{index}_{model}.pt"
+
+
+def best_file(index: int, model: str) -> str:
+    """The file name of network ``index``'s weights at its best validation epoch
+    (``best_net0_resnet20.pt``)."""
+    return f"best_{network_file(index, model)}"
 
 
 def parse_network_file(name: str) -> tuple[int, str] | None:
@@ -282,7 +291,7 @@ class RunFolder:
                self.NOISY_LABELS, self.SUMMARY, self.PLOT, self.TENSORBOARD}
         return sorted(e.name for e in os.scandir(self.path)
                       if e.name not in own and not e.name.startswith(".")
-                      and not NETWORK_FILE.fullmatch(e.name))
+                      and not NETWORK_FILE.fullmatch(e.name) and not BEST_FILE.fullmatch(e.name))
 
     # -- files written once per run --------------------------------------------------------
     def read_data(self) -> dict[str, Any] | None:
@@ -415,6 +424,9 @@ class RunFolder:
             return
         for name in (self.CONFIG, self.DATA, self.ENVIRONMENT, self.NOISY_LABELS, self.METRICS):
             self.file(name).unlink(missing_ok=True)
+        for path in self.path.glob("best_net*.pt") if self.path.is_dir() else ():
+            if BEST_FILE.fullmatch(path.name):
+                path.unlink(missing_ok=True)
         shutil.rmtree(self.file(self.TENSORBOARD), ignore_errors=True)
 
     # -- exported networks -------------------------------------------------------------------
@@ -426,6 +438,16 @@ class RunFolder:
         paths = []
         for n, (net, model) in enumerate(zip(networks, models)):
             path = folder / network_file(n, model)
+            save_tensors(net.state_dict(), path)
+            paths.append(path)
+        return paths
+
+    def export_best(self, networks: dict[int, nn.Module], models: Sequence[str]) -> list[Path]:
+        """Save network ``n``'s ``state_dict`` as ``best_net{n}_{model}.pt`` for each ``n`` of
+        ``networks`` (those whose validation metric just improved); returns the paths."""
+        paths = []
+        for n, net in networks.items():
+            path = self.file(best_file(n, models[n]))
             save_tensors(net.state_dict(), path)
             paths.append(path)
         return paths
@@ -624,5 +646,5 @@ def resolve_weights(spec: str | os.PathLike, network: int | None = None) -> Path
 
 
 __all__ = ["RunFolder", "RunConflict", "RunLocked", "RESUMABLE_KEYS", "config_hash", "flatten", "defining", "differences",
-           "network_file", "parse_network_file", "model_name", "default_run_path",
+           "network_file", "best_file", "parse_network_file", "model_name", "default_run_path",
            "resolve_weights", "save_tensors", "deferred_signals"]

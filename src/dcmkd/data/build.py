@@ -10,7 +10,15 @@ Readings (choices the papers leave open), all documented here:
 - digits: pad size/8 + random crop, *no* flip (digits are not mirror-symmetric); own mean/std.
 - ``train_subset``: a stratified subset drawn with the fixed seed 0, so every run of a protocol
   (whatever its ``seed``) trains on the same samples; the test set is never subsampled.
-- Label noise is applied after subsetting, with ``noise_seed`` (chosen once, not per run).
+- ``val_split`` (beyond the papers, whose tables use the last epoch; default 0, off): that
+  fraction of the training images (after ``train_subset``; at least one) is held out as a
+  validation split, class-stratified and drawn with the fixed seed :data:`VAL_SEED` (like
+  ``train_subset``, the same images for every run of a config, whatever its ``seed``); the
+  network is never trained on them, they are evaluated like the test set (no augmentation) and
+  ``data.json`` records their number (``val_images``). The test set is never touched.
+- Label noise is applied after subsetting and the validation carve, to the training images
+  only, with ``noise_seed`` (chosen once, not per run); the validation labels stay the
+  dataset's own (**choice**: selection on clean labels, which a noisy-label study should say).
 - ``test_batch_size`` (no effect on results): by default :data:`GPU_TEST_BATCH` on a GPU,
   :data:`CPU_TEST_BATCH` on the CPU (see :func:`default_test_batch_size`).
 """
@@ -36,6 +44,10 @@ from dcmkd.data.subset import stratified_indices
 from dcmkd.registry import UnknownNameError, check_choice
 
 DATASETS = ("cifar10", "cifar100", "digits", "folder", "imagenet", "synthetic")
+#: seed of the ``val_split`` draw (a property of the data, not of the run)
+VAL_SEED = 1
+#: the largest ``val_split``: a validation split holds at most half of the training images
+MAX_VAL_SPLIT = 0.5
 #: the datasets loaded whole into memory from the start (the others are image folders)
 IN_MEMORY = (*CIFAR, "digits", "synthetic")
 NORMALIZATIONS = ("dataset", "official")
@@ -67,6 +79,7 @@ class DataConfig:
     label_noise: float = 0.0
     noise_seed: int = 0
     train_subset: int | None = None
+    val_split: float = 0.0            # fraction of the training images held out for validation
     download: bool = False
     workers: int = 4
     image_size: int | None = None
@@ -82,6 +95,9 @@ class DataConfig:
     def __post_init__(self) -> None:
         check_choice("data.pad_mode", self.pad_mode, aug.PAD_MODES)
         check_choice("data.normalize", self.normalize, NORMALIZATIONS)
+        if not (self.val_split == 0 or 0 < self.val_split <= MAX_VAL_SPLIT):
+            raise ValueError(f"data.val_split: expected 0 (no validation split) or a fraction "
+                             f"in (0, {MAX_VAL_SPLIT}], got {self.val_split!r}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "DataConfig":
@@ -109,6 +125,7 @@ class Data:
     std: tuple[float, ...] = field(default=(0.25, 0.25, 0.25))
     name: str = ""
     identity: dict[str, Any] | None = None
+    val: Loader | None = None   # the validation split carved from the training set (val_split)
 
 
 def default_data_root() -> Path:
@@ -126,8 +143,10 @@ def _root(cfg: DataConfig, required: bool = False) -> Path:
 
 
 def _prepare_train(labels: torch.Tensor, cfg: DataConfig, num_classes: int, subset: bool = True
-                   ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
-    """``(subset indices or None, training labels, noisy indices or None)``."""
+                   ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None,
+                              torch.Tensor | None]:
+    """``(indices of the training images or None for all, their labels, noisy indices or
+    None, indices of the validation images or None)``; indices are into ``labels``."""
     keep = None
     if subset and cfg.train_subset is not None and cfg.train_subset > len(labels):
         raise ValueError(f"data.train_subset: {cfg.train_subset} is more than the {len(labels)} "
@@ -135,10 +154,30 @@ def _prepare_train(labels: torch.Tensor, cfg: DataConfig, num_classes: int, subs
     if subset and cfg.train_subset is not None and cfg.train_subset < len(labels):
         keep = stratified_indices(labels, cfg.train_subset, SUBSET_SEED)
         labels = labels[keep]
+    val = None
+    if cfg.val_split > 0:
+        keep, val, labels = _carve_validation(labels, keep, cfg)
     noisy = None
     if cfg.label_noise > 0:
         labels, noisy = corrupt_labels(labels, cfg.label_noise, num_classes, cfg.noise_seed)
-    return keep, labels, noisy
+    return keep, labels, noisy, val
+
+
+def _carve_validation(labels: torch.Tensor, keep: torch.Tensor | None, cfg: DataConfig
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(training indices, validation indices, training labels)``: ``round(val_split · n)``
+    (at least 1) of the ``n`` images at ``keep`` (None: all), class-stratified, drawn with
+    :data:`VAL_SEED`."""
+    n = len(labels)
+    count = max(1, round(cfg.val_split * n))
+    if count >= n:
+        raise ValueError(f"data.val_split={cfg.val_split:g} of {n} training image(s) leaves none "
+                         "to train on: use more data or a smaller data.val_split")
+    held = stratified_indices(labels, count, VAL_SEED)
+    rest = torch.ones(n, dtype=torch.bool)
+    rest[held] = False
+    base = keep if keep is not None else torch.arange(n)
+    return base[rest], base[held], labels[rest]
 
 
 def _in_memory(cfg: DataConfig, device, seed: int, train: tuple[torch.Tensor, torch.Tensor],
@@ -146,7 +185,13 @@ def _in_memory(cfg: DataConfig, device, seed: int, train: tuple[torch.Tensor, to
                transform: aug.Transform, mean: Sequence[float], std: Sequence[float],
                ident: dict[str, Any], subset: bool = True, **dist: int) -> Data:
     x, y = train
-    keep, y, noisy = _prepare_train(y, cfg, len(classes), subset)
+    keep, y_train, noisy, held = _prepare_train(y, cfg, len(classes), subset)
+    val = None
+    if held is not None:   # the validation images, with the dataset's own labels
+        val = DeviceLoader(x[held], y[held], cfg.test_batch_size, train=False, device=device,
+                           seed=seed, mean=mean, std=std, **dist)
+        ident = {**ident, "val_images": int(len(held))}
+    y = y_train
     if keep is not None:
         x = x[keep]
         # what the run trains on beside the dataset as stored (train_images); informational:
@@ -158,7 +203,8 @@ def _in_memory(cfg: DataConfig, device, seed: int, train: tuple[torch.Tensor, to
         test=DeviceLoader(test[0], test[1], cfg.test_batch_size, train=False, device=device,
                           seed=seed, mean=mean, std=std, **dist),
         num_classes=len(classes), classes=list(classes), input_size=int(x.shape[-2]),
-        noisy_indices=noisy, mean=tuple(mean), std=tuple(std), name=cfg.name, identity=ident)
+        noisy_indices=noisy, mean=tuple(mean), std=tuple(std), name=cfg.name, identity=ident,
+        val=val)
 
 
 def _streaming(cfg: DataConfig, device, seed: int, root: Path, crop: int,
@@ -168,7 +214,11 @@ def _streaming(cfg: DataConfig, device, seed: int, root: Path, crop: int,
     test_ds = FolderStream(root, "val", size=resize, skip_bad=cfg.skip_bad_images)
     ident = folder_identity(cfg.name, root, (train_ds.paths, train_ds.labels, train_ds.classes),
                             (test_ds.paths, test_ds.labels, test_ds.classes))
-    keep, labels, noisy = _prepare_train(train_ds.labels, cfg, len(train_ds.classes))
+    keep, labels, noisy, held = _prepare_train(train_ds.labels, cfg, len(train_ds.classes))
+    val_ds = None
+    if held is not None:
+        val_ds = train_ds.select(held)
+        ident = {**ident, "val_images": int(len(held)), "train_images_used": int(len(labels))}
     if keep is not None:
         train_ds = train_ds.select(keep)
     train_ds.labels = labels
@@ -184,7 +234,9 @@ def _streaming(cfg: DataConfig, device, seed: int, root: Path, crop: int,
         train=StreamLoader(train_ds, cfg.batch_size, train=True, augment=train_tf, **common),
         test=StreamLoader(test_ds, cfg.test_batch_size, train=False, augment=eval_tf, **common),
         num_classes=len(train_ds.classes), classes=list(train_ds.classes), input_size=crop,
-        noisy_indices=noisy, mean=tuple(mean), std=tuple(std), name=cfg.name, identity=ident)
+        noisy_indices=noisy, mean=tuple(mean), std=tuple(std), name=cfg.name, identity=ident,
+        val=None if val_ds is None else StreamLoader(val_ds, cfg.test_batch_size, train=False,
+                                                     augment=eval_tf, **common))
 
 
 def synthetic_split(n: int, size: int, num_classes: int, seed: int

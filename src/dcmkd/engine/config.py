@@ -66,6 +66,7 @@ TYPES: dict[str, tuple] = {
     "teacher_weights": (str, None), "teacher_net": (int, None), "model_options": (dict, list),
     "nets": (list,), "out": (str, None), "loss.rampup": (float, str), "recipe": (str,),
     "data.root": (str, None), "data.train_subset": (int, None), "data.image_size": (int, None),
+    "data.val_split": (float,),
     "data.test_batch_size": (int, None),
     "data.cache_dir": (str, None), "optim.clip_grad_norm": (float, None),
     "schedule.milestones": (list,), "schedule.warmup_epochs": (float,),
@@ -80,6 +81,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "epochs": (1, None), "num_classes": (2, None), "teacher_net": (0, None),
     "data.batch_size": (1, None), "data.test_batch_size": (1, None), "data.workers": (0, None),
     "data.train_subset": (1, None), "data.image_size": (8, None), "data.label_noise": (0, 0.95),
+    "data.val_split": (0, 0.5),
     "optim.lr": (0, None), "optim.momentum": (0, 1), "optim.weight_decay": (0, None),
     "optim.clip_grad_norm": (0, None), "schedule.gamma": (0, None), "schedule.step_size": (1, None),
     "schedule.warmup_epochs": (0, None), "log_every": (1, None), "eval_every": (1, None),
@@ -91,6 +93,8 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
 #: non-decreasing order (two drops at one epoch are two drops: a schedule shortened to a few
 #: epochs can round two milestones to the same epoch)
 MILESTONE_KEYS = ("schedule.milestones", "sskd.milestones")
+#: keys a resolved config leaves out at their default (:func:`_val_split`, :func:`_task_section`)
+OPTIONAL_KEYS = ("data.val_split", "task")
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
                list: "a list", dict: "a mapping", None: "null"}
 
@@ -104,6 +108,8 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
     def check(defaults: dict, values: dict, prefix: str) -> None:
         for key, default in defaults.items():
             full, value = f"{prefix}{key}", values.get(key)
+            if full in OPTIONAL_KEYS and key not in values:
+                continue
             accepted = TYPES.get(full, (type(default),))
             if isinstance(default, dict) and default and full != "model_options":
                 if not isinstance(value, dict):
@@ -304,7 +310,21 @@ def resolve(base: str | dict | None = None, overrides: list[str] | list[dict] = 
         raise UnknownNameError("protocol", str(protocol), PROTOCOLS)
     cfg = merge(merge(merge(DEFAULTS, RECIPES[recipe]), PROTOCOLS[protocol]), user)
     cfg["recipe"] = recipe
-    return _task_section(validate(cfg))
+    return _task_section(_val_split(validate(cfg)))
+
+
+def _val_split(cfg: dict[str, Any]) -> dict[str, Any]:
+    """``data.val_split`` stays in a config only when it holds out a validation split (> 0):
+    a config without one, as every paper table's, is the config it was before the key existed
+    (its identity and hash unchanged). The face and detection tasks have no validation split
+    in this version."""
+    if not cfg["data"]["val_split"]:
+        del cfg["data"]["val_split"]
+    elif task_name(cfg) != "classification":
+        raise ConfigError(f"data.val_split is for classification data; data.name="
+                          f"{cfg['data']['name']} (the {task_name(cfg)} task) has no validation "
+                          "split in this version (leave data.val_split at 0)")
+    return cfg
 
 
 def _task_section(cfg: dict[str, Any]) -> dict[str, Any]:

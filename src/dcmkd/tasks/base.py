@@ -9,7 +9,8 @@ The loop (:mod:`dcmkd.engine.loop`) trains every task the same way; it asks the 
   epoch means);
 - :meth:`Task.train_counts`: per-batch sums kept on the device while training (classification:
   the correct predictions of every classifier); the loop divides them by the samples;
-- :meth:`Task.evaluate`: the test metrics of every network, a flat ``{key: float}`` record;
+- :meth:`Task.evaluate`: the test metrics of every network, a flat ``{key: float}`` record
+  (``prefix="val"``: the same metrics of a validation split, keys ``val/…``);
 - :meth:`Task.summary` and :meth:`Task.epoch_text`: what the run's ``summary.json`` and the
   epoch's log line say of the evaluated records.
 
@@ -65,11 +66,16 @@ class Task:
         return {}
 
     # -- evaluation ----------------------------------------------------------------------------
-    def evaluate(self, method: Any, batches: Any, ctx: Evaluation) -> dict[str, float]:
+    def evaluate(self, method: Any, batches: Any, ctx: Evaluation,
+                 prefix: str = "test") -> dict[str, float]:
+        """The metrics of every network on ``batches``, keys ``{prefix}/net{n}/…`` (``test``;
+        ``val`` for a validation split carved from the training set)."""
         raise NotImplementedError
 
-    def network_metric(self, record: dict[str, Any], n: int) -> float | None:
-        """Network ``n``'s headline metric in an evaluated record (None: not evaluated)."""
+    def network_metric(self, record: dict[str, Any], n: int,
+                       prefix: str = "test") -> float | None:
+        """Network ``n``'s headline metric in an evaluated record (None: not evaluated);
+        ``prefix="val"``: on the validation split."""
         return None
 
     def summary(self, evaluated: list[dict[str, Any]], networks: int) -> dict[str, Any]:

@@ -14,9 +14,10 @@ import torch
 from dcmkd.tasks.base import Evaluation, Task, batches_of, stacked_read, sum_over_processes
 
 
-def topk_key(net: int, classifier: str = "C1", k: int = 1) -> str:
-    """The record key of classifier ``classifier`` of network ``net``'s top-``k`` test error."""
-    return f"test/net{net}/{classifier}/top{k}"
+def topk_key(net: int, classifier: str = "C1", k: int = 1, prefix: str = "test") -> str:
+    """The record key of classifier ``classifier`` of network ``net``'s top-``k`` test error
+    (``prefix="val"``: on the validation split)."""
+    return f"{prefix}/net{net}/{classifier}/top{k}"
 
 
 def train_accuracy_key(net: int, classifier: str = "C1") -> str:
@@ -40,7 +41,8 @@ class Classification(Task):
         return counts
 
     @torch.no_grad()
-    def evaluate(self, method: Any, batches: Any, ctx: Evaluation) -> dict[str, float]:
+    def evaluate(self, method: Any, batches: Any, ctx: Evaluation,
+                 prefix: str = "test") -> dict[str, float]:
         """Top-1 and top-5 test error (%) of every classifier of every network (one host read;
         under torchrun each rank evaluates its share and the counts are summed)."""
         method.eval()
@@ -55,15 +57,16 @@ class Classification(Task):
                     top = z.float().topk(min(5, z.shape[1]), dim=1).indices
                     hit = top.eq(y[:, None])
                     for k, h in ((1, hit[:, :1]), (5, hit)):
-                        key = topk_key(n, name, k)
+                        key = topk_key(n, name, k, prefix)
                         miss = (~h.any(1)).sum()
                         misses[key] = misses[key] + miss if key in misses else miss
             count += len(y)
         totals, count = sum_over_processes(stacked_read(misses), count, ctx.dist)
         return {k: 100.0 * v / max(count, 1) for k, v in totals.items()}
 
-    def network_metric(self, record: dict[str, Any], n: int) -> float | None:
-        return record.get(topk_key(n))
+    def network_metric(self, record: dict[str, Any], n: int,
+                       prefix: str = "test") -> float | None:
+        return record.get(topk_key(n, prefix=prefix))
 
     def summary(self, evaluated: list[dict[str, Any]], networks: int) -> dict[str, Any]:
         out = super().summary(evaluated, networks)

@@ -29,8 +29,8 @@ from dcmkd.tasks.base import Evaluation, Task, batches_of, move
 COCO_METRICS = ("AP", "AP50", "AP75", "APS", "APM", "APL")
 
 
-def coco_key(net: int, metric: str) -> str:
-    return f"test/net{net}/coco/{metric}"
+def coco_key(net: int, metric: str, prefix: str = "test") -> str:
+    return f"{prefix}/net{net}/coco/{metric}"
 
 
 class DetectorNetwork(nn.Module):
@@ -104,7 +104,10 @@ class Detection(Task):
         return len(inputs)
 
     @torch.no_grad()
-    def evaluate(self, method: Any, batches: Any, ctx: Evaluation) -> dict[str, float]:
+    def evaluate(self, method: Any, batches: Any, ctx: Evaluation,
+                 prefix: str = "test") -> dict[str, float]:
+        """COCO AP of every network; the results JSON goes to the run folder for the test
+        set only (``prefix="test"``)."""
         from dcmkd.metrics.coco import coco_evaluate, to_coco_results, write_results_json
 
         dataset = getattr(batches, "dataset", None)
@@ -131,14 +134,15 @@ class Detection(Task):
         gt = dataset.coco_gt()
         out: dict[str, float] = {}
         for n, res in enumerate(results):
-            if ctx.out_dir is not None:
+            if ctx.out_dir is not None and prefix == "test":
                 write_results_json(Path(ctx.out_dir) / f"detections_net{n}.json", res)
             for k, v in coco_evaluate(gt, res).items():
-                out[coco_key(n, k)] = float(v)
+                out[coco_key(n, k, prefix)] = float(v)
         return out
 
-    def network_metric(self, record: dict[str, Any], n: int) -> float | None:
-        v = record.get(coco_key(n, "AP"))
+    def network_metric(self, record: dict[str, Any], n: int,
+                       prefix: str = "test") -> float | None:
+        v = record.get(coco_key(n, "AP", prefix))
         return None if v is None or (isinstance(v, float) and math.isnan(v)) else v
 
     def summary(self, evaluated: list[dict[str, Any]], networks: int) -> dict[str, Any]:

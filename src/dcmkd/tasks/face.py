@@ -37,8 +37,8 @@ HEADS = ("softmax", "cosface", "arcface")
 FACE_METRICS = ("tar@far=0.01", "tar@far=0.001", "rank1", "rank5")
 
 
-def face_key(net: int, metric: str) -> str:
-    return f"test/net{net}/face/{metric}"
+def face_key(net: int, metric: str, prefix: str = "test") -> str:
+    return f"{prefix}/net{net}/face/{metric}"
 
 
 class FaceHead(nn.Module):
@@ -96,7 +96,8 @@ class Face(Classification):
         return super().criterion(logits, targets, label_smoothing)
 
     @torch.no_grad()
-    def evaluate(self, method: Any, batches: Any, ctx: Evaluation) -> dict[str, float]:
+    def evaluate(self, method: Any, batches: Any, ctx: Evaluation,
+                 prefix: str = "test") -> dict[str, float]:
         from dcmkd.metrics.face import evaluate_face
 
         method.eval()
@@ -116,11 +117,12 @@ class Face(Classification):
         for n, f in enumerate(feats):
             for k, v in evaluate_face(torch.cat(f), y_all).items():
                 if math.isfinite(v):   # a FAR beyond the test set's impostor pairs: not measured
-                    out[face_key(n, k)] = float(v)
+                    out[face_key(n, k, prefix)] = float(v)
         return out
 
-    def network_metric(self, record: dict[str, Any], n: int) -> float | None:
-        return record.get(face_key(n, "rank1"))
+    def network_metric(self, record: dict[str, Any], n: int,
+                       prefix: str = "test") -> float | None:
+        return record.get(face_key(n, "rank1", prefix))
 
     result_text = Task.result_text   # Rank-1 (%), not classification's top-1 error
 
