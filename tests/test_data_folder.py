@@ -233,3 +233,29 @@ def test_real_cifar10_jpegs_through_the_folder_path(tmp_path):
     assert torch.allclose(mean, torch.tensor([0.49, 0.48, 0.45]), atol=0.05), mean
     xt, yt, ct = load_folder_cached(tmp_path / "c10", "test", cache)
     assert xt.shape == (200, 3, 32, 32) and ct == CIFAR10_CLASSES
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_decoding_a_folder_reports_progress_for_every_image(tmp_path, monkeypatch, workers):
+    """Issue 28: the decode before training is not silent (a bar or a line per interval)."""
+    make_folder(tmp_path, n=4)
+    paths = sorted(str(p) for p in (tmp_path / "train").rglob("*.png"))
+    counted: list[int] = []
+
+    class Recorder:
+        def __init__(self, total, what, **kw):
+            assert (total, what) == (len(paths), "decoding images")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def update(self, n=1):
+            counted.append(n)
+
+    monkeypatch.setattr(folder_mod, "Progress", Recorder)
+    monkeypatch.setattr(folder_mod, "_POOL_MIN_IMAGES", 1)
+    images, kept = folder_mod.decode_all(paths, workers=workers)
+    assert sum(counted) == len(paths) == len(kept) == len(images)

@@ -6,17 +6,20 @@ into a uint8 cache file; large ones (ImageNet) are decoded per sample by :class:
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import multiprocessing
 import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from dcmkd.progress import Progress
 
 #: file endings recognised as images (case-insensitive)
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -203,10 +206,18 @@ def _decode_or_none(path: str, skip_bad: bool) -> np.ndarray | None:
         raise
 
 
-def _decode_chunk(paths: list[str], skip_bad: bool = False) -> tuple[np.ndarray, list[int]]:
+def _decode_chunk(paths: list[str], skip_bad: bool = False,
+                  done: Callable[[int], None] | None = None) -> tuple[np.ndarray, list[int]]:
     """Decode images that all share one size into one uint8 NHWC array; with ``skip_bad``,
-    undecodable files are left out. Returns the array and the indices of the images kept."""
-    decoded = ((i, _decode_or_none(p, skip_bad)) for i, p in enumerate(paths))
+    undecodable files are left out. Returns the array and the indices of the images kept;
+    ``done(1)`` is called after each image (progress)."""
+    def decode(p: str) -> np.ndarray | None:
+        img = _decode_or_none(p, skip_bad)
+        if done is not None:
+            done(1)
+        return img
+
+    decoded = ((i, decode(p)) for i, p in enumerate(paths))
     kept_pairs = ((i, img) for i, img in decoded if img is not None)
     first_pair = next(kept_pairs, None)
     if first_pair is None:
@@ -235,8 +246,14 @@ def decode_all(paths: list[str], workers: int = 2, skip_bad: bool = False
             "fork" in multiprocessing.get_all_start_methods():
         step = -(-len(paths) // (workers * 8))
         starts = range(0, len(paths), step)
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
-            parts = pool.starmap(_decode_chunk, [(paths[i:i + step], skip_bad) for i in starts])
+        with multiprocessing.get_context("fork").Pool(workers) as pool, \
+                Progress(len(paths), "decoding images", unit="img") as shown:
+            parts = []   # in order; progress as each chunk arrives (issue 28: silent decode)
+            for start, part in zip(starts, pool.imap(
+                    functools.partial(_decode_chunk, skip_bad=skip_bad),
+                    [paths[i:i + step] for i in starts])):
+                parts.append(part)
+                shown.update(min(step, len(paths) - start))
         shapes = {p.shape[1:] for p, kept in parts if kept}
         if len(shapes) > 1:
             raise ValueError(f"images of different sizes {sorted(shapes)} under "
@@ -244,7 +261,8 @@ def decode_all(paths: list[str], workers: int = 2, skip_bad: bool = False
         nhwc = np.concatenate([p for p, kept in parts if kept])
         kept = [start + i for start, (_, k) in zip(starts, parts) for i in k]
     else:
-        nhwc, kept = _decode_chunk(paths, skip_bad)
+        with Progress(len(paths), "decoding images", unit="img") as shown:
+            nhwc, kept = _decode_chunk(paths, skip_bad, shown.update)
     if not kept:
         raise ValueError(f"no image under {os.path.commonpath(paths)} could be decoded")
     if len(kept) < len(paths):
