@@ -318,8 +318,10 @@ def test_a_lock_held_by_a_killed_process_is_not_stuck(tmp_path):
     out = tmp_path / "run"
     code = ("import sys, os; from dcmkd.run_folder import RunFolder\n"
             f"with RunFolder({str(out)!r}).lock(): os.kill(os.getpid(), 9)")
-    subprocess.run([sys.executable, "-c", code], cwd=ROOT)
-    with RunFolder(out).lock():
+    child = subprocess.run([sys.executable, "-c", code], cwd=ROOT)
+    assert child.returncode == -signal.SIGKILL   # killed while it held the lock
+    assert (out / RunFolder.LOCK).exists()       # which it left behind
+    with RunFolder(out).lock():                  # the lock file alone does not hold the folder
         pass
 
 

@@ -60,7 +60,8 @@ def test_hint_regressor_identity_when_allowed():
     # 2x2 average pooling of a 4x4 map, done by hand for one entry
     y = reg(x, size=(2, 2))
     assert y[0, 0, 0, 0].item() == pytest.approx(x[0, 0, :2, :2].sum().item() / 4, abs=1e-6)
-    assert len(list(HintRegressor(4, 5, always_project=False).parameters())) > 0
+    # channels differ: a 1×1 conv (4·5 weights, no bias) and BN (5 scales + 5 shifts)
+    assert sum(p.numel() for p in HintRegressor(4, 5, always_project=False).parameters()) == 30
 
 
 def test_hint_regressor_learns_fixed_pair():

@@ -246,9 +246,29 @@ def test_cli_train_eval_export(tmp_path, capsys):
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_low_precision_and_channels_last_train_on_cpu(tmp_path, precision):
+    """The training step's convolutions run in the chosen dtype on channels_last activations
+    (recorded by hooks on every convolution of both networks), and the run stays finite."""
+    from dcmkd.engine.build import build
+    from dcmkd.engine.loop import fit
+
     cfg = tiny(tmp_path, f"precision={precision}", "channels_last=true", "epochs=1",
                "deterministic=false")
-    summary = Trainer(cfg).fit()
+    built = build(cfg)
+    seen: list[tuple[torch.dtype, bool]] = []
+
+    def record(module, inputs, output):
+        if module.training:
+            seen.append((output.dtype, output.is_contiguous(memory_format=torch.channels_last)
+                         and not output.is_contiguous()))
+
+    convs = [m for m in built.method.modules() if isinstance(m, torch.nn.Conv2d)]
+    for m in convs:
+        m.register_forward_hook(record)
+    summary = fit(built.method, built.data, tmp_path / "run", built.settings, config=cfg)
+    want = torch.bfloat16 if precision == "bf16" else torch.float16
+    assert len(seen) >= 2 * len(convs)   # every convolution, in every training step
+    assert {dtype for dtype, _ in seen} == {want}
+    assert all(channels_last for _, channels_last in seen)
     assert all(0 <= e <= 100 for e in summary["test_top1"])
     line = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     assert all(v == v for k, v in line.items() if k.startswith("train/"))  # no NaN
