@@ -275,7 +275,7 @@ def test_sigint_to_a_parallel_reproduction_alone_stops_its_workers_runs(tmp_path
     script = ("import sys\n"
               "from pathlib import Path\n"
               "from dcmkd.engine.config import resolve\n"
-              "from dcmkd.recipes.experiment import Cell\n"
+              "from dcmkd.experiment import Cell\n"
               "from dcmkd.recipes.runner import PlannedRun, run_parallel\n"
               f"cfg = resolve(None, {LONG_RUN})\n"
               "cell = Cell('r', 'c', {}, (), (0,))\n"

@@ -24,7 +24,9 @@ def fake_run(run, top1: list[float], top5: list[float] | None = None, epochs: in
     (d / "config.yaml").write_text(dump(run.config))
     top5 = top5 or [t / 3 for t in top1]
     history = [{"epoch": e + 1, **{f"test/net{n}/C1/top1": t + 10 * (epochs - 1 - e)
-                                   for n, t in enumerate(top1)}} for e in range(epochs)]
+                                   for n, t in enumerate(top1)},
+                **{f"train/net{n}/ce": 2.0 - 0.5 * e + n for n in range(len(top1))}}
+               for e in range(epochs)]
     (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
     timed = {} if seconds is None else {"seconds": seconds}
     (d / "summary.json").write_text(json.dumps({"test_top1": top1, "test_top5": top5, **timed}))
@@ -194,6 +196,17 @@ def test_report_groups_arbitrary_runs_by_config(tmp_path):
     assert md.count("10.50(0.71)") == 4               # 2 rows × (dml, dcm), Net1 over 2 seeds
     assert (tmp_path / "report" / "table.csv").is_file()
     assert any(k.startswith("curves/") and v.is_file() for k, v in paths.items())
+
+
+def test_report_curves_carry_each_runs_training_loss(tmp_path):
+    """Issue 28 item 19: the report's curves have a training-loss row from the runs' metrics."""
+    exp = load_experiment("dcm-table1")
+    runs = plan(exp, rows=["ResNet-164 ×2"], seeds=2, out=tmp_path)
+    for r in runs:
+        fake_run(r, [20.0, 21.0])
+    stats = {(s.column, s.network): s for s in collect(exp, runs)}
+    net2 = stats[("DCM", exp.networks[1])]
+    assert net2.losses == [[(1, 3.0), (2, 2.5), (3, 2.0)]] * 2   # train/net1/ce per epoch
 
 
 def test_report_puts_a_network_trained_alone_in_the_row_of_its_pair(tmp_path):

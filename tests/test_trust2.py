@@ -359,7 +359,7 @@ def test_report_of_an_sskd_table_puts_the_student_beside_its_baseline(tmp_path):
 
 
 def test_a_table_without_a_source_prints_no_empty_source():
-    from dcmkd.recipes.experiment import Experiment
+    from dcmkd.experiment import Experiment
     from dcmkd.report.table import markdown
 
     exp = Experiment("mine", "Mine", "", ("Net1",), ("A",), ("r",), (), seeds=0)

@@ -1,5 +1,5 @@
 """dcmkd: Dense Cross-layer Mutual-distillation, Stage-by-Stage KD and their baselines."""
-__version__ = "0.1.0"
+from dcmkd.version import __version__
 
 from dcmkd.heads import (MultiExitNetwork, WrappedNetwork, build_multi_exit,  # noqa: E402
                          wrap_model)

@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from dcmkd import __version__
+from dcmkd.version import __version__
 from dcmkd.engine import distributed
 from dcmkd.engine.build import (Built, build, build_method, evaluate_built, load_run,
                                 unfinished_state)
@@ -34,6 +34,7 @@ from dcmkd.report import report_runs
 from dcmkd.report.tsne import tsne_plot
 from dcmkd.run_folder import RunFolder, RunLocked, model_name, parse_network_file
 from dcmkd.tasks import task_named
+from dcmkd.warn import show_one_line
 from dcmkd.weights import atomic_save, load_file
 
 
@@ -490,13 +491,6 @@ def one_line(error: BaseException) -> str:
     return " ".join(lines) or type(error).__name__
 
 
-def show_warning(message: Warning | str, category: type, filename: str, lineno: int,
-                 file: Any = None, line: str | None = None) -> None:
-    """A warning as one line for a user of the command (Python's own format names a source
-    file and quotes its code)."""
-    print(f"dcmkd: warning: {message}", file=file or sys.stderr)
-
-
 class Terminated(KeyboardInterrupt):
     """SIGTERM (a batch scheduler's pre-emption or time limit, ``kill``, torchrun stopping its
     ranks): unwinds the command like Ctrl-C, so a run stops the same clean way."""
@@ -532,7 +526,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 not all("=" in e and not e.startswith("-") for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
-    shown, warnings.showwarning = warnings.showwarning, show_warning
+    shown, warnings.showwarning = warnings.showwarning, show_one_line
     try:
         with _sigterm_interrupts():
             return args.func(args)

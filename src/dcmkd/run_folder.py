@@ -48,7 +48,7 @@ except ImportError:  # pragma: no cover - Windows: no advisory locks
 import torch
 from torch import nn
 
-from dcmkd import yamlio
+import dcmkd.yamlio as yamlio
 from dcmkd.weights import TMP_SUFFIX, atomic_save, atomic_write_text, load_file
 
 #: dotted config keys that do not define a run: they may change between an interruption and its

@@ -4,6 +4,7 @@ from __future__ import annotations
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 _PACKAGE = str(Path(__file__).resolve().parent)
 
@@ -23,4 +24,11 @@ def _inside(filename: str) -> bool:
     return filename == "<string>" or str(Path(filename).resolve()).startswith(_PACKAGE)
 
 
-__all__ = ["warn"]
+def show_one_line(message: Warning | str, category: type, filename: str, lineno: int,
+                  file: Any = None, line: str | None = None) -> None:
+    """A warning as one line for a user of the command line (``warnings.showwarning``; Python's
+    own format names a source file and quotes its code)."""
+    print(f"dcmkd: warning: {message}", file=file or sys.stderr)
+
+
+__all__ = ["warn", "show_one_line"]

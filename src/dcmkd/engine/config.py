@@ -11,7 +11,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
-from dcmkd import yamlio
+import dcmkd.yamlio as yamlio
 from dcmkd.data.build import DataConfig
 from dcmkd.engine.settings import TrainSettings
 from dcmkd.methods import FEATURE_OPTIONS, SSKD_OPTIONS, LossOptions, Schedule, SGDSettings

@@ -12,7 +12,7 @@ from typing import Any, Callable, ContextManager
 import torch
 from torch import nn
 
-from dcmkd import __version__
+from dcmkd.version import __version__
 
 
 def pick_device(name: str) -> torch.device:

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dcmkd import yamlio
-from dcmkd.recipes.experiment import Cell, Experiment, PaperValue
+import dcmkd.yamlio as yamlio
+from dcmkd.experiment import Cell, Experiment, PaperValue
 from dcmkd.recipes.runner import PlannedRun, cell_config, plan, reproduce
 from dcmkd.recipes.scales import SCALES, SMOKE_STANDINS, shorten
 from dcmkd.registry import UnknownNameError

@@ -33,11 +33,13 @@ import torch
 from dcmkd.engine.config import dump, merge, parse_override, resolve, validate
 from dcmkd.engine.device import pick_device
 from dcmkd.engine.trainer import Trainer, check_finished_data
+from dcmkd.experiment import Cell, Experiment, _deep_merge, slug, teacher_reference
 from dcmkd.methods import METHODS
-from dcmkd.recipes.experiment import Cell, Experiment, _deep_merge, slug, teacher_reference
 from dcmkd.recipes.scales import SCALES, quick_overrides, shorten, smoke_overrides
 from dcmkd.registry import check_choice
+from dcmkd.report import write_experiment_report
 from dcmkd.run_folder import RunFolder
+from dcmkd.warn import show_one_line
 
 
 @dataclass(frozen=True)
@@ -174,8 +176,7 @@ def _init_worker(devices: "mp.Queue[list[str] | None]", threads: int, nproc: int
     the CPU."""
     # SIGTERM unwinds (a torchrun child is stopped on the way out) instead of killing outright
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    from dcmkd.cli import show_warning   # the command's one-line warnings (cli imports us)
-    warnings.showwarning = show_warning
+    warnings.showwarning = show_one_line   # the command's one-line warnings
     _PARENT[:] = [parent_pid]
     exit_with_parent(parent_pid)
     _WORKER.update(devices=devices.get(), threads=threads, nproc=nproc)
@@ -352,10 +353,6 @@ def reproduce(exp: Experiment, *, rows: list[str] | None = None,
     per ``nproc_per_run`` devices of ``devices``, else 1. ``nproc_per_run > 1``: each run under
     torchrun with that many processes (one node).
     Returns the paths written (``table_md``, ``table_csv``, ``curves``)."""
-    # imported here: dcmkd.report reads experiments (dcmkd.recipes), so a module-level import
-    # would make `import dcmkd.report` on its own circular
-    from dcmkd.report import write_experiment_report
-
     if nproc_per_run < 1:
         raise ValueError(f"--nproc-per-run must be at least 1, got {nproc_per_run}")
     for device in devices:   # a device that is not there: refused before any worker starts

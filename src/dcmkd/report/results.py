@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dcmkd.recipes.experiment import PaperValue
+from dcmkd.engine.plots import training_loss
+from dcmkd.experiment import PaperValue
 from dcmkd.run_folder import RunFolder
 
 
@@ -39,6 +40,12 @@ class RunResult:
         values = self.summary.get(f"test_{metric}") or []
         return float(values[net]) if net < len(values) else None
 
+    def loss_curve(self, net: int) -> list[tuple[int, float]]:
+        """``(epoch, training loss)`` at every epoch (the sum of network ``net``'s logged
+        terms, :func:`dcmkd.engine.plots.training_loss`)."""
+        return [(int(r["epoch"]), v) for r in self.history
+                if (v := training_loss(r, net)) is not None]
+
     def curve(self, net: int, metric: str = "top1") -> list[tuple[int, float]]:
         """``(epoch, test error)`` at every evaluated epoch."""
         key = f"test/net{net}/C1/{metric}"
@@ -57,6 +64,7 @@ class CellStats:
     top1: list[float] = field(default_factory=list)
     top5: list[float] = field(default_factory=list)
     curves: list[list[tuple[int, float]]] = field(default_factory=list)   # (epoch, error)
+    losses: list[list[tuple[int, float]]] = field(default_factory=list)   # (epoch, train loss)
     seconds: list[float] = field(default_factory=list)   # training time of each finished run
     planned: int = 0
 

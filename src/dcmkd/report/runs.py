@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from dcmkd.methods import needs_teacher
-from dcmkd.recipes.experiment import Cell, Experiment, PaperValue
+from dcmkd.experiment import Cell, Experiment, PaperValue
 from dcmkd.report.table import write_experiment_report
 from dcmkd.run_folder import RunFolder, defining
 

@@ -6,7 +6,7 @@ import io
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from dcmkd.recipes.experiment import Experiment, slug
+from dcmkd.experiment import Experiment, slug
 from dcmkd.report.results import CellStats, RunResult, fmt
 from dcmkd.weights import atomic_write_text
 
@@ -44,6 +44,7 @@ def collect(exp: Experiment, runs: Iterable) -> list[CellStats]:
             if top5 is not None:
                 s.top5.append(top5)
             s.curves.append(result.curve(j))
+            s.losses.append(result.loss_curve(j))
             if "seconds" in result.summary:
                 s.seconds.append(float(result.summary["seconds"]))
     return list(stats.values())
@@ -163,6 +164,7 @@ def write_experiment_report(exp: Experiment, runs: Sequence, folder: str | Path,
         if row_stats:
             path = curves / f"{slug(row)}.png"
             title = f"{exp.name}: {row}" + (f" ({scale})" if scale else "")
-            plot_row_curves(row_stats, exp.networks, title, path)
+            losses = {(s.column, s.network): s.losses for s in row_stats if any(s.losses)}
+            plot_row_curves(row_stats, exp.networks, title, path, losses=losses or None)
             paths[f"curves/{row}"] = path
     return paths
