@@ -23,7 +23,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -59,11 +58,10 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict[str, dict]:
     results: dict[str, dict] = {}
 
     def train(row: str, method, folder: str, st: TrainSettings = base) -> None:
-        t0 = time.time()
-        summary = fit(method, data, out / folder, st)
+        summary = fit(method, data, out / folder, st)   # a finished run is returned as is
         n = len(summary["test_face"]) - 1          # the student (or the only network)
         results[row] = {**summary["test_face"][n], "seconds": summary["seconds"],
-                        "wall_s": time.time() - t0}
+                        "run": str(out / folder)}
 
     teacher_net = args.teacher
     torch.manual_seed(seed)
