@@ -23,12 +23,7 @@ SIZE = 64
 OPTS = dict(min_size=SIZE, max_size=SIZE)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 def _coco_folder(root: Path, images: int = 4) -> Path:

@@ -4,7 +4,6 @@ the face task (SSKD Table 7) on a tiny identity folder written by the test."""
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -160,6 +159,7 @@ def test_face_task_trains_a_teacher_then_sskd_stages_only_and_kd(tmp_path):
              data, tmp_path / "kd", _face_settings())
     records = [json.loads(x) for x in (tmp_path / "kd" / "metrics.jsonl").open()]
     assert {"train/net1/ce", "train/net1/kd"} <= set(records[0])
+    assert kd["test_face"][0] == teacher["test_face"][0]   # the frozen teacher, as trained
 
 
 def test_face_margin_criterion_is_cosface_and_arcface_on_the_target_logit():

@@ -327,7 +327,7 @@ class GroupBatchNorm2d(nn.BatchNorm2d):
         count = total[-1]
         mean64 = total[:c] / count
         var64 = (total[c:2 * c] / count - mean64 * mean64).clamp_min(0)
-        mean, var = mean64.to(xf.dtype), var64.to(xf.dtype)
+        mean = mean64.to(xf.dtype)
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked += 1

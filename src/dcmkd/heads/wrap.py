@@ -32,13 +32,12 @@ How it works (readings of this library; the papers describe zoo backbones only):
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import difflib
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping, Sequence, Union
+from typing import Callable, Mapping, Sequence, Union
 
 import torch
 from torch import nn
@@ -47,7 +46,7 @@ from dcmkd.heads.builder import AUX_KINDS, APFCHead, AuxiliaryClassifier, MultiE
 from dcmkd.heads.builder import parse_classifiers
 from dcmkd.heads.tables import CLASSIFIER_NAMES
 from dcmkd.models import mobilenet, resnet_cifar, resnet_imagenet, wrn
-from dcmkd.models.base import ClassifierHead
+from dcmkd.models.base import ClassifierHead, inference
 from dcmkd.registry import UnknownNameError, check_choice
 
 #: ``block_factory(in_channels, out_channels, stride) -> block``
@@ -93,19 +92,6 @@ def _downsamplings(before: tuple[int, int] | None, after: tuple[int, int] | None
     return round(math.log2(before[0] / after[0]))
 
 
-@contextlib.contextmanager
-def _inference(module: nn.Module) -> Iterator[None]:
-    """Eval mode and no gradient, restoring every sub-module's mode afterwards."""
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
-
-
 def _trace(model: nn.Module, x: torch.Tensor) -> tuple[list[_Call], object]:
     """Run ``model(x)`` in inference mode and record every sub-module call."""
     calls: list[_Call] = []
@@ -131,7 +117,7 @@ def _trace(model: nn.Module, x: torch.Tensor) -> tuple[list[_Call], object]:
         if name:
             handles += [m.register_forward_pre_hook(pre(name)), m.register_forward_hook(post)]
     try:
-        with _inference(model):
+        with inference(model):
             out = model(x)
     finally:
         for h in handles:
@@ -386,7 +372,7 @@ class WrappedNetwork(MultiExitNetwork):
             lambda m, args, n=n: sizes.__setitem__(n, _hw(args[0])))
             for n, b in self.branches.items()]
         try:
-            with _inference(self):
+            with inference(self):
                 self(x)
         finally:
             for h in hooks:
@@ -533,7 +519,7 @@ def _build_branch(cname: str, tap: _Call, calls: list[_Call], final: torch.Tenso
         rebuild = _Rebuilder(scale, factory, blocks)
         layers, c = [], cin
         for call in chain:
-            with _inference(call.module):
+            with inference(call.module):
                 new, _, c = rebuild(call.name, call.module, call.input, c)
             layers.append(new)
         stages, trimmed, cout = nn.Sequential(*layers), rebuild.trimmed, c
@@ -544,7 +530,7 @@ def _build_branch(cname: str, tap: _Call, calls: list[_Call], final: torch.Tenso
     branch = AuxiliaryClassifier(cname, tap.name, kind, None, stages, head)
     branch.to(device=tap.output.device, dtype=tap.output.dtype)
     try:
-        with _inference(branch):
+        with inference(branch):
             got = branch.stages(tap.output)
     except Exception as e:
         raise ValueError(f"the branch built for {cname} (tap '{tap.name}') does not run on the "

@@ -48,7 +48,6 @@ from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dcmkd.heads import MultiExitNetwork

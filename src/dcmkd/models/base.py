@@ -12,9 +12,10 @@ the family's own block type with a given block count, width and stride, and
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass, replace
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -189,6 +190,20 @@ class Backbone(nn.Module):
     def export(self) -> "Backbone":
         """A deep copy (for symmetry with :class:`dcmkd.heads.MultiExitNetwork.export`)."""
         return copy.deepcopy(self)
+
+
+@contextlib.contextmanager
+def inference(module: nn.Module) -> Iterator[None]:
+    """Eval mode and no gradient, restoring every sub-module's mode afterwards (probing a
+    network's structure with a forward pass)."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 def count_parameters(module: nn.Module) -> int:

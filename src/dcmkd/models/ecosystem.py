@@ -46,19 +46,17 @@ ResNet tables' pattern) is not applied and ``aux_kind: narrow`` is refused.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import difflib
-import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
-from dcmkd.models.base import Backbone, StageInfo, StageSpec, init_weights
+from dcmkd.models.base import Backbone, StageInfo, StageSpec, inference, init_weights
 
 SCHEMES = ("tv", "timm")
 #: the spatial size of the (meta-device) input from which channels and strides are derived
@@ -156,7 +154,7 @@ class LibraryBackbone(Backbone):
         meta = copy.deepcopy(self).to("meta")
         x = torch.empty(1, 3, CHECK_SIZE, CHECK_SIZE, device="meta")
         self.__dict__["_unit_inputs"] = {}
-        with _inference(meta):
+        with inference(meta):
             for i, (name, unit) in enumerate([(self.stage_names_raw[0], meta.stem),
                                               *meta.stages.items()]):
                 self.__dict__["_unit_inputs"][name] = tuple(x.shape[1:])
@@ -187,7 +185,7 @@ class LibraryBackbone(Backbone):
             return
         x = _sample(self, VERIFY_SIZE)
         lib = self.library
-        with _inference(self):
+        with inference(self):
             lib.training = False
             if self.__dict__["_has_forward_features"]:
                 ours, theirs = self.forward_features(x), lib.forward_features(x)
@@ -223,7 +221,7 @@ class LibraryBackbone(Backbone):
         unit = copy.deepcopy(_sequence([(p, fresh.get_submodule(p)) for p in paths[spec.source]]))
         del fresh
         unit = _trim(unit, spec.blocks, shape)
-        with torch.no_grad(), _inference(unit):
+        with torch.no_grad(), inference(unit):
             meta = copy.deepcopy(unit).to("meta")
             out = meta(torch.empty(1, *shape, device="meta"))
         return unit, int(out.shape[1])
@@ -288,7 +286,7 @@ def _trim(unit: nn.Module, blocks: int, shape: tuple[int, ...]) -> nn.Module:
     hooks = [b.register_forward_hook(
         lambda m, a, o: keeps.append(tuple(a[0].shape) == tuple(o.shape)))
         for _, _, b in _layers_of(meta)]
-    with _inference(meta):
+    with inference(meta):
         meta(torch.empty(1, *shape, device="meta"))
     for h in hooks:
         h.remove()
@@ -297,19 +295,6 @@ def _trim(unit: nn.Module, blocks: int, shape: tuple[int, ...]) -> nn.Module:
     for c, i in sorted(drop, key=lambda t: -t[1]):
         del c[i]
     return unit
-
-
-@contextlib.contextmanager
-def _inference(module: nn.Module) -> Iterator[None]:
-    """Eval mode and no gradient, restoring every sub-module's mode afterwards."""
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
 
 
 def _on_meta(module: nn.Module) -> bool:
@@ -367,7 +352,7 @@ def _timm_layout(lib: nn.Module, name: str) -> tuple[list[tuple[str, list[Layer]
     meta = copy.deepcopy(lib).to("meta")   # which layers forward_features runs: shapes only
     for p, _ in flat:
         meta.get_submodule(p).register_forward_pre_hook(lambda mod, a, p=p: called.append(p))
-    with _inference(meta):
+    with inference(meta):
         meta.forward_features(torch.empty(1, 3, CHECK_SIZE, CHECK_SIZE, device="meta"))
     if len(set(called)) != len(called):
         raise ValueError(f"{name}: {_underivable(called[0])}")
@@ -443,7 +428,7 @@ def _cut_at_downsamplings(lib: nn.Module, layers: list[Layer]) -> list[tuple[str
     meta = copy.deepcopy(lib).to("meta")
     units: list[list[Layer]] = [[]]
     closed = False
-    with _inference(meta):
+    with inference(meta):
         for p, m in layers:
             y = meta.get_submodule(p)(x)
             down = y.shape[-1] < x.shape[-1]
