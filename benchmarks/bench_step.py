@@ -38,11 +38,24 @@ Derived figures, each with its target (the issue's) and pass/fail:
 
     python benchmarks/bench_step.py --device cpu --batch 128 --rounds 10
     python benchmarks/bench_step.py --device cuda --batch 128 --rounds 50
+
+``--layouts-per-family`` measures instead the default layout against channels_last for one
+small representative network per zoo family (:data:`FAMILY_MODELS`; the family is
+:func:`dcmkd.engine.layout.family_of`, the recipe family of ``engine/config.py``), the two
+layouts interleaved within every round (their order alternating between rounds), one intra-op
+thread by default (``--threads``) and the load average recorded before and after each network,
+since a shared machine's other jobs move the absolute times. It writes
+``benchmarks/results/bench_layout_<device type>.md/.json``, the source of the table in
+:mod:`dcmkd.engine.layout`:
+
+    python benchmarks/bench_step.py --layouts-per-family --device cpu
+    python benchmarks/bench_step.py --layouts-per-family --device cuda --precision bf16 --batch 128
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -57,6 +70,7 @@ from _common import (environment, md_table, peak_rss_mib, pick_device, reset_pea
                      sync, write_results)
 
 from dcmkd.engine.device import Precision, compile_networks  # noqa: E402
+from dcmkd.engine.layout import family_of  # noqa: E402
 from dcmkd.engine.loop import Meter, Step  # noqa: E402
 from dcmkd.methods import Schedule, SGDSettings, create_method  # noqa: E402
 
@@ -65,13 +79,22 @@ COMPILED = ("ind", "dml", "dcm")   # the methods timed with compile=true too
 READS = ("item", "tolist", "__float__", "__int__", "__bool__")
 LAYOUTS = {"default": torch.contiguous_format, "channels_last": torch.channels_last}
 NUM_CLASSES = 100
+# --layouts-per-family: (network, input side) for one small network per zoo family, plus the
+# zoo's other CIFAR networks that family_of counts as "cifar_resnet" (VGG-16-BN, MobileNet):
+# CIFAR families at 32 px, ImageNet families at 64 px to keep the CPU run short.
+FAMILY_MODELS = (("resnet20", 32), ("vgg16_bn", 32), ("mobilenet", 32), ("wrn16_2", 32),
+                 ("densenet40_12", 32), ("mobilenetv2", 64), ("resnet18", 64))
+# A speed ratio within 1 ± TIE is a tie: on the shared 2-core CPU the ratio of one round's two
+# steps has an interquartile range of about ±3 % around its median, and the median of 12-20
+# rounds moves by about 1.5 % between runs.
+TIE = 0.03
 
 
 class Built:
     """A method on ``device`` in ``layout``, with the loop's step and meter and one batch."""
 
     def __init__(self, name: str, arch: str, layout: str, batch: int, device: torch.device,
-                 precision: str = "fp32"):
+                 precision: str = "fp32", size: int = 32):
         torch.manual_seed(0)
         base, compiled = name.removesuffix("+compile"), name.endswith("+compile")
         fmt = LAYOUTS[layout]
@@ -87,7 +110,7 @@ class Built:
         self.meter = Meter(device, [n.classifier_names for n in self.method.networks], 0)
         if compiled:
             compile_networks(self.method.networks, print)
-        self.x = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=fmt)
+        self.x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=fmt)
         self.y = torch.randint(0, NUM_CLASSES, (batch,), device=device)
 
     def __call__(self) -> None:
@@ -98,8 +121,8 @@ class Built:
 
 
 def build(method_name: str, arch: str, layout: str, batch: int, device: torch.device,
-          precision: str = "fp32") -> Built:
-    return Built(method_name, arch, layout, batch, device, precision)
+          precision: str = "fp32", size: int = 32) -> Built:
+    return Built(method_name, arch, layout, batch, device, precision, size)
 
 
 def flops_per_step(built: Built) -> int:
@@ -227,11 +250,134 @@ def derive(rows: list[dict]) -> list[dict]:
     return out
 
 
+def measure_layouts(arch: str, size: int, methods: list[str], batch: int, rounds: int,
+                    warmup: int, device: torch.device, precision: str = "fp32") -> list[dict]:
+    """Both layouts of ``arch`` for each method, interleaved: every round runs one step of each
+    (method, layout), the layouts' order alternating between rounds; a step time is the median
+    over rounds. One row per method: ms/step in each layout and the speed ratio
+    channels_last / default (> 1: channels_last is faster)."""
+    load_before = os.getloadavg()
+    built = {(m, lay): build(m, arch, lay, batch, device, precision, size)
+             for m in methods for lay in LAYOUTS}
+    times: dict[tuple[str, str], list[float]] = {k: [] for k in built}
+    for r in range(warmup + rounds):
+        for m in methods:
+            for lay in (tuple(LAYOUTS) if r % 2 == 0 else tuple(reversed(LAYOUTS))):
+                sync(device)
+                t0 = time.perf_counter()
+                built[m, lay]()
+                sync(device)
+                if r >= warmup:
+                    times[m, lay].append(time.perf_counter() - t0)
+    load_after = os.getloadavg()
+    rows = []
+    for m in methods:
+        d, c = (statistics.median(times[m, lay]) for lay in LAYOUTS)
+        rows.append({"model": arch, "family": family_of(arch), "size": size, "batch": batch,
+                     "method": m, "precision": precision, "default_ms": d * 1e3,
+                     "channels_last_ms": c * 1e3, "speed_ratio": d / c,
+                     "default_ms_all": [t * 1e3 for t in times[m, "default"]],
+                     "channels_last_ms_all": [t * 1e3 for t in times[m, "channels_last"]],
+                     "verdict": verdict(d / c),
+                     "load_before": list(load_before), "load_after": list(load_after)})
+    return rows
+
+
+def verdict(speed_ratio: float, tie: float = TIE) -> str:
+    """``channels_last``, ``default`` (the faster one) or ``tie`` (within ``1 ± tie``)."""
+    if abs(speed_ratio - 1.0) <= tie:
+        return "tie"
+    return "channels_last" if speed_ratio > 1.0 else "default"
+
+
+def family_winners(rows: list[dict], tie: float = TIE) -> dict[str, dict]:
+    """Per family, the layout to use: ``default`` when some measured row of the family (a
+    network, a method) ran measurably slower in channels_last (speed ratio below ``1 - tie``),
+    else ``channels_last`` (the all-networks rule of
+    :func:`dcmkd.engine.layout.resolve_channels_last`). A ratio within ``1 ± tie`` is a tie;
+    ties go to channels_last, the layout recommended for GPUs, so that one layout serves both
+    (a choice of this project: neither layout is faster there)."""
+    out: dict[str, dict] = {}
+    for fam in dict.fromkeys(r["family"] for r in rows):
+        mine = [r for r in rows if r["family"] == fam]
+        ratios = [r["speed_ratio"] for r in mine]
+        out[fam] = {"faster": "default" if min(ratios) < 1.0 - tie else "channels_last",
+                    "speed_ratio_min": min(ratios), "speed_ratio_max": max(ratios),
+                    "models": list(dict.fromkeys(r["model"] for r in mine))}
+    return out
+
+
+def layouts_per_family(args: argparse.Namespace, device: torch.device) -> dict:
+    """The ``--layouts-per-family`` mode: measure, then write bench_layout_<device type>."""
+    torch.set_num_threads(args.threads)
+    models = FAMILY_MODELS
+    if args.archs != ARCHS_DEFAULT:
+        sizes = dict(FAMILY_MODELS)
+        models = tuple((a, sizes.get(a, 32)) for a in args.archs.split(","))
+    methods = args.methods.split(",") if args.methods != ",".join(METHODS) else ["ind"]
+    started, load_start = time.time(), os.getloadavg()
+    rows = []
+    for arch, size in models:
+        for r in measure_layouts(arch, size, methods, args.batch, args.rounds, args.warmup,
+                                 device, args.precision):
+            rows.append(r)
+            print(f"{arch:14s} {r['family']:22s} {r['method']:4s} {size:3d}px "
+                  f"default {r['default_ms']:8.1f} ms  channels_last {r['channels_last_ms']:8.1f}"
+                  f" ms  speed x{r['speed_ratio']:.2f}  load {r['load_before'][0]:.2f}->"
+                  f"{r['load_after'][0]:.2f}", flush=True)
+    families = family_winners(rows)
+    name = args.name if args.name != "bench_step" else f"bench_layout_{device.type}"
+    result = {**environment(device), "mode": "layouts-per-family", "device_type": device.type,
+              "precision": args.precision, "batch": args.batch, "threads": args.threads,
+              "cpu_count": os.cpu_count(),
+              "timing": f"median of {args.rounds} interleaved rounds after {args.warmup} "
+                        "(layouts interleaved, order alternating)",
+              "load_average_start": list(load_start), "load_average_end": list(os.getloadavg()),
+              "wall_seconds": time.time() - started, "tie_band": TIE, "rows": rows,
+              "families": families}
+    md = (f"# {name}\n\nchannels_last against the default (contiguous NCHW) layout, one training "
+          f"step (`{'`, `'.join(methods)}`: the loop's step and meter, SGD) per zoo family. "
+          f"Device: {result['device_name']} ({device}); torch {torch.__version__}; "
+          f"{args.precision}; batch {args.batch}; {args.threads} intra-op thread(s); step time = "
+          f"{result['timing']}. Load average (1/5/15 min) {_load(load_start)} at the start, "
+          f"{_load(result['load_average_end'])} at the end "
+          f"({os.cpu_count()} CPUs, shared with other jobs). CIFAR families at 32 px, ImageNet "
+          f"families at 64 px (not their 224 px), so absolute times are not training "
+          f"times.\n\n"
+          + md_table(["network", "family", "method", "input", "default ms/step",
+                      "channels_last ms/step", "speed channels_last / default", "faster",
+                      "load 1-min"],
+                     [[r["model"], r["family"], r["method"], f"{r['size']} px",
+                       r["default_ms"], r["channels_last_ms"], f"{r['speed_ratio']:.3f}",
+                       r["verdict"], f"{r['load_before'][0]:.2f} -> {r['load_after'][0]:.2f}"]
+                      for r in rows])
+          + f"\nA ratio within 1 ± {TIE} is a tie (the round-to-round noise here). Per family: "
+          f"the default layout when some network of the family ran measurably slower in "
+          f"channels_last (ratio < {1 - TIE:.2f}), else channels_last (ties included, the "
+          f"layout recommended for GPUs):\n\n"
+          + md_table(["family", "faster layout", "speed ratio (min..max)", "networks"],
+                     [[f, v["faster"], f"{v['speed_ratio_min']:.2f}..{v['speed_ratio_max']:.2f}",
+                       ", ".join(v["models"])] for f, v in families.items()])
+          + f"\nCommand: `{result['command']}`\n")
+    jpath, mpath = write_results(name, result, md)
+    print(md)
+    print(f"wrote {jpath} and {mpath}")
+    return result
+
+
+def _load(avg) -> str:
+    return "/".join(f"{a:.2f}" for a in avg)
+
+
+ARCHS_DEFAULT = "resnet20,resnet110"
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="auto", help="cpu, cuda, cuda:0 or auto")
-    ap.add_argument("--archs", default="resnet20,resnet110", help="comma-separated backbones")
-    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--archs", default=ARCHS_DEFAULT, help="comma-separated backbones")
+    ap.add_argument("--batch", type=int, default=None,
+                    help="batch size (default 128; 16 with --layouts-per-family)")
     ap.add_argument("--rounds", type=int, default=10, help="timed rounds (one step per method)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     ap.add_argument("--methods", default=",".join(METHODS))
@@ -242,6 +388,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
     ap.add_argument("--name", default="bench_step", help="results file name")
     ap.add_argument("--memory-of", help=argparse.SUPPRESS)
+    ap.add_argument("--layouts-per-family", action="store_true",
+                    help="default vs channels_last step speed of one small network per zoo "
+                         "family (methods: ind unless --methods); writes bench_layout_<device>")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="intra-op threads with --layouts-per-family (default 1)")
     args = ap.parse_args(argv)
     if args.memory_of:
         _memory_child(args.memory_of)
@@ -249,6 +400,10 @@ def main(argv=None) -> dict:
     device = pick_device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    if args.layouts_per_family:
+        args.batch = args.batch or 16
+        return layouts_per_family(args, device)
+    args.batch = args.batch or 128
     archs, methods = args.archs.split(","), args.methods.split(",")
     if args.compile:
         methods += [f"{m}+compile" for m in COMPILED if m in methods]
