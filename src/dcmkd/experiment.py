@@ -28,6 +28,20 @@ exported network of the same seed.
 Paper values are strings in the paper's own notation: ``"22.56(0.20)"`` (mean(std) top-1 error),
 ``"31.08/11.17"`` (top-1/top-5 error), ``"acc:69.1"`` or ``"acc:69.1/89.0"`` (accuracy, converted
 to error), ``"-"`` (not reported).
+
+**Task metrics** (the face and detection tables, SSKD Tables 7–9): an experiment whose runs are of
+another task declares the metrics its table shows, in order, by the names its task records
+(:data:`dcmkd.tasks.face.FACE_METRICS`, :data:`dcmkd.tasks.detection.COCO_METRICS`) with their
+column labels::
+
+    metrics: {tar@far=0.01: "TAR@FAR=0.01", tar@far=0.001: "TAR@FAR=0.001", rank1: Rank-1}
+
+Its paper values then hold one number per metric, separated by ``/``, each with an optional
+std as ``±`` or in parentheses: ``"76.9±4.3/55.2±5.7/84.6±2.1"``, ``"33.6/55.1/35.6/18.9/36.0/44.1"``
+(``-`` for a metric not reported). Without ``metrics`` an experiment is a classification table
+(top-1 error), as before. A cell's ``skip`` lists the scales at which it is not run (a reduced
+protocol's rows differ from the paper's: ``skip: [quick]``, or ``skip: [full]`` for a row of the
+reduced protocol only).
 """
 from __future__ import annotations
 
@@ -38,9 +52,11 @@ from typing import Any
 from dcmkd.registry import UnknownNameError
 
 _EXPERIMENT_KEYS = ("name", "title", "source", "networks", "columns", "seeds", "base", "scales",
-                    "rows", "notes")
+                    "rows", "notes", "metrics")
 _ROW_KEYS = ("name", "config", "cells")
-_CELL_KEYS = ("config", "paper", "net", "hidden", "scales")
+_CELL_KEYS = ("config", "paper", "net", "hidden", "scales", "skip")
+#: the scales of a reproduction (dcmkd.recipes.scales.SCALES; a cell's ``skip`` names them)
+_SCALES = ("full", "quick", "smoke")
 _NUMBER = r"(\d+(?:\.\d+)?)"
 
 
@@ -85,6 +101,45 @@ class PaperValue:
 
 
 @dataclass(frozen=True)
+class PaperMetrics:
+    """The paper's numbers of one network in a task table: one value (and std) per metric of the
+    experiment's ``metrics``, None where the paper reports none."""
+
+    values: tuple[float | None, ...] = ()
+    stds: tuple[float | None, ...] = ()
+
+    @classmethod
+    def parse(cls, text: str | float | int | None, count: int) -> "PaperMetrics":
+        """``"76.9±4.3/55.2±5.7"`` or ``"76.9(4.3)/55.2(5.7)"`` or ``"33.6/55.1"`` (``-``: not
+        reported), ``count`` values; None, ``""`` or ``"-"`` alone: none reported."""
+        if text is None or str(text).strip() in ("", "-"):
+            return cls((None,) * count, (None,) * count)
+        parts = [p.strip() for p in str(text).split("/")]
+        if len(parts) != count:
+            raise ValueError(f"paper value '{text}': expected {count} values separated by '/' "
+                             "(one per metric, e.g. '76.9±4.3/55.2±5.7')")
+        values: list[float | None] = []
+        stds: list[float | None] = []
+        for part in parts:
+            if part == "-":
+                values.append(None)
+                stds.append(None)
+                continue
+            m = re.fullmatch(rf"{_NUMBER}\s*(?:(?:±|\+-)\s*{_NUMBER}|\({_NUMBER}\))?", part)
+            if m is None:
+                raise ValueError(f"paper value '{text}': '{part}' is not a number with an "
+                                 "optional std (e.g. '76.9±4.3' or '76.9(4.3)')")
+            values.append(float(m.group(1)))
+            std = m.group(2) or m.group(3)
+            stds.append(float(std) if std is not None else None)
+        return cls(tuple(values), tuple(stds))
+
+    @property
+    def reported(self) -> bool:
+        return any(v is not None for v in self.values)
+
+
+@dataclass(frozen=True)
 class Cell:
     row: str
     column: str
@@ -94,6 +149,7 @@ class Cell:
                                     # (-1: none, for ``dcmkd report``'s narrower runs)
     hidden: bool = False
     scales: dict[str, dict[str, Any]] = field(default_factory=dict)  # this cell's, per scale
+    skip: tuple[str, ...] = ()      # scales at which this cell is not run
 
     @property
     def key(self) -> str:
@@ -113,6 +169,9 @@ class Experiment:
     base: dict[str, Any] = field(default_factory=dict)
     scales: dict[str, dict[str, Any]] = field(default_factory=dict)
     notes: str = ""
+    #: (metric name as the task records it, column label), in table order; empty: a
+    #: classification table of top-1 errors
+    metrics: tuple[tuple[str, str], ...] = ()
 
     def cell(self, key: str) -> Cell:
         for c in self.cells:
@@ -130,6 +189,10 @@ class Experiment:
         return [c for c in self.cells
                 if (not rows or c.row in rows) and (not columns or c.column in columns)]
 
+    def runs_at(self, cell: Cell, scale: str) -> bool:
+        """Whether ``cell`` is run at ``scale`` (not in its ``skip``)."""
+        return scale not in cell.skip
+
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "experiment") -> "Experiment":
         _check_keys(d, _EXPERIMENT_KEYS, f"{where}: experiment key")
@@ -138,6 +201,7 @@ class Experiment:
                 raise ValueError(f"{where}: missing '{k}'")
         networks = tuple(d.get("networks") or ("Net1",))
         columns = tuple(d["columns"])
+        metrics = _metrics(d.get("metrics"), where)
         cells, rows = [], []
         for r in d["rows"]:
             _check_keys(r, _ROW_KEYS, f"{where}: row key")
@@ -158,13 +222,21 @@ class Experiment:
                 net = spec.get("net", list(range(len(networks))))
                 net = (net,) * len(networks) if isinstance(net, int) else tuple(net)
                 config = _deep_merge(r.get("config") or {}, spec.get("config") or {})
-                cells.append(Cell(str(r["name"]), str(col), config,
-                                  tuple(PaperValue.parse(p) for p in paper) or
-                                  tuple(PaperValue() for _ in networks), net, hidden,
-                                  dict(spec.get("scales") or {})))
+                skip = spec.get("skip") or []
+                if not isinstance(skip, list) or any(s not in _SCALES for s in skip):
+                    raise ValueError(f"{where}: {r['name']}/{col}: skip: expected a list of "
+                                     f"scales ({', '.join(_SCALES)}), got {skip!r}")
+                if metrics:
+                    values: tuple = tuple(PaperMetrics.parse(p, len(metrics)) for p in paper) \
+                        or tuple(PaperMetrics.parse(None, len(metrics)) for _ in networks)
+                else:
+                    values = tuple(PaperValue.parse(p) for p in paper) or \
+                        tuple(PaperValue() for _ in networks)
+                cells.append(Cell(str(r["name"]), str(col), config, values, net, hidden,
+                                  dict(spec.get("scales") or {}), tuple(skip)))
         exp = cls(str(d["name"]), str(d["title"]), str(d.get("source", "")), networks, columns,
                   tuple(rows), tuple(cells), int(d.get("seeds", 5)), dict(d.get("base") or {}),
-                  dict(d.get("scales") or {}), str(d.get("notes", "")))
+                  dict(d.get("scales") or {}), str(d.get("notes", "")), metrics)
         exp._check_references(where)
         return exp
 
@@ -174,6 +246,19 @@ class Experiment:
             ref = teacher_reference(c.config)
             if ref is not None and ref not in keys:
                 raise UnknownNameError(f"{where}: teacher of {c.key}", ref, sorted(keys))
+
+
+def _metrics(spec: Any, where: str) -> tuple[tuple[str, str], ...]:
+    """An experiment's ``metrics``: a mapping name → label, or a list of names (labelled by
+    themselves); None: none (a classification table)."""
+    if spec is None:
+        return ()
+    if isinstance(spec, list) and all(isinstance(m, str) for m in spec):
+        spec = {m: m for m in spec}
+    if not isinstance(spec, dict) or not spec:
+        raise ValueError(f"{where}: metrics: expected a mapping of metric name → column label "
+                         f"(e.g. {{rank1: Rank-1}}), got {spec!r}")
+    return tuple((str(k), str(v)) for k, v in spec.items())
 
 
 def teacher_reference(config: dict[str, Any]) -> str | None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import dcmkd.yamlio as yamlio
-from dcmkd.experiment import Cell, Experiment, PaperValue
+from dcmkd.experiment import Cell, Experiment, PaperMetrics, PaperValue, _deep_merge
 from dcmkd.recipes.runner import PlannedRun, cell_config, plan, reproduce
 from dcmkd.recipes.scales import SCALES, SMOKE_STANDINS, shorten
 from dcmkd.registry import UnknownNameError
@@ -36,8 +36,23 @@ def load_experiment(name_or_path: str | Path) -> Experiment:
     if path.parent == RECIPE_DIR and exp.name != path.stem.replace("_", "-"):
         raise ValueError(f"{path.name}: name '{exp.name}' should be "
                          f"'{path.stem.replace('_', '-')}'")
+    if exp.metrics:
+        _check_task_metrics(exp, path.name)
     return exp
 
 
-__all__ = ["Cell", "Experiment", "PaperValue", "PlannedRun", "SCALES", "SMOKE_STANDINS",
-           "cell_config", "list_experiments", "load_experiment", "plan", "reproduce", "shorten"]
+def _check_task_metrics(exp: Experiment, where: str) -> None:
+    """The metrics of a task table are its cells' task's (one task for all its cells)."""
+    from dcmkd.engine.config import resolve
+    from dcmkd.report.task_table import check_metrics, task_of
+
+    tasks = {task_of(resolve(_deep_merge(exp.base, c.config))) for c in exp.cells}
+    if len(tasks) != 1 or "classification" in tasks:
+        raise ValueError(f"{where}: metrics are for a table of one face or detection task; its "
+                         f"cells are of the task(s) {', '.join(sorted(tasks))}")
+    check_metrics(exp, tasks.pop())
+
+
+__all__ = ["Cell", "Experiment", "PaperMetrics", "PaperValue", "PlannedRun", "SCALES",
+           "SMOKE_STANDINS", "cell_config", "list_experiments", "load_experiment", "plan",
+           "reproduce", "shorten"]

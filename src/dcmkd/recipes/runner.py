@@ -4,7 +4,12 @@ Runs live in ``OUT/<experiment>/<scale>/<row>/<column>/s<seed>``. Each is an ord
 (:mod:`dcmkd.engine.trainer`): a finished run is reused, an interrupted one resumes, so calling
 :func:`reproduce` again after a crash or with more seeds only trains what is missing. A cell whose
 ``teacher_weights`` is ``"@ROW/COLUMN"`` gets the first exported network of that cell's run of
-the same seed, which is trained first.
+the same seed, which is trained first (for a face or detection run, that run's folder: the
+exported file's name is the task's network name, and a run folder resolves to it).
+
+A face or detection table (SSKD Tables 7–9) runs its smoke scale on a synthetic dataset of its
+task written to ``OUT/<experiment>/smoke/_data`` before the first run (unless ``data.root`` is
+given); its cells' ``skip`` leaves a cell out of the scales it names.
 
 With ``jobs > 1`` the missing runs train in that many worker processes at once, each run as soon
 as its teacher has finished: on a CPU the cores are split between the workers (several small
@@ -35,11 +40,17 @@ from dcmkd.engine.device import pick_device
 from dcmkd.engine.trainer import Trainer, check_finished_data
 from dcmkd.experiment import Cell, Experiment, _deep_merge, slug, teacher_reference
 from dcmkd.methods import METHODS
-from dcmkd.recipes.scales import SCALES, quick_overrides, shorten, smoke_overrides
+from dcmkd.recipes.scales import (SCALES, quick_overrides, shorten, smoke_overrides,
+                                  smoke_task_overrides, write_smoke_data)
 from dcmkd.registry import check_choice
 from dcmkd.report import write_experiment_report
 from dcmkd.run_folder import RunFolder
+from dcmkd.tasks.build import task_name
 from dcmkd.warn import show_one_line
+
+#: the folder, under ``OUT/<experiment>/smoke``, of a task table's synthetic smoke data (a row's
+#: folder is a slug, which never starts with ``_``)
+SMOKE_DATA = "_data"
 
 
 @dataclass(frozen=True)
@@ -70,18 +81,25 @@ PAPER_LOSS: dict[str, Any] = {"loss": {"rampup": 0.0}}
 
 def cell_config(exp: Experiment, cell: Cell, seed: int, scale: str = "full",
                 overrides: Sequence[str | dict] = (), *, run_dir: Path | None = None,
-                standins: bool = False) -> dict[str, Any]:
+                standins: bool = False, smoke_data: str | Path | None = None) -> dict[str, Any]:
     """The resolved run config of ``cell`` at ``scale`` for ``seed``.
 
     Layers, later winning: the paper recipe of the cell's backbones, the experiment's ``base``,
     the row's and cell's ``config``, the scale, the cell's own ``scales`` entry for it, the
     user's ``overrides``, then seed and folder. A change of ``epochs`` (by the scale or the
-    user) shortens the schedule with it."""
+    user) shortens the schedule with it. ``smoke_data``: the synthetic dataset of a face or
+    detection cell at the smoke scale (default ``runs/reproduce/<experiment>/smoke/_data``)."""
     check_choice("scale", scale, SCALES)
     user = _as_dict(overrides)
     full = resolve(_deep_merge(PAPER_LOSS, _deep_merge(exp.base, cell.config)))
     if scale == "quick":
         layer = quick_overrides(exp.scales, full["epochs"])
+    elif scale == "smoke" and task_name(full) != "classification":
+        root = smoke_data if smoke_data is not None else \
+            Path("runs/reproduce") / exp.name / "smoke" / SMOKE_DATA
+        layer = _deep_merge(dict(exp.scales.get("smoke") or {}),
+                            smoke_task_overrides(task_name(full), full["nets"], standins,
+                                                 str(root)))
     elif scale == "smoke":
         layer = smoke_overrides(full["nets"], standins)
     else:
@@ -117,12 +135,19 @@ def plan(exp: Experiment, *, rows: list[str] | None = None, columns: list[str] |
         teachers: tuple[Path, ...] = ()
         ref = teacher_reference(cell.config)
         if ref is not None:
+            if not exp.runs_at(exp.cell(ref), scale):
+                raise ValueError(f"{exp.name}: {cell.key} distils from {ref}, which is not run "
+                                 f"at the {scale} scale (its skip)")
             teacher = add(exp.cell(ref), seed, (*chain, cell.key))
             model = teacher.config["nets"][0]
-            extra.append({"teacher_weights": str(teacher.run_dir / f"net0_{model}.pt")})
+            # a task's network is exported under the task's name for it (a detector's
+            # fasterrcnn_resnet101): its run folder, which resolves to that file
+            weights = teacher.run_dir / f"net0_{model}.pt" \
+                if task_name(teacher.config) == "classification" else teacher.run_dir
+            extra.append({"teacher_weights": str(weights)})
             teachers = (teacher.run_dir,)
         cfg = cell_config(exp, cell, seed, scale, [*overrides, *extra], run_dir=run_dir,
-                          standins=standins)
+                          standins=standins, smoke_data=base_dir / SMOKE_DATA)
         run = PlannedRun(cell, seed, run_dir, cfg, teachers)
         if (cell.key, seed) not in seen:
             seen.add((cell.key, seed))
@@ -131,8 +156,29 @@ def plan(exp: Experiment, *, rows: list[str] | None = None, columns: list[str] |
 
     for seed in seed_list:
         for cell in exp.select(rows, columns):
-            add(cell, seed)
+            if exp.runs_at(cell, scale):
+                add(cell, seed)
     return runs
+
+
+def _check_data(folder: RunFolder, config: dict[str, Any], log: Callable[[str], None],
+                datasets: dict[str, dict[str, Any] | None] | None) -> None:
+    """:func:`check_finished_data` for a classification run; a face or detection run's data
+    identity is not compared (``dataset_identity`` knows the classification datasets only in
+    this version)."""
+    if task_name(config) == "classification":
+        check_finished_data(folder, config, log, datasets)
+
+
+def write_task_smoke_data(runs: Sequence[PlannedRun], scale: str) -> None:
+    """The synthetic dataset of every face or detection run of a smoke reproduction that
+    trains on it (its ``data.root`` is the reproduction's ``_data`` folder), written once."""
+    if scale != "smoke":
+        return
+    for root, task in {(r.config["data"]["root"], task_name(r.config)) for r in runs
+                       if task_name(r.config) != "classification"}:
+        if root and Path(root).name == SMOKE_DATA:
+            write_smoke_data(task, root)
 
 
 # ----------------------------------------------------------------------------- parallel runs
@@ -371,10 +417,12 @@ def reproduce(exp: Experiment, *, rows: list[str] | None = None,
     planned = dict(exp=exp, rows=rows, seeds=seeds, scale=scale, out=out, overrides=overrides,
                    standins=standins)
     runs = plan(columns=columns, **planned)
+    if not dry_run:
+        write_task_smoke_data(runs, scale)
     datasets: dict[str, dict[str, Any] | None] = {}   # the data of each data config, loaded once
     for r in runs:  # a folder holding another config's run, or other data, is refused
         RunFolder(r.run_dir).check(r.config)
-        check_finished_data(RunFolder(r.run_dir), r.config, log, datasets)
+        _check_data(RunFolder(r.run_dir), r.config, log, datasets)
     shown = runs + (other_columns(runs, plan(columns=None, **planned), log, datasets)
                     if columns is not None else [])
     todo = [r for r in runs if not r.done]
@@ -415,7 +463,7 @@ def other_columns(chosen: Sequence[PlannedRun], every: Sequence[PlannedRun],
         folder = RunFolder(r.run_dir)
         try:
             folder.check(r.config)
-            check_finished_data(folder, r.config, log, datasets)
+            _check_data(folder, r.config, log, datasets)
             folder.read_summary()
         except (ValueError, OSError) as e:   # another config or data, a damaged file
             log(f"not in the table: {e}")

@@ -11,6 +11,11 @@
   model of their family (:data:`SMOKE_STANDINS`), so the test suite can run every row of every
   table on 2 CPU cores; the full-size backbones and their classifier tables are checked by the
   model and head tests.
+  A table of the face or detection task (SSKD Tables 7–9) keeps its data's task: its smoke runs
+  train on a tiny synthetic dataset of that task written under the reproduction's folder
+  (:func:`smoke_task_overrides`, :mod:`dcmkd.data.synthetic_tasks`): 16 training face crops and
+  50 test ones of unseen identities at the smallest input size of the backbones; 4 + 4 COCO
+  images of 128 px, detectors resized to 128 px.
 """
 from __future__ import annotations
 
@@ -30,7 +35,14 @@ SMOKE_STANDINS = {
     "wrn40_4": "wrn16_2", "wrn16_4": "wrn16_2", "wrn40_2": "wrn16_2",
     "resnet50": "resnet18", "resnet34": "resnet18",
     "densenet100_12": "densenet40_12", "densenet121_cifar": "densenet40_12",
+    # the detectors' torchvision ResNet backbones (SSKD Tables 8–9)
+    "resnet101": "resnet18", "resnet152": "resnet18",
 }
+
+#: the tasks other than classification with a smoke dataset (:func:`smoke_task_overrides`)
+SMOKE_TASKS = ("face", "detection")
+#: detection smoke runs: image side of the synthetic COCO images and of the detectors' resize
+SMOKE_DETECTION_SIZE = 128
 
 #: the reduced protocol when an experiment does not define its own
 DEFAULT_QUICK_FRACTION = 0.1
@@ -87,3 +99,35 @@ def smoke_overrides(nets: list[str], standins: bool) -> dict[str, Any]:
     if standins:
         out["nets"] = nets
     return out
+
+
+def smoke_task_overrides(task: str, nets: list[str], standins: bool,
+                         data_root: str) -> dict[str, Any]:
+    """The smoke layer of a face or detection run: one epoch of two batches of the synthetic
+    dataset at ``data_root`` (written by :func:`write_smoke_data`), lr 0.01, quiet; for faces
+    the smallest input size of the zoo backbones, for detectors a 128 px resize."""
+    if task not in SMOKE_TASKS:
+        raise ValueError(f"no smoke data for the {task} task (one of {', '.join(SMOKE_TASKS)})")
+    nets = [SMOKE_STANDINS.get(n, n) for n in nets] if standins else list(nets)
+    # no warm-up: a shortened one would last the whole epoch
+    out: dict[str, Any] = {"epochs": 1, "quiet": True, "optim": {"lr": 0.01},
+                           "schedule": {"warmup_epochs": 0}, "data": {"root": str(data_root)}}
+    if task == "face":
+        out["data"].update(batch_size=8, test_batch_size=64, image_size=smoke_image_size(nets))
+    else:
+        out["data"].update(batch_size=2, test_batch_size=4)
+        out["task"] = {"min_size": SMOKE_DETECTION_SIZE, "max_size": SMOKE_DETECTION_SIZE,
+                       "train_split": "train2017", "test_split": "val2017"}
+    if standins:
+        out["nets"] = nets
+    return out
+
+
+def write_smoke_data(task: str, root: str) -> None:
+    """The synthetic dataset of a smoke run of ``task`` at ``root`` (kept when complete)."""
+    from dcmkd.data.synthetic_tasks import write_coco_folder, write_identity_folder
+
+    if task == "face":
+        write_identity_folder(root)
+    else:
+        write_coco_folder(root, size=SMOKE_DETECTION_SIZE)

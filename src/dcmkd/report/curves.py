@@ -36,11 +36,12 @@ def _draw(ax: plt.Axes, curves: Curves, label: str) -> None:
 
 def plot_row_curves(stats: Sequence[CellStats], networks: Sequence[str], title: str,
                     path: str | Path,
-                    losses: Mapping[tuple[str, str], Curves] | None = None) -> None:
+                    losses: Mapping[tuple[str, str], Curves] | None = None,
+                    ylabel: str = "test top-1 error (%)") -> None:
     """One panel per reported network, one line per column (method), band = range over seeds.
     ``losses`` (``(column, network)`` → each seed's ``(epoch, training loss)`` list, e.g. from
     :func:`dcmkd.engine.plots.training_loss` of its metrics) adds a row of training-loss panels
-    below."""
+    below. ``ylabel``: what the curves are (a task table's first metric)."""
     panels = [n for n in networks if any(s.network == n for s in stats)]
     rows = 2 if losses else 1
     fig, axes = plt.subplots(rows, len(panels), figsize=(5 * len(panels), 3.6 * rows),
@@ -51,7 +52,7 @@ def plot_row_curves(stats: Sequence[CellStats], networks: Sequence[str], title: 
             _draw(ax, s.curves, s.column)
         model = next((s.model for s in stats if s.network == net and s.model), "")
         ax.set_title(f"{net}: {model}" if model else net)
-        ax.set_ylabel("test top-1 error (%)")
+        ax.set_ylabel(ylabel)
         if losses:
             for s in (s for s in stats if s.network == net):
                 _draw(axes[1][i], losses.get((s.column, net)) or [], s.column)

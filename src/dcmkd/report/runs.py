@@ -125,16 +125,37 @@ def _row_networks(nets: Sequence[tuple[str, ...]]) -> dict[tuple[str, ...], tupl
 
 def report_runs(run_dirs: Sequence[str | Path], out: str | Path) -> dict[str, Path]:
     """Write ``table.md``, ``table.csv`` and curves for arbitrary run folders into ``out``; an
-    error when none of them is finished (a table of dashes would say nothing)."""
-    for d in run_dirs:   # the tables are of test errors: a face or detection run has none
-        summary = RunFolder(d).read_summary() or {}
-        if summary.get("task", "classification") != "classification":
-            raise ValueError(f"{d} is a {summary['task']} run: dcmkd report tables "
-                             "classification runs; its results are in its summary.json "
-                             f"({'test_face' if summary['task'] == 'face' else 'test_coco'}) "
-                             "and `dcmkd eval` prints them")
+    error when none of them is finished (a table of dashes would say nothing). Runs of the face
+    or detection task get their task's metrics as columns (:mod:`dcmkd.report.task_table`);
+    runs of different tasks are refused in one line."""
+    from dcmkd.report.task_table import default_metrics, task_of
+
+    tasks: dict[str, str] = {}
+    for d in run_dirs:
+        folder = RunFolder(d)
+        tasks.setdefault(task_of(folder.read_config() or {}, folder.read_summary()), str(d))
+    if len(tasks) > 1:
+        named = ", ".join(f"{t} ({d})" for t, d in tasks.items())
+        raise ValueError(f"the runs are of different tasks: {named}; report the runs of one "
+                         "task at a time")
     exp, runs = group_runs(run_dirs)
+    task = next(iter(tasks), "classification")
+    if task != "classification":
+        exp, runs = _as_task_table(exp, runs, default_metrics(task))
     if not any(RunFolder(r.run_dir).finished for r in runs):
         raise ValueError(f"none of the {len(runs)} run folder(s) is finished (no "
                          f"{RunFolder.SUMMARY}): nothing to report yet")
     return write_experiment_report(exp, runs, out, scale=None)
+
+
+def _as_task_table(exp: Experiment, runs: list[LoadedRun],
+                   metrics: tuple[tuple[str, str], ...]) -> tuple[Experiment, list[LoadedRun]]:
+    """``exp`` as a table of ``metrics`` (no paper numbers), with its runs' cells to match."""
+    from dataclasses import replace
+
+    from dcmkd.experiment import PaperMetrics
+
+    none = PaperMetrics.parse(None, len(metrics))
+    cells = {c.key: replace(c, paper=tuple(none for _ in c.paper)) for c in exp.cells}
+    exp = replace(exp, cells=tuple(cells.values()), metrics=metrics)
+    return exp, [replace(r, cell=cells[r.cell.key]) for r in runs]

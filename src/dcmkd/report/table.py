@@ -146,14 +146,25 @@ def _num(x: float | None) -> str:
 
 def write_experiment_report(exp: Experiment, runs: Sequence, folder: str | Path, *,
                             scale: str | None = "full") -> dict[str, Path]:
-    """``table.md``, ``table.csv`` and ``curves/<row>.png`` in ``folder``."""
+    """``table.md``, ``table.csv`` and ``curves/<row>.png`` in ``folder``; an experiment with
+    ``metrics`` (a face or detection table) gets its metrics' table
+    (:mod:`dcmkd.report.task_table`), curves of its first metric."""
     folder = Path(folder)
-    stats = collect(exp, runs)   # a run that cannot be read leaves no report folder behind
+    ylabel: dict[str, str] = {}
+    if exp.metrics:   # a face or detection table: the metrics it declares
+        from dcmkd.report.task_table import collect_metrics, metrics_csv, metrics_markdown
+
+        stats: Sequence = collect_metrics(exp, runs)
+        text, table = metrics_markdown, metrics_csv
+        ylabel = {"ylabel": f"test {exp.metrics[0][1]} (%)"}
+    else:
+        stats = collect(exp, runs)   # a run that cannot be read leaves no report folder behind
+        text, table = markdown, to_csv
     folder.mkdir(parents=True, exist_ok=True)
     seeds = len({r.seed for r in runs}) or None
     paths = {"table_md": folder / "table.md", "table_csv": folder / "table.csv"}
-    atomic_write_text(paths["table_md"], markdown(exp, stats, scale=scale, seeds=seeds))
-    atomic_write_text(paths["table_csv"], to_csv(exp, stats, scale))
+    atomic_write_text(paths["table_md"], text(exp, stats, scale=scale, seeds=seeds))
+    atomic_write_text(paths["table_csv"], table(exp, stats, scale))
     try:
         from dcmkd.report.curves import plot_row_curves
     except ImportError:  # matplotlib is an optional dependency
@@ -165,6 +176,7 @@ def write_experiment_report(exp: Experiment, runs: Sequence, folder: str | Path,
             path = curves / f"{slug(row)}.png"
             title = f"{exp.name}: {row}" + (f" ({scale})" if scale else "")
             losses = {(s.column, s.network): s.losses for s in row_stats if any(s.losses)}
-            plot_row_curves(row_stats, exp.networks, title, path, losses=losses or None)
+            plot_row_curves(row_stats, exp.networks, title, path, losses=losses or None,
+                            **ylabel)
             paths[f"curves/{row}"] = path
     return paths
