@@ -290,21 +290,36 @@ def verdict(speed_ratio: float, tie: float = TIE) -> str:
     return "channels_last" if speed_ratio > 1.0 else "default"
 
 
-def family_winners(rows: list[dict], tie: float = TIE) -> dict[str, dict]:
-    """Per family, the layout to use: ``default`` when some measured row of the family (a
-    network, a method) ran measurably slower in channels_last (speed ratio below ``1 - tie``),
-    else ``channels_last`` (the all-networks rule of
-    :func:`dcmkd.engine.layout.resolve_channels_last`). A ratio within ``1 ± tie`` is a tie;
-    ties go to channels_last, the layout recommended for GPUs, so that one layout serves both
-    (a choice of this project: neither layout is faster there)."""
-    out: dict[str, dict] = {}
-    for fam in dict.fromkeys(r["family"] for r in rows):
-        mine = [r for r in rows if r["family"] == fam]
+def layout_summary(rows: list[dict], tie: float = TIE) -> tuple[dict, dict]:
+    """The layout to use per network and per family, from the measured rows.
+
+    A network: ``default`` when one of its rows (a method) ran measurably slower in
+    channels_last (speed ratio below ``1 - tie``), else ``channels_last``. A ratio within
+    ``1 ± tie`` is a tie, and ties go to channels_last, the layout recommended for GPUs, so
+    that one layout serves both (a choice of this project: neither layout is faster there).
+    A family: the layout of its representative, the first of its networks in ``rows``; its
+    other measured networks that disagree are its ``exceptions`` (the family lookup counts
+    the CIFAR VGG-16-BN and MobileNet as ``cifar_resnet``, which they are not).
+    Returns ``(networks, families)``, the source of :mod:`dcmkd.engine.layout`'s tables."""
+    networks: dict[str, dict] = {}
+    for net in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == net]
         ratios = [r["speed_ratio"] for r in mine]
-        out[fam] = {"faster": "default" if min(ratios) < 1.0 - tie else "channels_last",
-                    "speed_ratio_min": min(ratios), "speed_ratio_max": max(ratios),
-                    "models": list(dict.fromkeys(r["model"] for r in mine))}
-    return out
+        networks[net] = {"family": mine[0]["family"],
+                         "faster": "default" if min(ratios) < 1.0 - tie else "channels_last",
+                         "speed_ratio_min": min(ratios), "speed_ratio_max": max(ratios)}
+    families: dict[str, dict] = {}
+    for net, v in networks.items():
+        if v["family"] not in families:
+            families[v["family"]] = {"faster": v["faster"], "representative": net,
+                                     "speed_ratio_min": v["speed_ratio_min"],
+                                     "speed_ratio_max": v["speed_ratio_max"],
+                                     "models": [], "exceptions": {}}
+        fam = families[v["family"]]
+        fam["models"].append(net)
+        if v["faster"] != fam["faster"]:
+            fam["exceptions"][net] = v["faster"]
+    return networks, families
 
 
 def layouts_per_family(args: argparse.Namespace, device: torch.device) -> dict:
@@ -325,44 +340,56 @@ def layouts_per_family(args: argparse.Namespace, device: torch.device) -> dict:
                   f"default {r['default_ms']:8.1f} ms  channels_last {r['channels_last_ms']:8.1f}"
                   f" ms  speed x{r['speed_ratio']:.2f}  load {r['load_before'][0]:.2f}->"
                   f"{r['load_after'][0]:.2f}", flush=True)
-    families = family_winners(rows)
-    name = args.name if args.name != "bench_step" else f"bench_layout_{device.type}"
+    networks, families = layout_summary(rows)
     result = {**environment(device), "mode": "layouts-per-family", "device_type": device.type,
               "precision": args.precision, "batch": args.batch, "threads": args.threads,
-              "cpu_count": os.cpu_count(),
+              "methods": methods, "cpu_count": os.cpu_count(),
               "timing": f"median of {args.rounds} interleaved rounds after {args.warmup} "
                         "(layouts interleaved, order alternating)",
               "load_average_start": list(load_start), "load_average_end": list(os.getloadavg()),
               "wall_seconds": time.time() - started, "tie_band": TIE, "rows": rows,
-              "families": families}
-    md = (f"# {name}\n\nchannels_last against the default (contiguous NCHW) layout, one training "
-          f"step (`{'`, `'.join(methods)}`: the loop's step and meter, SGD) per zoo family. "
-          f"Device: {result['device_name']} ({device}); torch {torch.__version__}; "
-          f"{args.precision}; batch {args.batch}; {args.threads} intra-op thread(s); step time = "
-          f"{result['timing']}. Load average (1/5/15 min) {_load(load_start)} at the start, "
-          f"{_load(result['load_average_end'])} at the end "
-          f"({os.cpu_count()} CPUs, shared with other jobs). CIFAR families at 32 px, ImageNet "
-          f"families at 64 px (not their 224 px), so absolute times are not training "
-          f"times.\n\n"
-          + md_table(["network", "family", "method", "input", "default ms/step",
-                      "channels_last ms/step", "speed channels_last / default", "faster",
-                      "load 1-min"],
-                     [[r["model"], r["family"], r["method"], f"{r['size']} px",
-                       r["default_ms"], r["channels_last_ms"], f"{r['speed_ratio']:.3f}",
-                       r["verdict"], f"{r['load_before'][0]:.2f} -> {r['load_after'][0]:.2f}"]
-                      for r in rows])
-          + f"\nA ratio within 1 ± {TIE} is a tie (the round-to-round noise here). Per family: "
-          f"the default layout when some network of the family ran measurably slower in "
-          f"channels_last (ratio < {1 - TIE:.2f}), else channels_last (ties included, the "
-          f"layout recommended for GPUs):\n\n"
-          + md_table(["family", "faster layout", "speed ratio (min..max)", "networks"],
-                     [[f, v["faster"], f"{v['speed_ratio_min']:.2f}..{v['speed_ratio_max']:.2f}",
-                       ", ".join(v["models"])] for f, v in families.items()])
-          + f"\nCommand: `{result['command']}`\n")
+              "networks": networks, "families": families}
+    name = args.name if args.name != "bench_step" else f"bench_layout_{device.type}"
+    md = layout_markdown(name, result)
     jpath, mpath = write_results(name, result, md)
     print(md)
     print(f"wrote {jpath} and {mpath}")
     return result
+
+
+def layout_markdown(name: str, result: dict) -> str:
+    """The ``--layouts-per-family`` results as markdown."""
+    rows, tie = result["rows"], result["tie_band"]
+    return (
+        f"# {name}\n\nchannels_last against the default (contiguous NCHW) layout: one training "
+        f"step (`{'`, `'.join(result['methods'])}`: the library's step, as in the rest of "
+        f"bench_step.py) per network, one small network per zoo family. Device: "
+        f"{result['device_name']} ({result['device']}); torch {result['torch']}; "
+        f"{result['precision']}; batch {result['batch']}; {result['threads']} intra-op "
+        f"thread(s); step time = {result['timing']}. Load average (1/5/15 min) "
+        f"{_load(result['load_average_start'])} at the start, "
+        f"{_load(result['load_average_end'])} at the end ({result['cpu_count']} CPUs, shared "
+        f"with other jobs); {result['wall_seconds']:.0f} s in all. CIFAR families at 32 px, "
+        f"ImageNet families at 64 px (not their 224 px), so absolute times are not training "
+        f"times.\n\n"
+        + md_table(["network", "family", "method", "input", "default ms/step",
+                    "channels_last ms/step", "speed channels_last / default", "faster",
+                    "load 1-min"],
+                   [[r["model"], r["family"], r["method"], f"{r['size']} px",
+                     r["default_ms"], r["channels_last_ms"], f"{r['speed_ratio']:.3f}",
+                     r["verdict"], f"{r['load_before'][0]:.2f} -> {r['load_after'][0]:.2f}"]
+                    for r in rows])
+        + f"\nA ratio within 1 ± {tie} is a tie (the round-to-round noise here). A network's "
+        f"layout: the default when one of its methods ran measurably slower in channels_last "
+        f"(ratio < {1 - tie:.2f}), else channels_last (ties included: the layout recommended "
+        f"for GPUs). A family's: its first network's; the others that disagree are exceptions "
+        f"(dcmkd.engine.layout holds both tables):\n\n"
+        + md_table(["family", "layout", "from", "speed ratio (min..max)", "exceptions"],
+                   [[f, v["faster"], v["representative"],
+                     f"{v['speed_ratio_min']:.2f}..{v['speed_ratio_max']:.2f}",
+                     ", ".join(f"{n}: {lay}" for n, lay in v["exceptions"].items()) or "none"]
+                    for f, v in result["families"].items()])
+        + f"\nCommand: `{result['command']}`\n")
 
 
 def _load(avg) -> str:
