@@ -37,8 +37,8 @@ column labels::
     metrics: {tar@far=0.01: "TAR@FAR=0.01", tar@far=0.001: "TAR@FAR=0.001", rank1: Rank-1}
 
 Its paper values then hold one number per metric, separated by ``/``, each with an optional
-std as ``±`` or in parentheses: ``"76.9±4.3/55.2±5.7/84.6±2.1"``, ``"33.6/55.1/35.6/18.9/36.0/44.1"``
-(``-`` for a metric not reported). Without ``metrics`` an experiment is a classification table
+std as ``±`` or in parentheses: ``"76.9±4.3/55.2±5.7/84.6±2.1"``,
+``"33.6/55.1/35.6/18.9/36.0/44.1"`` (``-`` for a metric not reported). Without ``metrics`` an experiment is a classification table
 (top-1 error), as before. A cell's ``skip`` lists the scales at which it is not run (a reduced
 protocol's rows differ from the paper's: ``skip: [quick]``, or ``skip: [full]`` for a row of the
 reduced protocol only).
