@@ -185,9 +185,9 @@ CASES = [  # (arguments, text the one-line message must contain)
      "the run folder"),                                                                      # 10
     (["train", "-m", "dml", "-n", "resnet20,resnet20", *TINY, "-e", "2", "-o", "{finished}"],
      "choose another -o/--out (the finished run stays there)"),                              # 8
-    (["train", "loss.rampup=soon"], "loss.rampup: expected a number of epochs ≥ 0 or auto, "
+    (["train", "loss.rampup=soon"], "loss.rampup: expected a number ≥ 0 or auto, "
      "got 'soon'"),                                                                          # 15
-    ([], "dcmkd: error: a command is required: models, describe, train"),                   # 16
+    ([], "dcmkd: error: a command is required: models, describe, config, train"),                   # 16
     (["train", "--nope"], "unrecognized arguments: --nope (see dcmkd --help)"),             # 16
     (["reproduce", "{tmp}/missing.yaml"], "no such file: {tmp}/missing.yaml"),              # 16
 ]

@@ -10,6 +10,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "dcmkd"
 #: lowest first; a package may import only packages of lower layers (its own modules aside)
 LAYERS = [
     {"version", "registry", "yamlio", "warn", "progress", "weights"},
+    {"options"},   # the typed config fields (dcmkd.options)
     {"run_folder", "experiment"},
     {"models", "losses", "data"},
     {"heads", "metrics"},

@@ -347,8 +347,8 @@ def test_config_sections_and_bad_options():
     assert cfg["sskd"]["stages"] == 6 and cfg["sskd"]["multi_loss"] is True
     with pytest.raises(UnknownNameError, match="did you mean sskd.stages"):
         resolve(None, ["sskd.stagez=3"])
-    with pytest.raises(UnknownNameError, match="separate"):
-        sskd(head="together")
+    with pytest.raises(UnknownNameError, match="sskd.head 'together'.*separate"):
+        create_method("sskd", ["resnet20", "resnet20"], CLASSES, sskd={"head": "together"})
     with pytest.raises(ValueError, match="loss.temperature does not apply"):
         create_method("sskd", ["resnet20", "resnet20"], CLASSES, temperature=4.0)
     with pytest.raises(UnknownNameError, match="did you mean sskd"):

@@ -40,17 +40,16 @@ def test_a_face_run_through_the_cli_trains_evaluates_exports(tmp_path, capsys):
     assert "head.fc.weight" in state   # the cosine classifier's class weights
 
 
-def test_report_refuses_a_task_run_in_one_line(tmp_path, capsys):
+def test_report_tables_a_task_run_with_its_metrics(tmp_path, capsys):
     root = _identity_folder(tmp_path / "faces")
     out = tmp_path / "run"
     assert _train(["-m", "ind", "-n", "resnet18", "-d", "faces", "--data-dir", str(root),
                    "-e", "1", "-o", str(out), "data.image_size=24", "data.batch_size=8"]) == 0
     capsys.readouterr()
-    assert main(["report", str(out)]) != 0
-    err = capsys.readouterr().err.strip()
-    assert err == (f"dcmkd: error: {out} is a face run: dcmkd report tables classification "
-                   "runs; its results are in its summary.json (test_face) and `dcmkd eval` "
-                   "prints them")
+    assert main(["report", str(out), "--out", str(tmp_path / "rep")]) == 0
+    printed = capsys.readouterr().out
+    written = "".join(p.read_text() for p in (tmp_path / "rep").rglob("*.md"))
+    assert "Rank-1" in printed + written
 
 
 def test_task_options_belong_to_task_data_and_leave_classification_configs_alone():

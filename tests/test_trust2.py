@@ -301,7 +301,7 @@ def test_schedule_keys_beyond_the_run_are_warned():
 
 
 @pytest.mark.parametrize("args,expected", [
-    ([], "dcmkd: error: a command is required: models, describe, train"),
+    ([], "dcmkd: error: a command is required: models, describe, config, train"),
     (["train", "--nope"], "dcmkd: error: unrecognized arguments: --nope (see dcmkd --help)"),
     (["describe"], "dcmkd: error: the following arguments are required: model (see dcmkd "
                    "describe --help)"),

@@ -29,6 +29,7 @@ from dcmkd.heads.describe import describe_model, model_rows
 from dcmkd.methods.teacher import load_pretrained
 from dcmkd.recipes import list_experiments, load_experiment, reproduce
 from dcmkd.recipes.runner import RunsFailed
+from dcmkd.options import schema_keys
 from dcmkd.registry import UnknownNameError
 from dcmkd.report import report_runs
 from dcmkd.report.tsne import tsne_plot
@@ -56,6 +57,33 @@ def cmd_models(args: argparse.Namespace) -> int:
     for r in rows:
         print(f"{r['name']:18s} {r['dataset']:8s} {r['input_size']:5d} {r['num_classes']:7d} "
               f"{_millions(r['params']):>8s} {_giga(r['macs']):>8s}  {r['summary']}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    """Print the config keys (all, or those under ``args.prefix``) from their metadata."""
+    chosen = [k for k in schema_keys()
+              if not args.prefix or any(k.name == p or k.name.startswith(f"{p}.")
+                                        for p in args.prefix)]
+    if not chosen:
+        names = sorted({k.name.split(".")[0] for k in schema_keys()} |
+                       {k.name for k in schema_keys()})
+        raise UnknownNameError("config key or section", args.prefix[0], names)
+    rows = [{"key": k.name, "type": k.type_text, "default": k.default, "range": k.range_text,
+             "defines_run": k.spec.run, "flag": f"--{k.spec.flag}" if k.spec.flag else None,
+             "applies": list(k.spec.applies), "doc": k.spec.doc} for k in chosen]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for r in rows:
+        default = json.dumps(r["default"])
+        extra = [r["range"]] if r["range"] else []
+        extra += [] if r["defines_run"] else ["resumable"]
+        extra += [r["flag"]] if r["flag"] else []
+        applies = ["logit methods" if a == "logit" else a for a in r["applies"]]
+        extra += [f"for {', '.join(applies)}"] if applies else []
+        print(f"{r['key']} = {default}  ({r['type']}{'; ' if extra else ''}{'; '.join(extra)})")
+        print(f"    {r['doc']}")
     return 0
 
 
@@ -95,17 +123,17 @@ def cmd_describe(args: argparse.Namespace) -> int:
     return 0
 
 
-#: CLI flags → the config key each one sets (the one translation of flags, for every command)
-FLAG_KEYS = {"method": "method", "nets": "nets", "dataset": "data.name", "data_dir": "data.root",
-             "epochs": "epochs", "seed": "seed", "out": "out", "device": "device",
-             "precision": "precision"}
+def flag_keys() -> dict[str, str]:
+    """Config key → the attribute of the CLI flag that sets it (the keys' ``flag`` metadata,
+    :mod:`dcmkd.options`): the one translation of flags, for every command."""
+    return {k.name: k.spec.flag.replace("-", "_") for k in schema_keys() if k.spec.flag}
 
 
 def flag_overrides(args: argparse.Namespace) -> list[dict[str, Any]]:
     """The config overrides of the flags a command was given (``--data-dir d`` →
     ``{"data": {"root": "d"}}``)."""
     out: list[dict[str, Any]] = []
-    for attr, key in FLAG_KEYS.items():
+    for key, attr in flag_keys().items():
         value = getattr(args, attr, None)
         if value is not None:
             for part in reversed(key.split(".")):
@@ -328,7 +356,7 @@ class Parser(argparse.ArgumentParser):
 
 
 #: the sub-commands, in the order of ``dcmkd --help``
-COMMANDS = ("models", "describe", "train", "eval", "export", "reproduce", "report", "tsne",
+COMMANDS = ("models", "describe", "config", "train", "eval", "export", "reproduce", "report", "tsne",
             "demo")
 
 
@@ -352,6 +380,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--num-classes", type=positive_int, default=None)
     d.add_argument("--json", action="store_true")
     d.set_defaults(func=cmd_describe)
+
+    c = sub.add_parser("config", help="every config key: type, default, range, doc",
+                       description="Every key of a run config, from the schema's own metadata "
+                       "(dcmkd.options): type, default, accepted range or choices, whether it "
+                       "defines the run (a change makes another run) or may change on resume, "
+                       "the CLI flag that sets it, and what it does.")
+    c.add_argument("prefix", nargs="*", help="only these keys or sections, e.g. loss sskd.lr")
+    c.add_argument("--json", action="store_true", help="machine-readable output")
+    c.set_defaults(func=cmd_config)
 
     t = sub.add_parser("train", help="train a method from a recipe name or a YAML file",
                        description="Train any method. CONFIG is a recipe name "

@@ -21,7 +21,7 @@ A run is a folder::
 
 Every file is written atomically (a temporary file renamed over the old one), so a crash leaves
 either the old or the new version. A folder is *new* (no checkpoint, no summary), *interrupted*
-(a checkpoint, no summary) or *finished* (a summary). Only the keys of :data:`RESUMABLE_KEYS` may
+(a checkpoint, no summary) or *finished* (a summary). Only the resumable keys (:func:`dcmkd.options.resumable_keys`) may
 change between an interruption and its resumption (or for a finished run to be returned);
 anything else that differs is refused, naming the keys.
 """
@@ -49,15 +49,8 @@ import torch
 from torch import nn
 
 import dcmkd.yamlio as yamlio
+from dcmkd.options import resumable_keys
 from dcmkd.weights import TMP_SUFFIX, atomic_save, atomic_write_text, load_file
-
-#: dotted config keys that do not define a run: they may change between an interruption and its
-#: resumption, and a finished run is returned whatever their values
-RESUMABLE_KEYS = ("out", "quiet", "tensorboard", "trackers", "device", "log_every", "eval_every",
-                  "checkpoint_every_steps", "compile", "divergence_factor", "parallel",
-                  "dist_timeout",
-                  "data.workers", "data.test_batch_size", "data.root", "data.cache_dir",
-                  "data.download")
 
 #: keys of ``data.json`` that describe the run's use of the data, not the data: never compared
 DATA_INFO_KEYS = ("train_images_used", "val_images")
@@ -86,8 +79,11 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def defining(config: dict[str, Any]) -> dict[str, Any]:
-    """The flattened keys of ``config`` that define a run (all but :data:`RESUMABLE_KEYS`)."""
-    return {k: v for k, v in flatten(config).items() if k not in RESUMABLE_KEYS}
+    """The flattened keys of ``config`` that define a run: all but the resumable ones
+    (:func:`dcmkd.options.resumable_keys`: folder, device, logging…, the keys declared with
+    ``run=False``), which may change between an interruption and its resumption."""
+    resumable = resumable_keys()
+    return {k: v for k, v in flatten(config).items() if k not in resumable}
 
 
 #: config keys naming a weights file: two spellings of one file (relative or absolute, a run
@@ -237,7 +233,7 @@ class RunFolder:
 
     def check(self, config: dict[str, Any], data: dict[str, Any] | None = None) -> None:
         """Refuse ``config`` if the folder holds a started or finished run of another config
-        (only :data:`RESUMABLE_KEYS` may differ), or, given ``data`` (the identity of the data
+        (only the resumable keys may differ), or, given ``data`` (the identity of the data
         at hand, :mod:`dcmkd.data.identity`), a run whose ``data.json`` says other data (a run
         without that file, from before it existed, is not compared). A run whose
         ``config.yaml`` was deleted is compared with the config its checkpoint records."""
@@ -645,6 +641,6 @@ def resolve_weights(spec: str | os.PathLike, network: int | None = None) -> Path
     return folder.network_path(0 if network is None else int(network))
 
 
-__all__ = ["RunFolder", "RunConflict", "RunLocked", "RESUMABLE_KEYS", "config_hash", "flatten", "defining", "differences",
+__all__ = ["RunFolder", "RunConflict", "RunLocked", "config_hash", "flatten", "defining", "differences",
            "network_file", "best_file", "parse_network_file", "model_name", "default_run_path",
            "resolve_weights", "save_tensors", "deferred_signals"]

@@ -41,7 +41,8 @@ from dcmkd.data.identity import folder_identity, identity
 from dcmkd.data.loader import DeviceLoader, StreamLoader
 from dcmkd.data.noise import corrupt_labels
 from dcmkd.data.subset import stratified_indices
-from dcmkd.registry import UnknownNameError, check_choice
+from dcmkd.options import check_fields, option
+from dcmkd.registry import UnknownNameError
 
 DATASETS = ("cifar10", "cifar100", "digits", "folder", "imagenet", "synthetic")
 #: seed of the ``val_split`` draw (a property of the data, not of the run)
@@ -72,32 +73,37 @@ def default_test_batch_size(device: torch.device | str) -> int:
 class DataConfig:
     """What to load; the keys of a run config's ``data`` section."""
 
-    name: str = "digits"
-    root: str | None = None
-    batch_size: int = 128
-    test_batch_size: int | None = None   # None: default_test_batch_size(device)
-    label_noise: float = 0.0
-    noise_seed: int = 0
-    train_subset: int | None = None
-    val_split: float = 0.0            # fraction of the training images held out for validation
-    download: bool = False
-    workers: int = 4
-    image_size: int | None = None
-    cache_dir: str | None = None
-    skip_bad_images: bool = False     # folder datasets: leave out files that cannot be decoded
-    pad_mode: str = "zeros"           # crop padding: zeros (the usual) | reflect (official code)
-    normalize: str = "dataset"        # CIFAR: the dataset's statistics | official (the DCM
-                                      # code's, CIFAR-10's for both CIFAR-10 and CIFAR-100),
-                                      # CIFAR only: the others use ImageNet's (imagenet,
-                                      # streamed folders), computed (small folders, digits)
-                                      # or fixed (synthetic) statistics
+    name: str = option("digits", "dataset: cifar10, cifar100, digits (bundled), folder, "
+                       "imagenet, synthetic; faces (face task), coco (detection task)",
+                       flag="dataset")
+    root: str | None = option(None, "the dataset's folder (null: the bundled or synthetic "
+                              "data)", types=(str, None), run=False, flag="data-dir")
+    batch_size: int = option(128, "training batch size (the recipes set the papers')", low=1)
+    test_batch_size: int | None = option(None, "evaluation batch size (null: by device)",
+                                         types=(int, None), low=1, run=False)
+    label_noise: float = option(0.0, "fraction of training labels replaced at random", low=0,
+                                high=0.95)
+    noise_seed: int = option(0, "seed of the label noise")
+    train_subset: int | None = option(None, "train on this many images (stratified; null: "
+                                      "all)", types=(int, None), low=1)
+    val_split: float = option(0.0, "fraction of the training images held out for validation "
+                              "(0: none)", low=0, high=MAX_VAL_SPLIT)
+    download: bool = option(False, "download a missing dataset (checksums verified)", run=False)
+    workers: int = option(4, "loader processes of streamed folders", low=0, run=False)
+    image_size: int | None = option(None, "input size (null: the dataset's)", types=(int, None),
+                                    low=8)
+    cache_dir: str | None = option(None, "where decoded folder images are cached (null: none)",
+                                   types=(str, None), run=False)
+    skip_bad_images: bool = option(False, "folder datasets: leave out files that cannot be "
+                                   "decoded")
+    pad_mode: str = option("zeros", "crop padding: zeros (the usual) or reflect (the official "
+                           "DCM code)", choices=aug.PAD_MODES)
+    normalize: str = option("dataset", "CIFAR: the dataset's statistics, or official (the DCM "
+                            "code's CIFAR-10 statistics for both CIFARs); the others use "
+                            "ImageNet's, computed or fixed statistics", choices=NORMALIZATIONS)
 
     def __post_init__(self) -> None:
-        check_choice("data.pad_mode", self.pad_mode, aug.PAD_MODES)
-        check_choice("data.normalize", self.normalize, NORMALIZATIONS)
-        if not (self.val_split == 0 or 0 < self.val_split <= MAX_VAL_SPLIT):
-            raise ValueError(f"data.val_split: expected 0 (no validation split) or a fraction "
-                             f"in (0, {MAX_VAL_SPLIT}], got {self.val_split!r}")
+        check_fields(self, "data.")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "DataConfig":

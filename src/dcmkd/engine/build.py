@@ -52,13 +52,16 @@ def build_method(cfg: dict[str, Any], num_classes: int) -> Method:
     return method
 
 
-def build(cfg: dict[str, Any]) -> Built:
-    """Data, method and settings of a resolved config (:func:`dcmkd.engine.config.resolve`)."""
+def build(cfg: dict[str, Any], ctx: distributed.Distributed | None = None) -> Built:
+    """Data, method and settings of a resolved config (:func:`dcmkd.engine.config.resolve`).
+    ``ctx``: the process's distributed context, if the caller has created it (else created
+    here: :func:`dcmkd.engine.distributed.context`)."""
     if cfg["optim"]["name"] not in OPTIMIZERS:
         raise UnknownNameError("optimizer", cfg["optim"]["name"], OPTIMIZERS)
     settings = TrainSettings.from_config(cfg)
-    ctx = distributed.context(settings.parallel, len(cfg["nets"]), settings.device,
-                              settings.dist_timeout)
+    if ctx is None:
+        ctx = distributed.context(settings.parallel, len(cfg["nets"]), settings.device,
+                                  settings.dist_timeout)
     device = pick_device(distributed.device_of(ctx, settings.device))
     torch.manual_seed(cfg["seed"])
     if task_name(cfg) != "classification":   # face / detection (dcmkd.tasks)

@@ -7,163 +7,116 @@ into the method, the data and the settings.
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import dcmkd.yamlio as yamlio
 from dcmkd.data.build import DataConfig
-from dcmkd.engine.settings import TrainSettings
-from dcmkd.methods import FEATURE_OPTIONS, SSKD_OPTIONS, LossOptions, Schedule, SGDSettings
+from dcmkd.engine.settings import LoopOptions
+from dcmkd.heads import AUX_KINDS
+from dcmkd.methods import METHODS, STAGE_METHODS, LossOptions
+from dcmkd.methods.builders import FeatureOptions, SSKDOptions
+from dcmkd.methods.optimization import OptimConfig, ScheduleOptions
+from dcmkd.options import ConfigError, Key, check_value, defaults, is_section, option, \
+    register_schema, section, spec_of
 from dcmkd.registry import UnknownNameError
 from dcmkd.tasks.build import TASK_DATASETS, TaskConfig, task_name
 
-def _defaults() -> dict[str, Any]:
-    """Every key a run config may hold, with its default, taken from the one owner of each
-    group: the method options (:class:`LossOptions`, ``SSKD_OPTIONS``, ``FEATURE_OPTIONS``), the
-    data options (:class:`DataConfig`), the optimiser and schedule (:class:`SGDSettings`,
-    :class:`Schedule`) and the loop's settings (:class:`TrainSettings`)."""
-    schedule, settings = asdict(Schedule()), TrainSettings()
-    loop = {f.name: getattr(settings, f.name) for f in fields(TrainSettings)
-            if f.name not in ("optim", "schedule", "clip_grad_norm")}
-    return {
-        "method": "dcm",
-        "nets": ["resnet20", "resnet20"],
-        "num_classes": None,            # default: the dataset's
-        "classifiers": None,            # auxiliary classifiers, e.g. "C2,C3" (paper default)
-        "aux_kind": "default",          # default | apfc | narrow
-        "model_options": {},            # e.g. {dropout: 0.3}
-        "init": "zoo",                  # zoo (He fan-out, unit BN) | official (the DCM code's)
-        "protocol": "paper",            # paper | official: the official code's details
-                                        # (PROTOCOLS), each also a key of its own
-        "teacher_weights": None,        # kd, sskd, fitnets…: first network (file or run folder)
-        "teacher_net": None,            # which network of that run folder (default 0)
-        # beyond the paper: the distillation weights ramped up over 25% of the run (AUTO_RAMPUP),
-        # so a short first run does not collapse; the paper's constant weights are
-        # loss.rampup=0, which every reproduced paper table pins (recipes.runner.PAPER_LOSS)
-        "loss": {**asdict(LossOptions()), "rampup": "auto"},
-        "data": asdict(DataConfig()),
-        "optim": {"name": "sgd", "lr": schedule.pop("lr"), **asdict(SGDSettings()),
-                  "clip_grad_norm": settings.clip_grad_norm},
-        "epochs": schedule.pop("epochs"),
-        "schedule": {**schedule, "milestones": list(schedule["milestones"])},
-        "sskd": dict(SSKD_OPTIONS),     # stage-wise feature methods (dcmkd.methods.builders)
-        "task": asdict(TaskConfig()),   # face / detection options (dcmkd.tasks.build)
-        "feature": dict(FEATURE_OPTIONS),
-        **loop,
-        "trackers": [],                 # tensorboard | wandb | mlflow (dcmkd.engine.trackers)
-        "out": None,                    # run folder; default runs/<method>-<nets>-<data>-s<seed>-<hash>
-    }
+INITS = ("zoo", "official")
+
+def _nets_rule(value: Any) -> str | None:
+    if not value or not all(isinstance(n, str) and n for n in value):
+        return "expected one or more model names (e.g. resnet20,resnet20)"
+    return None
+
+
+def _model_options_rule(value: Any) -> str | None:
+    if isinstance(value, list) and not all(isinstance(o, dict) for o in value):
+        return "expected a mapping, or a list of one mapping per network"
+    return None
+
+
+@register_schema
+@dataclass(frozen=True)
+class RunConfig(LoopOptions):
+    """The run config: every key, its type, range, default and doc (``dcmkd describe`` prints
+    them). Each section is the dataclass of the code that uses it: the method's loss options
+    (:class:`LossOptions`), the data (:class:`DataConfig`), the optimiser and schedule
+    (:class:`OptimConfig`, :class:`ScheduleOptions`), SSKD's and FitNets/AT/NST's options, the
+    face and detection tasks' (:class:`TaskConfig`); the loop's keys (:class:`LoopOptions`) are
+    the top-level ones it inherits."""
+
+    method: str = option("dcm", "the method (dcmkd list methods)", flag="method",
+                         choices=(*METHODS.names(), *STAGE_METHODS))
+    nets: list = option(doc="the networks: zoo names, tv:/timm: names", factory=lambda: [
+        "resnet20", "resnet20"], types=(list,), rule=_nets_rule, flag="nets")
+    num_classes: int | None = option(None, "classes of the heads (null: the dataset's)",
+                                     types=(int, None), low=2)
+    classifiers: str | list | None = option(None, "auxiliary classifiers, e.g. C2,C3 (null: "
+                                            "the paper's for the backbone)",
+                                            types=(str, list, None))
+    aux_kind: str = option("default", "auxiliary classifier design: default, apfc or narrow "
+                           "(DCM Table 4)", choices=AUX_KINDS)
+    model_options: dict | list = option(doc="backbone options, e.g. {dropout: 0.3}, or one "
+                                        "mapping per network", factory=dict,
+                                        types=(dict, list), rule=_model_options_rule)
+    init: str = option("zoo", "initialisation: zoo (He fan-out, unit BN) or official (the DCM "
+                       "code's)", choices=INITS)
+    protocol: str = option("paper", "paper, or official: the official DCM code's details "
+                           "(PROTOCOLS), each also a key of its own", choices=("paper",
+                                                                               "official"))
+    teacher_weights: str | None = option(None, "kd, sskd, fitnets…: the first network's "
+                                         "weights (a file or a run folder)", types=(str, None))
+    teacher_net: int | None = option(None, "which network of that run folder (null: 0)",
+                                     types=(int, None), low=0)
+    loss: LossOptions = section(LossOptions, "logit-distillation options", overrides={
+        # beyond the paper: the distillation weights ramped up over 25% of the run
+        # (AUTO_RAMPUP) so that a short first run does not collapse; the paper's constant
+        # weights are loss.rampup=0, which every reproduced paper table pins
+        # (recipes.runner.PAPER_LOSS)
+        "rampup": "auto"})
+    data: DataConfig = section(DataConfig, "what to load")
+    optim: OptimConfig = section(OptimConfig, "the optimiser")
+    epochs: int = option(200, "length of the run in epochs", low=1, flag="epochs")
+    schedule: ScheduleOptions = section(ScheduleOptions, "the learning-rate schedule")
+    sskd: SSKDOptions = section(SSKDOptions, "SSKD's stages and task-head phase",
+                                applies=("sskd",))
+    task: TaskConfig = section(TaskConfig, "face and detection task options",
+                               applies=tuple(TASK_DATASETS))
+    feature: FeatureOptions = section(FeatureOptions, "FitNets / AT / NST options",
+                                      applies=("fitnets", "at", "nst"))
+    out: str | None = option(None, "run folder (null: runs/<method>-<nets>-<data>-s<seed>-"
+                             "<hash>)", types=(str, None), run=False, flag="out")
 
 
 #: every key a run config may hold, with its default
-DEFAULTS: dict[str, Any] = _defaults()
-
-#: the accepted types of the keys whose default is None or that take several kinds of value;
-#: every other key takes the type of its default (an int where a float is expected)
-TYPES: dict[str, tuple] = {
-    "num_classes": (int, None), "classifiers": (str, list, None),
-    "teacher_weights": (str, None), "teacher_net": (int, None), "model_options": (dict, list),
-    "nets": (list,), "out": (str, None), "loss.rampup": (float, str), "recipe": (str,),
-    "data.root": (str, None), "data.train_subset": (int, None), "data.image_size": (int, None),
-    "data.val_split": (float,),
-    "data.test_batch_size": (int, None),
-    "data.cache_dir": (str, None), "optim.clip_grad_norm": (float, None),
-    "schedule.milestones": (list,), "schedule.warmup_epochs": (float,),
-    "sskd.stages": (int, list), "sskd.weight_decay": (float, None), "sskd.milestones": (list,),
-    "sskd.stage_epochs": (int, float, None), "sskd.head_epochs": (int, float, None),
-    "feature.stages": (int, list), "feature.hint": (str, int),
-    "task.s": (float, None), "task.m": (float, None), "task.split": (str, None),
-    "task.backbone_weights": (str, None), "trackers": (list, str),
-}
-#: (smallest, largest) accepted value of numeric keys; None: unbounded
-RANGES: dict[str, tuple[float | None, float | None]] = {
-    "epochs": (1, None), "num_classes": (2, None), "teacher_net": (0, None),
-    "data.batch_size": (1, None), "data.test_batch_size": (1, None), "data.workers": (0, None),
-    "data.train_subset": (1, None), "data.image_size": (8, None), "data.label_noise": (0, 0.95),
-    "data.val_split": (0, 0.5),
-    "optim.lr": (0, None), "optim.momentum": (0, 1), "optim.weight_decay": (0, None),
-    "optim.clip_grad_norm": (0, None), "schedule.gamma": (0, None), "schedule.step_size": (1, None),
-    "schedule.warmup_epochs": (0, None), "log_every": (1, None), "eval_every": (1, None),
-    "checkpoint_every_steps": (0, None), "loss.temperature": (0, None), "loss.rampup": (0, None),
-    "loss.label_smoothing": (0, 1), "loss.alpha": (0, None), "loss.beta": (0, None),
-    "loss.gamma": (0, None), "task.min_size": (16, None), "task.max_size": (16, None),
-}
-#: list keys of epochs (or fractions of the epochs) at which the rate drops: numbers in
-#: non-decreasing order (two drops at one epoch are two drops: a schedule shortened to a few
-#: epochs can round two milestones to the same epoch)
-MILESTONE_KEYS = ("schedule.milestones", "sskd.milestones")
+DEFAULTS: dict[str, Any] = defaults(RunConfig)
 #: keys a resolved config leaves out at their default (:func:`_val_split`, :func:`_task_section`)
 OPTIONAL_KEYS = ("data.val_split", "task")
-_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
-               list: "a list", dict: "a mapping", None: "null"}
-
-
-class ConfigError(ValueError):
-    """A config value of the wrong type or out of range: the message names the key."""
 
 
 def validate(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Check every key's type and range against the schema; returns ``cfg``."""
-    def check(defaults: dict, values: dict, prefix: str) -> None:
-        for key, default in defaults.items():
-            full, value = f"{prefix}{key}", values.get(key)
-            if full in OPTIONAL_KEYS and key not in values:
+    """Check every key's type, range and rule against the schema (:class:`RunConfig`'s field
+    metadata); returns ``cfg``."""
+    def check(tree: Any, values: dict, prefix: str) -> None:
+        for f in fields(tree):
+            full = f"{prefix}{f.name}"
+            if full in OPTIONAL_KEYS and f.name not in values:
                 continue
-            accepted = TYPES.get(full, (type(default),))
-            if isinstance(default, dict) and default and full != "model_options":
+            value = values.get(f.name)
+            if is_section(f):
+                sub = getattr(tree, f.name)
                 if not isinstance(value, dict):
                     raise ConfigError(f"{full}: expected a mapping of keys "
-                                      f"({', '.join(default)}), got {value!r}")
-                check(default, value, f"{full}.")
-                continue
-            if not _is_a(value, accepted):
-                names = " or ".join(_TYPE_NAMES.get(t, getattr(t, "__name__", str(t)))
-                                    for t in accepted)
-                raise ConfigError(f"{full}: expected {names}, got {value!r}")
-            low, high = RANGES.get(full, (None, None))
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                if (low is not None and value < low) or (high is not None and value > high) or \
-                        (full in ("optim.lr", "loss.temperature") and value <= 0):
-                    bound = (f"> {low}" if full in ("optim.lr", "loss.temperature") else
-                             f"≥ {low}" if high is None else f"in [{low}, {high}]")
-                    raise ConfigError(f"{full}: expected a value {bound}, got {value!r}")
-    check(DEFAULTS, cfg, "")
-    for key in MILESTONE_KEYS:
-        section, name = key.split(".")
-        values = cfg[section][name]
-        if not all(_is_a(v, (float,)) and v >= 0 for v in values) or \
-                any(b < a for a, b in zip(values, values[1:])):
-            raise ConfigError(f"{key}: expected numbers ≥ 0 in increasing order (epochs, or "
-                              f"fractions of the epochs), got {values!r}")
-    if isinstance(cfg["loss"]["rampup"], str) and cfg["loss"]["rampup"] != "auto":
-        raise ConfigError(f"loss.rampup: expected a number of epochs ≥ 0 or auto, got "
-                          f"{cfg['loss']['rampup']!r}")
-    options = cfg["model_options"]
-    if isinstance(options, list) and not all(isinstance(o, dict) for o in options):
-        raise ConfigError(f"model_options: expected a mapping, or a list of one mapping per "
-                          f"network, got {options!r}")
-    if cfg["init"] not in INITS:
-        raise UnknownNameError("init", str(cfg["init"]), INITS)
-    if not cfg["nets"] or not all(isinstance(n, str) and n for n in cfg["nets"]):
-        raise ConfigError(f"nets: expected one or more model names (e.g. resnet20,resnet20), "
-                          f"got {cfg['nets']!r}")
+                                      f"({', '.join(x.name for x in fields(sub))}), "
+                                      f"got {value!r}")
+                check(sub, value, f"{full}.")
+            else:
+                check_value(Key(full, getattr(tree, f.name), spec_of(f)), value)
+    check(RunConfig(), cfg, "")
     return cfg
 
-
-def _is_a(value: Any, accepted: tuple) -> bool:
-    for t in accepted:
-        if t is None and value is None:
-            return True
-        if t is bool and isinstance(value, bool):
-            return True
-        if t in (int, float) and isinstance(value, bool):
-            continue   # true/false is not a number here
-        if t is float and isinstance(value, (int, float)):
-            return True
-        if t not in (None, bool) and isinstance(value, t):
-            return True
-    return False
 
 #: the papers' optimisers and schedules (DCM supplementary §1, SPEC.md §3)
 RECIPES: dict[str, dict[str, Any]] = {
@@ -211,7 +164,6 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
                      "reset_momentum": True},  # a fresh optimiser at every drop
     },
 }
-INITS = ("zoo", "official")
 
 
 def recipe_for(nets: list[str]) -> str:

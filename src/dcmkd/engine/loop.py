@@ -19,6 +19,8 @@ divergence) are taken on the reduced figures or broadcast, so every rank takes t
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import json
 import sys
 import time
@@ -31,6 +33,7 @@ from dcmkd.warn import warn
 from dcmkd.data.batches import Batches, as_batches
 from dcmkd.data.identity import generic_identity
 from dcmkd.engine import distributed
+from dcmkd.engine.layout import resolve_channels_last
 from dcmkd.engine.device import Precision, compile_networks, environment, pick_device
 from dcmkd.engine.plots import plot_test_error
 from dcmkd.engine.settings import TrainSettings
@@ -49,7 +52,8 @@ class TrainingDiverged(RuntimeError):
 
 def fit(method: Method, data: Any, run: RunFolder | str, settings: TrainSettings | None = None,
         *, test: Iterable | None = None, val: Iterable | None = None,
-        config: dict[str, Any] | None = None, log: Log = print) -> dict[str, Any]:
+        config: dict[str, Any] | None = None, log: Log = print,
+        ctx: distributed.Distributed | None = None) -> dict[str, Any]:
     """Train ``method`` on ``data`` into the run folder ``run``; returns the run's summary.
 
     ``data``: the library's :class:`~dcmkd.data.Data` (train and test loaders), or a
@@ -62,12 +66,14 @@ def fit(method: Method, data: Any, run: RunFolder | str, settings: TrainSettings
     interrupted folder resumes it; a finished folder returns its summary; a folder holding
     another run is refused (:class:`~dcmkd.run_folder.RunConflict`), and so is a folder another
     process is writing (:class:`~dcmkd.run_folder.RunLocked`). Under ``torchrun`` every rank
-    calls it (see :mod:`dcmkd.engine.distributed`).
+    calls it (see :mod:`dcmkd.engine.distributed`); ``ctx``: its distributed context, when the
+    caller has created it (:class:`~dcmkd.engine.trainer.Trainer` does, once per run).
     """
     settings = settings or TrainSettings()
     run = run if isinstance(run, RunFolder) else RunFolder(run)
-    ctx = distributed.context(settings.parallel, len(method.networks), settings.device,
-                              settings.dist_timeout)
+    if ctx is None:
+        ctx = distributed.context(settings.parallel, len(method.networks), settings.device,
+                                  settings.dist_timeout)
     main = ctx is None or ctx.is_main
     log = log if main and not settings.quiet else (lambda s: None)
     agree(ctx, lambda: check_trackers(tracker_names(settings.trackers, settings.tensorboard)))
@@ -76,10 +82,9 @@ def fit(method: Method, data: Any, run: RunFolder | str, settings: TrainSettings
     identity = config if config is not None else describe(method, settings)
     data_identity = getattr(data, "identity", None) or generic_identity(train_batches)
     with run.lock() if main else nullcontext():
-        summary = agree(ctx, lambda: run.read_summary()
-                        if check_run(run, identity, data_identity) else None)
+        summary = finished_summary(run, ctx, lambda: check_run(run, identity, data_identity),
+                                   log)
         if summary is not None:
-            log(f"{run}: finished run, not redone")
             return summary
         try:
             return _train(method, train_batches, test_batches, val_batches,
@@ -94,6 +99,18 @@ def fit(method: Method, data: Any, run: RunFolder | str, settings: TrainSettings
                     "the last good checkpoint is kept" if kept else
                     "no checkpoint had been written yet, so the run leaves nothing")) from None
             raise
+
+
+def finished_summary(run: RunFolder, ctx: distributed.Distributed | None,
+                     check: Callable[[], bool], log: Log) -> dict[str, Any] | None:
+    """The summary of ``run`` when ``check()`` (on rank 0, which raises for a folder of another
+    run) says it holds this run finished, on every rank; None otherwise. The one check of a
+    finished run, for :func:`fit` and :class:`~dcmkd.engine.trainer.Trainer` (which asks it
+    before building anything)."""
+    summary = agree(ctx, lambda: run.read_summary() if check() else None)
+    if summary is not None:
+        log(f"{run}: finished run, not redone")
+    return summary
 
 
 def check_run(run: RunFolder, identity: dict[str, Any],
@@ -132,6 +149,7 @@ def _train(method: Method, train_batches: Batches, test_batches: Batches | None,
            ctx: distributed.Distributed | None, log: Log) -> dict[str, Any]:
     # -- set up: device, precision, processes, the method's optimisation, the run folder
     device = pick_device(distributed.device_of(ctx, settings.device))
+    settings = replace(settings, channels_last=layout_of(method, settings, device))
     if settings.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
@@ -386,6 +404,14 @@ class Meter:
         return self.elapsed + time.perf_counter() - self.t0
 
 
+def layout_of(method: Method, settings: TrainSettings, device: torch.device) -> bool:
+    """Whether the run uses channels_last: ``settings.channels_last`` (true, false or auto:
+    the layout measured faster for the networks on this device type, :mod:`dcmkd.engine.
+    layout`)."""
+    return resolve_channels_last(settings.channels_last,
+                                 [model_name(n) for n in method.networks], device)
+
+
 def evaluate(method: Method, batches: Batches, device: torch.device, precision: Precision,
              settings: TrainSettings, dist: distributed.Distributed | None = None,
              out_dir: Any = None, prefix: str = "test") -> dict[str, float]:
@@ -395,7 +421,8 @@ def evaluate(method: Method, batches: Batches, device: torch.device, precision: 
     ``out_dir``: where a task may write its raw results (a detector's COCO results JSON);
     ``prefix="val"``: the keys of a validation split (``val/…``)."""
     quiet = settings.quiet or (dist is not None and not dist.is_main)
-    ctx = _Evaluation(device, settings.channels_last, dist, out_dir, precision.autocast, quiet)
+    ctx = _Evaluation(device, layout_of(method, settings, device), dist, out_dir,
+                      precision.autocast, quiet)
     task = task_of(method)
     if prefix == "test":   # (a task of one's own may not take the prefix)
         return task.evaluate(method, batches, ctx)

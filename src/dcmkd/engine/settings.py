@@ -7,70 +7,73 @@ from typing import Any
 from dcmkd.warn import warn
 from dcmkd.methods.optimization import AdamWSettings, Schedule, SGDSettings, optimizer_settings
 from dcmkd.engine.trackers import tracker_names
-from dcmkd.registry import check_choice
+from dcmkd.options import check_fields, option
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
-class TrainSettings:
-    """Everything the loop needs besides the method and the data.
+class LoopOptions:
+    """The loop's own options: the run config's top-level keys beside the method's and the
+    data's. Under torchrun (:mod:`dcmkd.engine.distributed`) ``parallel`` picks data-parallel
+    or one network per rank group."""
+
+    device: str = option("auto", "auto | cpu | cuda | cuda:N | mps", run=False, flag="device")
+    precision: str = option("fp32", "fp32 | bf16 | fp16 (autocast; fp16 with loss scaling)",
+                            choices=PRECISIONS, flag="precision")
+    channels_last: bool | str = option("auto", "memory format of the networks and image "
+                                       "batches: true (channels_last), false (the default "
+                                       "NCHW) or auto (the one measured faster for the "
+                                       "networks' family on the device type, dcmkd.engine."
+                                       "layout)", types=(bool, str), choices=("auto",),
+                                       run=False)
+    compile: bool = option(False, "networks through torch.compile (eager if it fails, with a "
+                           "message)", run=False)
+    deterministic: bool = option(False, "deterministic algorithms (torch."
+                                 "use_deterministic_algorithms)")
+    seed: int = option(0, "seed of the initialisation and the batch order", flag="seed")
+    checkpoint_every_steps: int = option(0, "steps between checkpoints (0: at the end of every "
+                                         "epoch only)", low=0, run=False)
+    divergence_factor: float = option(1e3, "stop when the mean loss of a log interval exceeds "
+                                      "this multiple of the first interval's twice in a row, as "
+                                      "a NaN does (0: off)", low=0, run=False)
+    log_every: int = option(50, "steps between the (single, batched) reads of the running "
+                            "losses from the device", low=1, run=False)
+    eval_every: int = option(1, "epochs between test-set evaluations (the last epoch always)",
+                             low=1, run=False)
+    quiet: bool = option(False, "no progress output", run=False)
+    tensorboard: bool = option(False, "add the tensorboard tracker", run=False)
+    trackers: tuple[str, ...] = option((), "experiment trackers of every epoch record: "
+                                       "tensorboard | wandb | mlflow (dcmkd.engine.trackers)",
+                                       types=(list, str), run=False)
+    parallel: str = option("data", "under torchrun: data (data-parallel) or networks (one "
+                           "network per rank group)", choices=("data", "networks"), run=False)
+    sync_bn: bool = option(False, "BatchNorm statistics over the data replicas")
+    dist_timeout: float = option(300.0, "seconds a rank waits for a peer before failing", low=0,
+                                 above=True, run=False)
+
+
+@dataclass(frozen=True)
+class TrainSettings(LoopOptions):
+    """Everything the loop needs besides the method and the data: the loop's options
+    (:class:`LoopOptions`), the optimiser and the schedule.
 
     ``optim`` and ``schedule`` go to the method (:meth:`~dcmkd.methods.base.Method.
     configure_optimization`; the base gives one SGD following ``schedule`` for
-    ``schedule.epochs`` epochs). ``log_every``: steps between the (single, batched) reads of the
-    running losses and accuracies from the device; the progress bar refreshes from those reads.
-    ``eval_every``: epochs between test-set evaluations (the last epoch is always evaluated).
-    ``compile``: the networks run through ``torch.compile`` (eager if it fails, with a message).
-    ``trackers``: experiment trackers that log every epoch record (:mod:`dcmkd.engine.trackers`:
-    tensorboard, wandb, mlflow; ``tensorboard=true`` adds tensorboard).
-    ``divergence_factor``: a run whose mean loss over a log interval exceeds this multiple of
-    its first interval's for two intervals in a row stops like a NaN does (0 disables).
-    ``clip_grad_norm`` (the config's ``optim.clip_grad_norm``; beyond the paper, which does not
-    clip): the total gradient norm over every parameter the optimiser holds is rescaled to at
-    most this before each step, the gradient-norm clipping of Pascanu et al. (2013); offered
-    against the early spike of DCM's summed distillation gradient (README, "DCM on a small
-    budget").
+    ``schedule.epochs`` epochs). ``clip_grad_norm`` is the config's ``optim.clip_grad_norm``
+    (:class:`~dcmkd.methods.optimization.OptimConfig`).
     """
 
-    optim: SGDSettings | AdamWSettings = field(default_factory=SGDSettings)   # optim.name
-    schedule: Schedule = field(default_factory=Schedule)
-    clip_grad_norm: float | None = None   # max total gradient norm (None: no clipping)
-    device: str = "auto"                  # auto | cpu | cuda | cuda:N | mps
-    precision: str = "fp32"               # fp32 | bf16 | fp16 (autocast; fp16 with loss scaling)
-    channels_last: bool = False
-    compile: bool = False
-    deterministic: bool = False
-    seed: int = 0
-    checkpoint_every_steps: int = 0       # 0: at the end of every epoch only
-    divergence_factor: float = 1e3        # stop when the loss exceeds this × its start (0: off)
-    log_every: int = 50
-    eval_every: int = 1
-    quiet: bool = False
-    tensorboard: bool = False
-    trackers: tuple[str, ...] = ()        # tensorboard | wandb | mlflow (dcmkd.engine.trackers)
-    # under torchrun (dcmkd.engine.distributed): data-parallel, or one network per rank group
-    parallel: str = "data"                # data | networks
-    sync_bn: bool = False                 # BatchNorm statistics over the data replicas
-    dist_timeout: float = 300.0           # seconds a rank waits for a peer before failing
+    optim: SGDSettings | AdamWSettings = option(doc="the optimiser (config: optim)",
+                                                factory=SGDSettings)
+    schedule: Schedule = option(doc="the rate schedule (config: schedule, optim.lr, epochs)",
+                                factory=Schedule)
+    clip_grad_norm: float | None = option(None, "max total gradient norm (null: no clipping)",
+                                          types=(float, None), low=0, above=True)
 
     def __post_init__(self) -> None:
-        check_choice("precision", self.precision, PRECISIONS)
         object.__setattr__(self, "trackers", tracker_names(self.trackers))
-        for name in ("log_every", "eval_every"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
-        if self.checkpoint_every_steps < 0:
-            raise ValueError(f"checkpoint_every_steps must be ≥ 0, got "
-                             f"{self.checkpoint_every_steps}")
-        check_choice("parallel", self.parallel, ("data", "networks"))
-        if self.dist_timeout <= 0:
-            raise ValueError(f"dist_timeout must be > 0 seconds, got {self.dist_timeout}")
-        if self.divergence_factor < 0:
-            raise ValueError(f"divergence_factor must be ≥ 0, got {self.divergence_factor}")
-        if self.clip_grad_norm is not None and self.clip_grad_norm <= 0:
-            raise ValueError(f"optim.clip_grad_norm must be > 0 (or null), got "
-                             f"{self.clip_grad_norm}")
+        check_fields(self)
         for note in schedule_beyond_run(self.schedule):
             warn(note)
 
@@ -82,8 +85,7 @@ class TrainSettings:
     def from_config(cls, cfg: dict[str, Any]) -> "TrainSettings":
         """The settings of a resolved run config (:func:`dcmkd.engine.config.resolve`)."""
         o, s = cfg["optim"], cfg["schedule"]
-        simple = {f.name: cfg[f.name] for f in fields(cls)
-                  if f.name not in ("optim", "schedule", "clip_grad_norm")}
+        simple = {f.name: cfg[f.name] for f in fields(LoopOptions)}
         return cls(
             optim=optimizer_settings(o),
             schedule=Schedule(**{**s, "milestones": tuple(s["milestones"])}, lr=o["lr"],
@@ -116,4 +118,4 @@ def schedule_beyond_run(schedule: Any) -> list[str]:
     return out
 
 
-__all__ = ["TrainSettings", "PRECISIONS", "schedule_beyond_run"]
+__all__ = ["LoopOptions", "TrainSettings", "PRECISIONS", "schedule_beyond_run"]

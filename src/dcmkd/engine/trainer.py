@@ -14,8 +14,9 @@ from dcmkd.data.build import dataset_identity, identity_key
 from dcmkd.engine import distributed
 from dcmkd.engine.build import build
 from dcmkd.engine.config import resolve
-from dcmkd.engine.loop import Log, TrainingDiverged, check_run, agree, fit
+from dcmkd.engine.loop import Log, TrainingDiverged, check_run, finished_summary, fit
 from dcmkd.run_folder import RunFolder, default_run_path
+from dcmkd.tasks.build import task_name
 
 
 class Trainer:
@@ -45,23 +46,22 @@ class Trainer:
         ctx = distributed.context(cfg["parallel"], len(cfg["nets"]), cfg["device"],
                                   cfg["dist_timeout"])
         main = ctx is None or ctx.is_main
+        log = self.log if main and not cfg["quiet"] else (lambda s: None)
         with self.run.lock() if main else nullcontext():   # one writer, check to summary
-            summary = agree(ctx, lambda: self.finished_summary())
-            if summary is not None:
-                if main and not cfg["quiet"]:
-                    self.log(f"{self.run}: finished run, not redone")
+            summary = finished_summary(self.run, ctx, self._finished_here, log)
+            if summary is not None:   # a finished run: nothing built, no data loaded
                 return summary
-            built = build(cfg)
+            built = build(cfg, ctx)
             return fit(built.method, built.data, self.run, built.settings, config=cfg,
-                       log=self.log)
+                       log=self.log, ctx=ctx)
 
-    def finished_summary(self) -> dict[str, Any] | None:
-        """The summary of the run, if the folder holds it finished on the same data; a folder
-        of another run is refused."""
+    def _finished_here(self) -> bool:
+        """Whether the folder holds this run finished on the same data; a folder of another
+        run (config or data) is refused."""
         if not check_run(self.run, self.cfg):
-            return None
+            return False
         check_finished_data(self.run, self.cfg, self.log)
-        return self.run.read_summary()
+        return True
 
 
 def absolute_data_root(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -81,6 +81,10 @@ def check_finished_data(run: RunFolder, cfg: dict[str, Any], log: Log = print,
     :func:`~dcmkd.data.build.identity_key` kept in ``known``; data that is not there cannot be
     compared, which is logged."""
     if not run.finished or run.read_data() is None:
+        return
+    if task_name(cfg) != "classification":   # the task's data identity needs its loaders
+        log(f"{run}: data.json not compared with the {task_name(cfg)} data (this version "
+            "compares classification data only)")
         return
     known = {} if known is None else known
     key = identity_key(cfg["data"])

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 from torch import nn
@@ -28,9 +28,10 @@ from torch import nn
 from dcmkd.methods.base import Method
 from dcmkd.methods.feature_kd import FEATURE_METHODS, FeatureKD
 from dcmkd.methods.mutual import LossOptions
-from dcmkd.methods.sskd import SSKD, FixedBackbone
+from dcmkd.methods.sskd import ADAPTER_MODES, HEAD_MODES, SCHEDULE_MODES, SSKD, FixedBackbone
 from dcmkd.methods.teacher import load_pretrained
-from dcmkd.registry import UnknownNameError
+from dcmkd.methods.optimization import milestone_rule
+from dcmkd.options import build, check_fields, defaults, not_applying, option
 
 #: name → (number of networks, summary)
 STAGE_METHODS: dict[str, tuple[int, str]] = {
@@ -41,60 +42,76 @@ STAGE_METHODS: dict[str, tuple[int, str]] = {
     "fixed_backbone": (1, "re-initialised head trained alone on a frozen trained backbone"),
 }
 
-#: the ``sskd`` config section (see :mod:`dcmkd.methods.sskd` and the README)
-SSKD_OPTIONS: dict[str, Any] = {
-    "stages": 4,               # 1–8 stages, or the unit names at which stages end
-    "schedule": "plateau",     # plateau (lr ×factor when the distance stops decreasing) | epochs
-    "lr": 0.01, "momentum": 0.9,
-    "weight_decay": None,      # None: the run's optim.weight_decay
-    "factor": 0.9, "patience": 0, "threshold": 0.0, "min_lr": 1.0e-5,   # plateau
-    "stage_epochs": None,      # epochs per stage (epochs mode) or at most (plateau); None: epochs
-    "milestones": [0.3, 0.6, 0.9], "gamma": 0.1,   # epochs mode (≤ 1: fractions of stage_epochs)
-    "multi_loss": False,       # Table 2: all stage losses summed, trained at once
-    "head": "separate",        # separate (backbone frozen) | end_to_end (fine-tune everything)
-    "head_epochs": None,       # task-head phase length; None: epochs; 0: none
-    "adapter": "auto",         # auto (1×1 conv when channels differ) | always
-}
+@dataclass(frozen=True)
+class SSKDOptions:
+    """The ``sskd`` config section (see :mod:`dcmkd.methods.sskd` and the README)."""
 
-#: the ``feature`` config section (FitNets / AT / NST)
-FEATURE_OPTIONS: dict[str, Any] = {
-    "stages": 4,               # stage outputs compared by AT and NST
-    "hint": "auto",            # FitNets: auto (the stage ending at conv3_x, else the 2nd) |
-                               # 1-based stage of that partition | a unit name
-    "reduction": "sum",        # AT/NST over stages: sum (the originals') | mean
-    "p": 2.0,                  # AT exponent
-    "degree": 2, "c": 0.0,     # NST polynomial kernel
-}
+    stages: int | list = option(4, "1–8 stages, or the unit names at which stages end",
+                                types=(int, list))
+    schedule: str = option("plateau", "stage rate: plateau (×factor when the distance stops "
+                           "decreasing, the paper) or epochs (milestones)",
+                           choices=SCHEDULE_MODES)
+    lr: float = option(0.01, "stage-phase learning rate (SSKD §4.1)", low=0, above=True)
+    momentum: float = option(0.9, "stage-phase SGD momentum", low=0, high=1)
+    weight_decay: float | None = option(None, "stage-phase weight decay (null: the run's "
+                                        "optim.weight_decay)", types=(float, None), low=0)
+    factor: float = option(0.9, "plateau: rate factor when the distance stops decreasing",
+                           low=0, above=True)
+    patience: int = option(0, "plateau: epochs without improvement before the factor", low=0)
+    threshold: float = option(0.0, "plateau: relative improvement that counts", low=0)
+    min_lr: float = option(1.0e-5, "plateau: the rate a stage ends at", low=0)
+    stage_epochs: int | float | None = option(None, "epochs per stage (epochs mode) or at most "
+                                              "(plateau); null: the run's epochs",
+                                              types=(int, float, None), low=0)
+    milestones: list = option((0.3, 0.6, 0.9), "epochs mode: rate drops (≤ 1: fractions of "
+                              "stage_epochs)", rule=milestone_rule)
+    gamma: float = option(0.1, "epochs mode: rate factor at each milestone", low=0)
+    multi_loss: bool = option(False, "SSKD Table 2: every stage loss summed and trained at once")
+    head: str = option("separate", "task-head phase: separate (backbone frozen, the paper) or "
+                       "end_to_end (fine-tune everything)", choices=HEAD_MODES)
+    head_epochs: int | float | None = option(None, "task-head phase length (null: the run's "
+                                             "epochs; 0: none)", types=(int, float, None), low=0)
+    adapter: str = option("auto", "student→teacher adapter: auto (1×1 conv where channels "
+                          "differ) or always", choices=ADAPTER_MODES)
 
-#: the logit methods' loss options these methods use (λ = ``beta``; the others must keep their
-#: defaults)
-USED_LOSS_OPTIONS = ("beta", "label_smoothing")
-
-
-def _options(defaults: dict[str, Any], given: dict[str, Any] | None, what: str) -> dict[str, Any]:
-    out = dict(defaults)
-    for k, v in (given or {}).items():
-        if k not in defaults:
-            raise UnknownNameError(f"{what} option", k, defaults)
-        out[k] = v
-    return out
+    def __post_init__(self) -> None:
+        check_fields(self, "sskd.")
 
 
-def _check_loss_options(name: str, loss_options: dict[str, Any]) -> dict[str, Any]:
-    defaults = asdict(LossOptions())
-    used = {}
-    for k, v in loss_options.items():
-        if k not in defaults:
-            raise UnknownNameError(f"option of method '{name}'", k, LossOptions.names())
-        if k == "beta" and name not in FEATURE_METHODS:
-            if v != defaults[k]:
-                raise ValueError(f"loss.beta does not apply to '{name}' (it has no loss weight)")
-        elif k in USED_LOSS_OPTIONS:
-            used[k] = v
-        elif k == "rampup" and v == "auto":   # the config default: no distillation weight to ramp
-            continue
-        elif v != defaults[k]:
-            raise ValueError(f"loss.{k} does not apply to '{name}'")
+@dataclass(frozen=True)
+class FeatureOptions:
+    """The ``feature`` config section (FitNets / AT / NST)."""
+
+    stages: int | list = option(4, "stage outputs compared by AT and NST", types=(int, list))
+    hint: str | int = option("auto", "FitNets hint: auto (the stage ending at conv3_x, else the "
+                             "2nd), a 1-based stage of that partition, or a unit name",
+                             types=(str, int))
+    reduction: str = option("sum", "AT/NST over stages: sum (the originals') or mean",
+                            choices=("sum", "mean"))
+    p: float = option(2.0, "AT exponent (Zagoruyko & Komodakis 2017, Eq. 2)", low=0,
+                      above=True)
+    degree: int = option(2, "NST polynomial kernel degree (Huang & Wang 2017)", low=1)
+    c: float = option(0.0, "NST polynomial kernel constant")
+
+    def __post_init__(self) -> None:
+        check_fields(self, "feature.")
+
+
+#: the ``sskd`` and ``feature`` sections at their defaults (plain mappings)
+SSKD_OPTIONS: dict[str, Any] = defaults(SSKDOptions)
+FEATURE_OPTIONS: dict[str, Any] = defaults(FeatureOptions)
+
+def _used_loss_options(name: str, loss_options: dict[str, Any]) -> dict[str, Any]:
+    """The loss options ``name`` uses (``beta`` as λ of FitNets/AT/NST, ``label_smoothing``);
+    another option given a value other than its default is refused (:attr:`Spec.applies` of
+    :class:`LossOptions`). ``rampup: auto``, the config's default, ramps nothing here."""
+    loss = build(LossOptions, loss_options, f"method '{name}'")
+    wrong = not_applying(LossOptions, loss_options, (name,), unchanged={"rampup": "auto"})
+    if wrong:
+        raise ValueError(f"loss.{wrong} does not apply to '{name}'")
+    used = {"label_smoothing": loss.label_smoothing}
+    if name in FEATURE_METHODS:
+        used["beta"] = loss.beta
     return used
 
 
@@ -116,9 +133,9 @@ def build_stage_method(name: str, networks: Sequence[nn.Module], *,
         raise ValueError(f"method '{name}' needs {count} network{'s' * (count > 1)} "
                          f"({'teacher, student' if count == 2 else 'the trained network'}), "
                          f"got {len(networks)}")
-    loss = _check_loss_options(name, loss_options)
-    s_opts = _options(SSKD_OPTIONS, sskd, "sskd")
-    f_opts = _options(FEATURE_OPTIONS, feature, "feature")
+    loss = _used_loss_options(name, loss_options)
+    s_opts = asdict(build(SSKDOptions, sskd, "sskd"))
+    f_opts = asdict(build(FeatureOptions, feature, "feature"))
     if teacher_weights is not None:
         load_pretrained(networks[0].backbone, teacher_weights, teacher_net)
     elif name == "fixed_backbone":

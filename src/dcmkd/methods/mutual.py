@@ -25,7 +25,8 @@ from dcmkd.heads import MultiExitNetwork
 from dcmkd.losses.mutual import REDUCTIONS, LinkMatrix, MutualLoss, mutual_distillation_loss
 from dcmkd.methods.base import Method, StepFn, StepOutput
 from dcmkd.methods.optimization import RAMPUP_SHAPES, rampup_factor
-from dcmkd.registry import UnknownNameError, check_choice
+from dcmkd.options import check_fields, option
+from dcmkd.registry import UnknownNameError
 
 UPDATE_MODES = ("simultaneous", "alternating")
 #: ``loss.rampup: auto`` ramps the distillation weights over this fraction of the run's epochs.
@@ -38,33 +39,39 @@ AUTO_RAMPUP = 0.25
 @dataclass(frozen=True)
 class LossOptions:
     """The options of the logit-distillation methods, with their defaults: the one list of them
-    (the run config's ``loss`` section is built from it). Defaults are the paper's."""
+    (the run config's ``loss`` section is built from it). Defaults are the paper's. ``applies``
+    names the methods an option is for (``logit``: every method of :data:`dcmkd.methods.METHODS`);
+    a stage-wise method given another value of it refuses it."""
 
-    alpha: float = 1.0              # weight of the auxiliary classifiers' CE (Eq. 7)
-    beta: float = 1.0               # same-staged distillation (Eq. 8); DML's and KD's weight
-    gamma: float = 1.0              # different-staged distillation (Eq. 9)
-    temperature: float = 1.0        # T of Eq. 3
-    divergence: str = "kl"          # value reported: kl (Eq. 5) | ce (Eq. 2); same gradient
-    t2_scaling: bool = False        # distillation terms × T² (Hinton et al.)
-    label_smoothing: float = 0.0    # of every CE term
-    update: str = "simultaneous"    # DCM Algorithm 1 | alternating (DML's own schedule)
+    alpha: float = option(1.0, "weight of the auxiliary classifiers' CE (DCM Eq. 7)", low=0,
+                          applies=("logit",))
+    beta: float = option(1.0, "same-staged distillation weight (DCM Eq. 8); DML's and KD's "
+                         "weight; λ of FitNets/AT/NST", low=0,
+                         applies=("logit", "fitnets", "at", "nst"))
+    gamma: float = option(1.0, "different-staged distillation weight (DCM Eq. 9)", low=0,
+                          applies=("logit",))
+    temperature: float = option(1.0, "temperature T of the softened outputs (DCM Eq. 3)",
+                                low=0, above=True, applies=("logit",))
+    divergence: str = option("kl", "value reported: kl (Eq. 5) or ce (Eq. 2); same gradient",
+                             choices=("kl", "ce"), applies=("logit",))
+    t2_scaling: bool = option(False, "distillation terms × T² (Hinton et al. 2015)",
+                              applies=("logit",))
+    label_smoothing: float = option(0.0, "label smoothing of every cross-entropy term",
+                                    low=0, high=1)
+    update: str = option("simultaneous", "DCM Algorithm 1's simultaneous update, or DML's "
+                         "alternating one", choices=UPDATE_MODES, applies=("logit",))
     # beyond the paper (issue 13); the defaults leave the paper's loss unchanged
-    reduction: str = "sum"          # a classifier's distillation terms: sum (Eq. 8, 9) | mean
-    rampup: float | str = 0.0       # epochs over which β and γ ramp up (0: constant), or
-                                    # "auto": AUTO_RAMPUP of the schedule's epochs
-    rampup_shape: str = "sigmoid"   # sigmoid (ONE/OKDDip/PCL) | linear
+    reduction: str = option("sum", "a classifier's distillation terms: sum (DCM Eq. 8, 9) or "
+                            "mean (beyond the paper)", choices=REDUCTIONS, applies=("logit",))
+    rampup: float | str = option(0.0, "epochs over which β and γ ramp up (0: constant, the "
+                                 "paper), or auto: AUTO_RAMPUP of the run's epochs (beyond the "
+                                 "paper)", types=(float, str), low=0, choices=("auto",),
+                                 applies=("logit",))
+    rampup_shape: str = option("sigmoid", "ramp-up curve: sigmoid (ONE/OKDDip/PCL) or linear",
+                               choices=RAMPUP_SHAPES, applies=("logit",))
 
     def __post_init__(self) -> None:
-        check_choice("divergence", self.divergence, ("kl", "ce"))
-        check_choice("update mode", self.update, UPDATE_MODES)
-        check_choice("distillation reduction", self.reduction, REDUCTIONS)
-        check_choice("ramp-up shape", self.rampup_shape, RAMPUP_SHAPES)
-        if isinstance(self.rampup, str) and self.rampup != "auto" or \
-                not isinstance(self.rampup, str) and self.rampup < 0:
-            raise ValueError(f"loss.rampup is a number of epochs ≥ 0 or 'auto', got "
-                             f"{self.rampup!r}")
-        if self.temperature <= 0:
-            raise ValueError(f"loss.temperature must be > 0, got {self.temperature}")
+        check_fields(self, "loss.")
 
     @classmethod
     def names(cls) -> tuple[str, ...]:

@@ -14,6 +14,7 @@ from typing import Any, Iterable
 
 import torch
 
+from dcmkd.options import check_fields, is_a, option
 from dcmkd.registry import check_choice
 
 SCHEDULES = ("step", "multistep", "cosine", "constant")
@@ -89,8 +90,54 @@ def optimizer_settings(optim: dict[str, Any]) -> SGDSettings | AdamWSettings:
                        weight_decay=optim.get("weight_decay", defaults_sgd.weight_decay))
 
 
+def milestone_rule(value: Any) -> str | None:
+    """Milestones are epochs (or fractions of the epochs, ≤ 1) in non-decreasing order: two
+    drops at one epoch are two drops (a schedule shortened to a few epochs can round two
+    milestones to the same epoch)."""
+    if not all(is_a(v, (float,)) and v >= 0 for v in value) or \
+            any(b < a for a, b in zip(value, value[1:])):
+        return "expected numbers ≥ 0 in increasing order (epochs, or fractions of the epochs)"
+    return None
+
+
 @dataclass(frozen=True)
-class Schedule:
+class OptimConfig:
+    """The run config's ``optim`` section: the optimiser (:func:`optimizer_settings`), the
+    initial rate of the :class:`Schedule` and the loop's gradient clipping."""
+
+    name: str = option("sgd", "optimiser: sgd (the papers') or adamw (users' own models)",
+                       choices=OPTIMIZERS)
+    lr: float = option(0.1, "initial learning rate", low=0, above=True)
+    momentum: float = option(0.9, "SGD momentum", low=0, high=1)
+    nesterov: bool = option(False, "SGD Nesterov momentum (DenseNet's recipe)")
+    weight_decay: float = option(1e-4, "L2 weight decay (AdamW: decoupled)", low=0)
+    clip_grad_norm: float | None = option(None, "rescale the total gradient norm to at most "
+                                          "this before each step (Pascanu et al. 2013; beyond "
+                                          "the papers; null: no clipping)",
+                                          types=(float, None), low=0, above=True)
+
+    def __post_init__(self) -> None:
+        check_fields(self, "optim.")
+
+
+@dataclass(frozen=True)
+class ScheduleOptions:
+    """The run config's ``schedule`` section (:class:`Schedule` without its rate and length,
+    which are ``optim.lr`` and ``epochs``)."""
+
+    name: str = option("step", "step | multistep | cosine | constant", choices=SCHEDULES)
+    step_size: int = option(60, "step: epochs between drops", low=1)
+    milestones: tuple[float, ...] = option((), "multistep: epochs of the drops (≤ 1: fractions "
+                                           "of the run)", types=(list,), rule=milestone_rule)
+    gamma: float = option(0.1, "rate factor at each drop", low=0)
+    warmup_epochs: float = option(0.0, "linear warm-up from 0 (beyond the papers)", low=0)
+    one_based: bool = option(False, "count drops in 1-based epochs (the official DCM code)")
+    reset_momentum: bool = option(False, "a fresh optimiser at every drop (the official DCM "
+                                  "code)")
+
+
+@dataclass(frozen=True)
+class Schedule(ScheduleOptions):
     """The learning rate as a pure function of the fractional, 0-based epoch (batch b of epoch
     e is ``e + b / batches``), so a resumed run sets exactly the same rate (SPEC.md §3).
 
@@ -109,19 +156,12 @@ class Schedule:
       official code's ``create_optimizer`` at every drop does
     """
 
-    name: str = "step"
-    lr: float = 0.1
-    epochs: int = 200
-    step_size: int = 60
-    milestones: tuple[float, ...] = ()
-    gamma: float = 0.1
-    warmup_epochs: float = 0.0
-    one_based: bool = False
-    reset_momentum: bool = False
+    lr: float = option(0.1, "initial rate (the config's optim.lr)", low=0)
+    epochs: int = option(200, "length of the run (the config's epochs)", low=1)
 
     def __post_init__(self) -> None:
-        check_choice("schedule", self.name, SCHEDULES)
         object.__setattr__(self, "milestones", tuple(self.milestones))
+        check_fields(self, "schedule.")
 
     def __call__(self, epoch: float) -> float:
         warm = self.warmup_epochs or 0

@@ -161,15 +161,6 @@ def plan(exp: Experiment, *, rows: list[str] | None = None, columns: list[str] |
     return runs
 
 
-def _check_data(folder: RunFolder, config: dict[str, Any], log: Callable[[str], None],
-                datasets: dict[str, dict[str, Any] | None] | None) -> None:
-    """:func:`check_finished_data` for a classification run; a face or detection run's data
-    identity is not compared (``dataset_identity`` knows the classification datasets only in
-    this version)."""
-    if task_name(config) == "classification":
-        check_finished_data(folder, config, log, datasets)
-
-
 def write_task_smoke_data(runs: Sequence[PlannedRun], scale: str) -> None:
     """The synthetic dataset of every face or detection run of a smoke reproduction that
     trains on it (its ``data.root`` is the reproduction's ``_data`` folder), written once."""
@@ -422,7 +413,7 @@ def reproduce(exp: Experiment, *, rows: list[str] | None = None,
     datasets: dict[str, dict[str, Any] | None] = {}   # the data of each data config, loaded once
     for r in runs:  # a folder holding another config's run, or other data, is refused
         RunFolder(r.run_dir).check(r.config)
-        _check_data(RunFolder(r.run_dir), r.config, log, datasets)
+        check_finished_data(RunFolder(r.run_dir), r.config, log, datasets)
     shown = runs + (other_columns(runs, plan(columns=None, **planned), log, datasets)
                     if columns is not None else [])
     todo = [r for r in runs if not r.done]
@@ -463,7 +454,7 @@ def other_columns(chosen: Sequence[PlannedRun], every: Sequence[PlannedRun],
         folder = RunFolder(r.run_dir)
         try:
             folder.check(r.config)
-            _check_data(folder, r.config, log, datasets)
+            check_finished_data(folder, r.config, log, datasets)
             folder.read_summary()
         except (ValueError, OSError) as e:   # another config or data, a damaged file
             log(f"not in the table: {e}")

@@ -13,13 +13,15 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
 from dcmkd.methods.base import Method
+from dcmkd.options import check_fields, option
+from dcmkd.tasks.face import HEADS
 
 
 #: the datasets of the tasks other than classification (``data.name``): the task follows the data
@@ -31,18 +33,29 @@ class TaskConfig:
     """The ``task`` section of a run config: options of the face and detection tasks (the task
     itself follows ``data.name``: :data:`TASK_DATASETS`, else classification)."""
 
-    head: str = "softmax"          # face: identity classifier: softmax | cosface | arcface
-    s: float | None = None         # face margin heads' scale (None: the papers' 64)
-    m: float | None = None         # face margin (None: CosFace 0.35, ArcFace 0.5)
-    split: str | None = None       # face: identity split CSV (None: root/SPLIT_SUGGESTED.csv,
-                                   # else a seeded quarter of the identities as test)
-    detector: str = "fasterrcnn"   # detection: fasterrcnn | retinanet
-    min_size: int = 800            # detection: the detectors' resize (Detectron's 800 / 1333)
-    max_size: int = 1333
-    train_split: str = "train2017"   # detection: COCO annotation splits
-    test_split: str = "val2017"
-    backbone_weights: str | None = None   # detection: local ImageNet ResNet weights of the
-                                          # trained detector(s) (None: from scratch)
+    head: str = option("softmax", "face: identity classifier of training: softmax, cosface "
+                       "(Wang et al. 2018) or arcface (Deng et al. 2019)",
+                       choices=HEADS)
+    s: float | None = option(None, "face margin heads' scale (null: the papers' 64)",
+                             types=(float, None), low=0, above=True)
+    m: float | None = option(None, "face margin (null: CosFace 0.35, ArcFace 0.5)",
+                             types=(float, None), low=0)
+    split: str | None = option(None, "face: identity split CSV (null: root/SPLIT_SUGGESTED.csv, "
+                               "else a seeded quarter of the identities as test)",
+                               types=(str, None))
+    detector: str = option("fasterrcnn", "detection: fasterrcnn (FPN) or retinanet",
+                           choices=("fasterrcnn", "retinanet"))   # models.detection.KINDS (torchvision)
+    min_size: int = option(800, "detection: shorter image side after resizing (Detectron's "
+                           "800)", low=16)
+    max_size: int = option(1333, "detection: longer side at most (Detectron's 1333)", low=16)
+    train_split: str = option("train2017", "detection: COCO annotation split of training")
+    test_split: str = option("val2017", "detection: COCO annotation split of evaluation")
+    backbone_weights: str | None = option(None, "detection: local ImageNet ResNet weights of "
+                                          "the trained detector(s) (null: from scratch)",
+                                          types=(str, None))
+
+    def __post_init__(self) -> None:
+        check_fields(self, "task.")
 
 
 def task_name(cfg: dict[str, Any]) -> str:
@@ -229,7 +242,8 @@ def detection_method(name: str, kind: str, backbones: Sequence[str], num_classes
     ``backbones``; ``num_classes`` object classes (background added). ``teacher_weights``: the
     teacher detector's weights (an exported network or a run folder); ``backbone_weights``: per
     network, a local ImageNet ResNet state_dict (or None: from scratch)."""
-    from dcmkd.methods.builders import SSKD_OPTIONS, _options
+    from dcmkd.methods.builders import SSKDOptions
+    from dcmkd.options import build
     from dcmkd.methods.sskd import SSKD
     from dcmkd.methods.supervised import Supervised
     from dcmkd.methods.teacher import load_pretrained
@@ -256,7 +270,7 @@ def detection_method(name: str, kind: str, backbones: Sequence[str], num_classes
         load_pretrained(nets[0].detector, teacher_weights)
     else:
         warnings.warn("'sskd' without teacher_weights: the teacher is untrained", stacklevel=2)
-    method = SSKD(nets[0], nets[1], **_options(SSKD_OPTIONS, sskd, "sskd"))
+    method = SSKD(nets[0], nets[1], **asdict(build(SSKDOptions, sskd, "sskd")))
     method.name, method.task = "sskd", task
     return method
 
