@@ -451,6 +451,23 @@ class ResNetFPNPlan:
             return out
         return out.x
 
+    @property
+    def map_stages(self) -> list[int]:
+        """The stages whose feature is one map: the ResNet stages C2–C5 (every stage but the
+        ``fpn``), which AT and NST compare (:mod:`dcmkd.methods.feature_kd`)."""
+        return list(range(self.fpn_stage))
+
+    def output_module(self, i: int) -> nn.Module:
+        """The detector's own module whose output is stage ``i``'s :meth:`feature` (the stage's
+        last ResNet layer, or the FPN)."""
+        self._check(i)
+        return self.fpn if i == self.fpn_stage else self._groups[i][-1][1]
+
+    def record(self, stages: Sequence[int]) -> "StageRecorder":
+        """A context in which the detector's own forward records the :meth:`feature` of each of
+        ``stages`` and the backbone's input batch (:class:`StageRecorder`)."""
+        return StageRecorder(self, stages)
+
     def describe(self) -> list[dict]:
         return [{"name": n, "channels": c,
                  "modules": ["fpn"] if i == self.fpn_stage else [m for m, _ in self._groups[i]]}
@@ -461,6 +478,45 @@ class ResNetFPNPlan:
         kind = spec.get("kind", type(self.detector).__name__)
         what = f"{kind} {spec.get('backbone', '')}".strip()
         return f"ResNetFPNPlan({what}: {', '.join(self.names)}; levels {self.level_names})"
+
+
+class StageRecorder(AbstractContextManager):
+    """Record, while the detector runs its own forward (its training losses), what a
+    :class:`ResNetFPNPlan` would give: ``features[i]`` equals ``plan.feature(i, plan.run(x)[i])``
+    for each requested stage ``i``, and ``input`` is ``x``, the normalised, resized, padded
+    batch the backbone received (the input of stage 1, for a teacher's plan). Forward hooks on
+    the plan's :meth:`~ResNetFPNPlan.output_module` s and a pre-hook on the backbone, removed on
+    exit; the student's stages are not run a second time. One forward per ``with`` block."""
+
+    def __init__(self, plan: ResNetFPNPlan, stages: Sequence[int]):
+        self.plan, self.stages = plan, sorted(set(int(i) for i in stages))
+        self.features: dict[int, Any] = {}
+        self.input: torch.Tensor | None = None
+        self._hooks: list[Any] = []
+
+    def __enter__(self) -> "StageRecorder":
+        def keep_input(module: nn.Module, args: tuple) -> None:
+            if self.input is not None:
+                raise RuntimeError("StageRecorder: the backbone ran twice in one recording")
+            self.input = args[0]
+
+        def keep(i: int) -> Any:
+            def hook(module: nn.Module, args: tuple, out: Any) -> None:
+                self.features[i] = out
+            return hook
+
+        self._hooks = [_fpn_backbone(self.plan.detector).register_forward_pre_hook(keep_input)]
+        self._hooks += [self.plan.output_module(i).register_forward_hook(keep(i))
+                        for i in self.stages]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        if exc[0] is None and (self.input is None or set(self.features) != set(self.stages)):
+            raise RuntimeError("StageRecorder: the detector's forward did not run its backbone "
+                               f"through stages {self.stages} ({sorted(self.features)} seen)")
 
 
 # -- teacher/student compatibility and shared preprocessing -----------------------------------
@@ -517,4 +573,5 @@ __all__ = ["KINDS", "BACKBONES", "NORMS", "P6_SOURCES", "FPN_CHANNELS", "RESNET_
            "build_detector", "load_backbone_weights", "zoo_to_torchvision", "detector_kind",
            "pyramid_levels",
            "head_modules", "model_size", "freeze_backbone", "PyramidState", "ResNetFPNPlan",
+           "StageRecorder",
            "check_compatible", "preprocess"]

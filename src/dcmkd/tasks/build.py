@@ -94,7 +94,7 @@ def build_task(cfg: dict[str, Any], device: torch.device, ctx: Any = None
         backbone_weights=[task.backbone_weights] * len(cfg["nets"])
         if task.backbone_weights else None,
         detector_options={"min_size": task.min_size, "max_size": task.max_size},
-        sskd=cfg["sskd"], **options)
+        sskd=cfg["sskd"], feature=cfg.get("feature"), **options, **_changed_loss(cfg))
     return method, data
 
 
@@ -236,20 +236,38 @@ def detection_method(name: str, kind: str, backbones: Sequence[str], num_classes
                      teacher_weights: str | os.PathLike | None = None,
                      backbone_weights: Sequence[str | None] | None = None,
                      detector_options: dict[str, Any] | None = None,
-                     sskd: dict[str, Any] | None = None) -> Method:
-    """``name`` (``ind``: each detector alone; ``sskd``: the first, a trained teacher, into the
-    second) over torchvision detectors ``kind`` (``fasterrcnn`` / ``retinanet``) with ResNet-FPN
-    ``backbones``; ``num_classes`` object classes (background added). ``teacher_weights``: the
-    teacher detector's weights (an exported network or a run folder); ``backbone_weights``: per
+                     sskd: dict[str, Any] | None = None,
+                     feature: dict[str, Any] | None = None,
+                     **loss_options: Any) -> Method:
+    """``name`` over torchvision detectors ``kind`` (``fasterrcnn`` / ``retinanet``) with
+    ResNet-FPN ``backbones``; ``num_classes`` object classes (background added). ``ind``: each
+    detector alone; ``sskd``: the first, a trained teacher, into the second stage by stage;
+    ``fitnets`` / ``at`` / ``nst``: the second trained on its own losses + λ·transfer term from
+    the first (:class:`~dcmkd.methods.feature_kd.FeatureKD`; λ = ``loss_options["beta"]``,
+    ``feature`` the run config's ``feature`` section). ``teacher_weights``: the teacher
+    detector's weights (an exported network or a run folder); ``backbone_weights``: per
     network, a local ImageNet ResNet state_dict (or None: from scratch)."""
-    from dcmkd.methods.builders import SSKDOptions
+    from dcmkd.methods.builders import FeatureOptions, SSKDOptions, _used_loss_options
     from dcmkd.options import build
+    from dcmkd.methods.feature_kd import FEATURE_METHODS, FeatureKD
     from dcmkd.methods.sskd import SSKD
     from dcmkd.methods.supervised import Supervised
     from dcmkd.methods.teacher import load_pretrained
     from dcmkd.models.detection import build_detector
     from dcmkd.tasks.detection import Detection, DetectorNetwork
 
+    methods = ("ind", "sskd", *FEATURE_METHODS)
+    if name not in methods:
+        raise ValueError(f"method '{name}' is not built for detectors ({', '.join(methods)}); "
+                         "KD does not apply to detection (SSKD paper, Tables 8–9)")
+    loss = _used_loss_options(name, loss_options) if name in FEATURE_METHODS else {}
+    given = sorted(k for k, v in loss_options.items() if (k, v) != ("rampup", "auto"))
+    if name not in FEATURE_METHODS and given:   # (rampup: auto, the config's, ramps nothing)
+        raise ValueError(f"loss.{given[0]} does not apply to '{name}' on detectors (they "
+                         "train on their own losses)")
+    if loss.get("label_smoothing"):
+        raise ValueError(f"loss.label_smoothing does not apply to '{name}' on detectors "
+                         "(they train on their own losses)")
     weights = list(backbone_weights or [None] * len(backbones))
     if len(weights) != len(backbones):
         raise ValueError(f"{len(weights)} backbone_weights for {len(backbones)} detectors")
@@ -261,17 +279,19 @@ def detection_method(name: str, kind: str, backbones: Sequence[str], num_classes
         method = Supervised(nets, task)
         method.name = "ind"
         return method
-    if name != "sskd":
-        raise ValueError(f"method '{name}' is not built for detectors (ind, sskd); KD does "
-                         "not apply to detection (SSKD paper, Tables 8–9)")
     if len(nets) != 2:
-        raise ValueError(f"sskd needs 2 detectors (teacher, student), got {len(nets)}")
+        raise ValueError(f"{name} needs 2 detectors (teacher, student), got {len(nets)}")
     if teacher_weights is not None:
         load_pretrained(nets[0].detector, teacher_weights)
     else:
-        warnings.warn("'sskd' without teacher_weights: the teacher is untrained", stacklevel=2)
-    method = SSKD(nets[0], nets[1], **asdict(build(SSKDOptions, sskd, "sskd")))
-    method.name, method.task = "sskd", task
+        warnings.warn(f"'{name}' without teacher_weights: the teacher is untrained",
+                      stacklevel=2)
+    if name == "sskd":
+        method = SSKD(nets[0], nets[1], **asdict(build(SSKDOptions, sskd, "sskd")))
+    else:
+        method = FeatureKD(nets[0], nets[1], name, loss["beta"],
+                           **asdict(build(FeatureOptions, feature, "feature")))
+    method.name, method.task = name, task
     return method
 
 
