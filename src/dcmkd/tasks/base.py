@@ -19,7 +19,7 @@ classifier's logits); the task never sees a loss.
 """
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 
@@ -118,6 +118,78 @@ def batches_of(batches: Any, ctx: Evaluation) -> Any:
                  quiet=getattr(ctx, "quiet", True))
 
 
+class BatchShard:
+    """One data replica's share of evaluation ``batches`` (one process's batches, e.g. a
+    :class:`~dcmkd.data.loader.DeviceLoader` or :class:`~dcmkd.data.detection.
+    DetectionBatches` built for one process): the whole global batches ``b`` with
+    ``b % world_size == rank``, each exactly as one process forms it. A remainder of batches
+    that does not split evenly leaves the last ranks one batch short (nothing is padded or
+    repeated). :func:`gather_batches` puts the ranks' per-batch results back in the
+    single-process order. Other attributes (``dataset``, ``batch_size``) are the wrapped
+    batches'."""
+
+    def __init__(self, batches: Any, rank: int, world_size: int):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside 0..{world_size - 1}")
+        self.batches, self.rank, self.world_size = batches, rank, world_size
+        self.total = len(batches)
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.total, self.world_size))
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Any]:
+        """This rank's batches ``start_batch, …`` of ``epoch`` (global batch
+        ``rank + k · world_size`` as its ``k``-th)."""
+        for b in range(self.rank, self.total, self.world_size)[start_batch:]:
+            one = self.batches.epoch(epoch, b)
+            try:
+                yield next(iter(one))
+            finally:
+                close = getattr(one, "close", None)
+                if close is not None:
+                    close()
+
+    def __iter__(self) -> Iterator[Any]:
+        return self.epoch(0)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "batches":   # not set yet (copy, unpickling)
+            raise AttributeError(name)
+        return getattr(self.batches, name)
+
+
+def gather_batches(results: list[Any], batches: Any, dist: Any) -> list[Any] | None:
+    """Per-batch raw ``results`` of every rank, on rank 0, in the order one process walks the
+    batches (None on the other ranks; ``results`` itself in one process). Under torchrun
+    ``batches`` must be this replica's :class:`BatchShard` (its ``k``-th result is global
+    batch ``rank + k · world_size``). Results should be CPU tensors or plain objects."""
+    if dist is None or dist.world == 1:
+        return results
+    if dist.networks > 1:
+        raise ValueError("an evaluation gathered over the processes needs data-parallel "
+                         "training (parallel=data)")
+    if not isinstance(batches, BatchShard) or \
+            (batches.rank, batches.world_size) != (dist.replica, dist.replicas):
+        raise ValueError("under torchrun this task evaluates whole batches per process: build "
+                         f"its test batches as BatchShard(batches, rank={dist.replica}, "
+                         f"world_size={dist.replicas}) (face_data / detection_data do)")
+    parts = dist.gather_to_main(list(results))
+    if parts is None:
+        return None
+    world = len(parts)
+    return [parts[b % world][b // world] for b in range(batches.total)]
+
+
+def computed_once(dist: Any, compute: Callable[[], dict[str, float]]) -> dict[str, float]:
+    """``compute()`` on rank 0 only (one process: here), its metrics on every rank; an error
+    it raises is raised on every rank (:func:`dcmkd.engine.loop.agree`)."""
+    if dist is None:
+        return compute()
+    from dcmkd.engine.loop import agree
+
+    return agree(dist, compute)
+
+
 def move(obj: Any, device: torch.device, channels_last: bool = False) -> Any:
     """``obj`` on ``device``: a tensor (4-D image batches in channels_last when asked), or the
     tensors of a list, tuple or dict (a detection batch: images and box-target dicts)."""
@@ -150,4 +222,5 @@ def stacked_read(values: dict[str, torch.Tensor]) -> dict[str, float]:
     return dict(zip(keys, torch.stack([values[k].float() for k in keys]).tolist()))
 
 
-__all__ = ["Task", "Evaluation", "move", "sum_over_processes", "stacked_read"]
+__all__ = ["Task", "Evaluation", "BatchShard", "gather_batches", "computed_once", "move",
+           "sum_over_processes", "stacked_read"]

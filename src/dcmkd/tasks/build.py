@@ -65,10 +65,14 @@ def task_name(cfg: dict[str, Any]) -> str:
 
 def build_task(cfg: dict[str, Any], device: torch.device, ctx: Any = None
                ) -> tuple[Method, TaskData]:
-    """The method and data of a resolved run config of the face or detection task."""
-    if ctx is not None and ctx.world > 1:
-        raise ValueError(f"the {task_name(cfg)} task runs in one process in this version "
-                          "(its evaluation spans the whole test set)")
+    """The method and data of a resolved run config of the face or detection task. Under
+    torchrun (``ctx``) the data are sharded over the data replicas: training, rows of every
+    global batch; evaluation, whole batches gathered to rank 0 (:func:`face_data`,
+    :func:`detection_data`)."""
+    if ctx is not None and ctx.mode == "networks":
+        raise ValueError(f"parallel=networks is for the mutual methods of classifiers; the "
+                         f"{task_name(cfg)} task trains data-parallel (parallel=data)")
+    shard = {"rank": ctx.replica, "world_size": ctx.replicas} if ctx is not None else {}
     task, data_cfg = TaskConfig(**cfg["task"]), cfg["data"]
     if not data_cfg["root"]:
         raise ValueError(f"data.name={data_cfg['name']} needs data.root: the "
@@ -81,14 +85,14 @@ def build_task(cfg: dict[str, Any], device: torch.device, ctx: Any = None
     if task_name(cfg) == "face":
         data = face_data(data_cfg["root"], split=task.split, size=data_cfg["image_size"] or 64,
                          batch_size=batch, test_batch_size=test_batch, device=device,
-                         seed=cfg["seed"])
+                         seed=cfg["seed"], **shard)
         method = face_method(cfg["method"], cfg["nets"], data.num_classes, head=task.head,
                              s=task.s, m=task.m, sskd=cfg["sskd"] if cfg["method"] == "sskd"
                              else None, **options, **_changed_loss(cfg))
         return method, data
     data = detection_data(data_cfg["root"], train_split=task.train_split,
                           test_split=task.test_split, batch_size=batch,
-                          test_batch_size=test_batch, seed=cfg["seed"])
+                          test_batch_size=test_batch, seed=cfg["seed"], **shard)
     method = detection_method(
         cfg["method"], task.detector, cfg["nets"], data.num_classes,
         backbone_weights=[task.backbone_weights] * len(cfg["nets"])
@@ -120,6 +124,14 @@ class TaskData:
     classes: list[str] = field(default_factory=list)
 
 
+def _evaluation_shard(batches: Any, rank: int, world_size: int) -> Any:
+    """``batches`` (one process's test batches) as this rank's whole batches under torchrun
+    (:class:`~dcmkd.tasks.base.BatchShard`); unchanged in one process."""
+    from dcmkd.tasks.base import BatchShard
+
+    return batches if world_size == 1 else BatchShard(batches, rank, world_size)
+
+
 def _digest(items: Sequence[Any]) -> str:
     h = hashlib.sha256()
     for item in items:
@@ -137,7 +149,8 @@ FACE_MEAN, FACE_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 def face_data(root: str | os.PathLike, *, split: str | os.PathLike | None = None,
               size: int = 64, batch_size: int = 64, test_batch_size: int = 256,
               test_fraction: float = 0.25, device: torch.device | str = "cpu", seed: int = 0,
-              max_identities: int | None = None) -> TaskData:
+              max_identities: int | None = None, rank: int = 0,
+              world_size: int = 1) -> TaskData:
     """An identity folder split into training and unseen test identities.
 
     ``split``: a CSV of ``identity_dir,…,split`` rows (``train``/``test``; e.g. the face crops'
@@ -145,6 +158,14 @@ def face_data(root: str | os.PathLike, *, split: str | os.PathLike | None = None
     split of ``test_fraction`` of the identities. Training images get a random crop (padding
     ``size/8``) and a horizontal flip; ``max_identities`` keeps the first identities of each
     side (tests and smoke runs).
+
+    ``rank``/``world_size`` (data-parallel training over ``world_size`` replicas):
+    ``batch_size`` is the global batch, a multiple of ``world_size``; every rank walks the same
+    seeded global batches and trains on rows ``rank::world_size`` of each (disjoint, together
+    the single-process batch, augmented alike: :class:`~dcmkd.data.loader.DeviceLoader`), so
+    every rank takes the same number of steps; the remainder of an epoch that makes no full
+    global batch is dropped, as in one process. The test batches are the single-process ones,
+    every ``world_size``-th whole batch per rank (:class:`~dcmkd.tasks.base.BatchShard`).
     """
     from dcmkd.data import augment as aug
     from dcmkd.data.faces import (IdentityFolder, check_verifiable, identity_folders,
@@ -169,10 +190,12 @@ def face_data(root: str | os.PathLike, *, split: str | os.PathLike | None = None
                 "test_identities": len(test.identities), "test_images": len(test),
                 "files": _digest([*(p.relative_to(root) for p in train.paths), "|",
                                   *(p.relative_to(root) for p in test.paths)])}
+    test_batches = DeviceLoader(test.images, test.labels, test_batch_size, train=False,
+                                **common)
     return TaskData(
         train=DeviceLoader(train.images, train.labels, batch_size, train=True,
-                           augment=transform, **common),
-        test=DeviceLoader(test.images, test.labels, test_batch_size, train=False, **common),
+                           augment=transform, rank=rank, world_size=world_size, **common),
+        test=_evaluation_shard(test_batches, rank, world_size),
         num_classes=train.num_identities, identity=identity, classes=list(train.identities))
 
 
@@ -208,10 +231,17 @@ def face_method(name: str, nets: Sequence[str], num_identities: int, *, head: st
 def detection_data(root: str | os.PathLike, *, train_split: str = "train2017",
                    test_split: str = "val2017", batch_size: int = 4, test_batch_size: int = 4,
                    seed: int = 0, flip: bool = True, min_size: int | None = None,
-                   max_size: int | None = None) -> TaskData:
+                   max_size: int | None = None, rank: int = 0, world_size: int = 1) -> TaskData:
     """A COCO-layout dataset (``annotations/instances_<split>.json`` + images) as training and
     test batches (:class:`~dcmkd.data.detection.DetectionBatches`); ``min_size``/``max_size``
-    resize the images once when loading (the detectors resize again to their own sizes)."""
+    resize the images once when loading (the detectors resize again to their own sizes).
+
+    ``rank``/``world_size`` (data-parallel training): ``batch_size`` is the global batch, a
+    multiple of ``world_size``; every rank walks the same seeded global batches (and flips)
+    and trains on rows ``rank::world_size`` of each, so the ranks' images are disjoint, cover
+    the epoch and take the same number of steps; the images that make no full global batch
+    are dropped, as in one process. The test batches are the single-process ones, every
+    ``world_size``-th whole batch per rank (:class:`~dcmkd.tasks.base.BatchShard`)."""
     from dcmkd.data.detection import CocoDetection, DetectionBatches
 
     train = CocoDetection(root, train_split, min_size=min_size, max_size=max_size, cache=True)
@@ -225,9 +255,11 @@ def detection_data(root: str | os.PathLike, *, train_split: str = "train2017",
                 "min_size": min_size, "max_size": max_size,
                 "categories": _digest([c[1] for c in train.categories])}
     return TaskData(
-        train=DetectionBatches(train, batch_size, seed=seed, flip=flip),
-        test=DetectionBatches(test, test_batch_size, seed=seed, shuffle=False,
-                              drop_last=False),
+        train=DetectionBatches(train, batch_size, seed=seed, flip=flip, rank=rank,
+                               world_size=world_size),
+        test=_evaluation_shard(DetectionBatches(test, test_batch_size, seed=seed,
+                                                shuffle=False, drop_last=False),
+                               rank, world_size),
         num_classes=train.num_classes, identity=identity,
         classes=[c[2] for c in train.categories])
 

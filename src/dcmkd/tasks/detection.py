@@ -24,7 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from dcmkd.tasks.base import Evaluation, Task, batches_of, move
+from dcmkd.tasks.base import (Evaluation, Task, batches_of, computed_once,
+                              gather_batches, move)
 
 COCO_METRICS = ("AP", "AP50", "AP75", "APS", "APM", "APL")
 
@@ -107,38 +108,55 @@ class Detection(Task):
     def evaluate(self, method: Any, batches: Any, ctx: Evaluation,
                  prefix: str = "test") -> dict[str, float]:
         """COCO AP of every network; the results JSON goes to the run folder for the test
-        set only (``prefix="test"``)."""
+        set only (``prefix="test"``).
+
+        Under torchrun each rank detects on its own whole test batches (a
+        :class:`~dcmkd.tasks.base.BatchShard`), the detection records are gathered to rank 0
+        in the single-process order, and rank 0 writes the results JSON and runs COCOeval
+        once, giving the metrics to every rank. **Choice** (over rank 0 detecting on every
+        image while the others wait): the detector's forward passes are the cost and are
+        shared; COCOeval, which needs every image's detections, runs once. The batches are the
+        single-process ones (a detector pads a batch to its largest image, so a detection
+        depends on its batch mates) and the order is restored (COCOeval breaks score ties by
+        the order of the results), so the JSON and the metrics are those of one process on
+        the same weights."""
         from dcmkd.metrics.coco import coco_evaluate, to_coco_results, write_results_json
 
         dataset = getattr(batches, "dataset", None)
         if dataset is None or not hasattr(dataset, "coco_gt"):
             raise ValueError("detection evaluation needs test batches over a dataset with a "
                              "COCO ground truth (dcmkd.data.detection.DetectionBatches)")
-        if ctx.dist is not None and ctx.dist.world > 1:
-            raise ValueError("detection evaluation runs in one process; evaluate the run with "
-                             "`dcmkd eval` after training")
         method.eval()
         mapping = self.label_to_category or dataset.label_to_category
-        results: list[list[dict]] = [[] for _ in method.networks]
+        mine: list[list[list[dict]]] = []   # per batch, per network: COCO result records
         for images, targets in batches_of(batches, ctx):
             images, targets = self.to_device(images, targets, ctx.device)
             ids = [int(t["image_id"]) for t in targets]
+            batch: list[list[dict]] = []
             with ctx.autocast():
-                for n, net in enumerate(method.networks):
+                for net in method.networks:
                     dets = net(images)
                     keep = [d["labels"] > 0 for d in dets]   # a RetinaNet may emit label 0
-                    results[n] += to_coco_results(
+                    batch.append(to_coco_results(
                         ids, [d["boxes"][k].float().cpu() for d, k in zip(dets, keep)],
                         [d["scores"][k].float().cpu() for d, k in zip(dets, keep)],
-                        [d["labels"][k].cpu() for d, k in zip(dets, keep)], mapping)
-        gt = dataset.coco_gt()
-        out: dict[str, float] = {}
-        for n, res in enumerate(results):
-            if ctx.out_dir is not None and prefix == "test":
-                write_results_json(Path(ctx.out_dir) / f"detections_net{n}.json", res)
-            for k, v in coco_evaluate(gt, res).items():
-                out[coco_key(n, k, prefix)] = float(v)
-        return out
+                        [d["labels"][k].cpu() for d, k in zip(dets, keep)], mapping))
+            mine.append(batch)
+        parts = gather_batches(mine, batches, ctx.dist)
+
+        def metrics() -> dict[str, float]:
+            assert parts is not None   # rank 0
+            gt = dataset.coco_gt()
+            out: dict[str, float] = {}
+            for n in range(len(method.networks)):
+                res = [r for batch in parts for r in batch[n]]
+                if ctx.out_dir is not None and prefix == "test":
+                    write_results_json(Path(ctx.out_dir) / f"detections_net{n}.json", res)
+                for k, v in coco_evaluate(gt, res).items():
+                    out[coco_key(n, k, prefix)] = float(v)
+            return out
+
+        return computed_once(ctx.dist, metrics)
 
     def network_metric(self, record: dict[str, Any], n: int,
                        prefix: str = "test") -> float | None:

@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from dcmkd.losses.margin import MarginHead, arcface_logits, cosface_logits
-from dcmkd.tasks.base import Evaluation, Task, batches_of
+from dcmkd.tasks.base import (Evaluation, Task, batches_of, computed_once,
+                              gather_batches)
 from dcmkd.tasks.classification import Classification
 
 HEADS = ("softmax", "cosface", "arcface")
@@ -98,27 +99,39 @@ class Face(Classification):
     @torch.no_grad()
     def evaluate(self, method: Any, batches: Any, ctx: Evaluation,
                  prefix: str = "test") -> dict[str, float]:
+        """Open-set TAR@FAR and Rank-k of every network (module note).
+
+        Under torchrun each rank embeds its own whole test batches (a
+        :class:`~dcmkd.tasks.base.BatchShard`), the embeddings and labels are gathered to rank
+        0 in the single-process order, and rank 0 computes the metrics once and gives them to
+        every rank. **Choice** (over rank 0 embedding everything while the others wait): the
+        ranks share the forward passes, which are the cost, while the pairs and the ranking,
+        which span the whole test set, are scored once. The batches are the single-process
+        ones and the order is restored (the gallery is each identity's *first* image), so the
+        metrics are those of one process on the same weights."""
         from dcmkd.metrics.face import evaluate_face
 
         method.eval()
-        feats: list[list[torch.Tensor]] = [[] for _ in method.networks]
-        labels: list[torch.Tensor] = []
+        mine: list[tuple[list[torch.Tensor], torch.Tensor]] = []
         for x, y in batches_of(batches, ctx):
             x, y = self.to_device(x, y, ctx.device, ctx.channels_last)
             with ctx.autocast():
-                for n, net in enumerate(method.networks):
-                    feats[n].append(embed(net, x).float().cpu())
-            labels.append(y.cpu())
-        if ctx.dist is not None and ctx.dist.world > 1:
-            raise ValueError("face evaluation runs in one process (the pairs span the whole "
-                             "test set); evaluate the run with `dcmkd eval` after training")
-        y_all = torch.cat(labels)
-        out: dict[str, float] = {}
-        for n, f in enumerate(feats):
-            for k, v in evaluate_face(torch.cat(f), y_all).items():
-                if math.isfinite(v):   # a FAR beyond the test set's impostor pairs: not measured
-                    out[face_key(n, k, prefix)] = float(v)
-        return out
+                feats = [embed(net, x).float().cpu() for net in method.networks]
+            mine.append((feats, y.cpu()))
+        parts = gather_batches(mine, batches, ctx.dist)
+
+        def metrics() -> dict[str, float]:
+            assert parts is not None   # rank 0
+            y_all = torch.cat([y for _, y in parts])
+            out: dict[str, float] = {}
+            for n in range(len(method.networks)):
+                f = torch.cat([feats[n] for feats, _ in parts])
+                for k, v in evaluate_face(f, y_all).items():
+                    if math.isfinite(v):   # a FAR beyond the impostor pairs: not measured
+                        out[face_key(n, k, prefix)] = float(v)
+            return out
+
+        return computed_once(ctx.dist, metrics)
 
     def network_metric(self, record: dict[str, Any], n: int,
                        prefix: str = "test") -> float | None:
