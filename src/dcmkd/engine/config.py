@@ -15,7 +15,7 @@ import dcmkd.yamlio as yamlio
 from dcmkd.data.build import DataConfig
 from dcmkd.engine.settings import LoopOptions
 from dcmkd.heads import AUX_KINDS
-from dcmkd.methods import METHODS, STAGE_METHODS, LossOptions
+from dcmkd.methods import METHODS, LossOptions
 from dcmkd.methods.builders import FeatureOptions, SSKDOptions
 from dcmkd.methods.optimization import OptimConfig, ScheduleOptions
 from dcmkd.options import ConfigError, Key, check_value, defaults, is_section, option, \
@@ -47,8 +47,8 @@ class RunConfig(LoopOptions):
     face and detection tasks' (:class:`TaskConfig`); the loop's keys (:class:`LoopOptions`) are
     the top-level ones it inherits."""
 
-    method: str = option("dcm", "the method (dcmkd list methods)", flag="method",
-                         choices=(*METHODS.names(), *STAGE_METHODS))
+    method: str = option("dcm", "the training method (dcmkd.methods.METHODS)", flag="method",
+                         choices=tuple(METHODS.names()))
     nets: list = option(doc="the networks: zoo names, tv:/timm: names", factory=lambda: [
         "resnet20", "resnet20"], types=(list,), rule=_nets_rule, flag="nets")
     num_classes: int | None = option(None, "classes of the heads (null: the dataset's)",

@@ -29,8 +29,7 @@ from dcmkd.heads import MultiExitNetwork, build_multi_exit
 from dcmkd.heads.builder import parse_classifiers
 from dcmkd.heads.wrap import wrap_model
 from dcmkd.methods.base import Method, StepOutput
-from dcmkd.methods.builders import FEATURE_OPTIONS, SSKD_OPTIONS, STAGE_METHODS, \
-    build_stage_method
+from dcmkd.methods.builders import FEATURE_OPTIONS, SSKD_OPTIONS, build_stage_method
 from dcmkd.methods.mutual import UPDATE_MODES, LossOptions, MutualMethod, bn_stats_frozen
 from dcmkd.methods.optimization import Schedule, SGDSettings
 from dcmkd.methods.teacher import load_pretrained
@@ -50,6 +49,7 @@ class MethodPreset:
     max_networks: int | None = None
     term_names: tuple[tuple[str, str], ...] = ()
     summary: str = ""
+    stage: bool = False   # a stage-wise feature method (dcmkd.methods.builders)
 
 
 METHODS: Registry[MethodPreset] = Registry("method")
@@ -68,14 +68,30 @@ for _p in (
     MethodPreset("dcm1", True, "same", 2, summary="DCM, same-staged links only"),
     MethodPreset("dcm2", True, "cross", 2, summary="DCM, different-staged links only"),
     MethodPreset("dcm", True, "dense", 2, summary="dense cross-layer mutual distillation"),
+    # the stage-wise feature methods: built by dcmkd.methods.builders, options in the config's
+    # sskd / feature sections; the first network is the frozen, trained teacher
+    MethodPreset("sskd", False, "stage", 2, True, 2, stage=True,
+                 summary="stage-by-stage KD: stage-wise feature mimicking, then the task head"),
+    MethodPreset("fitnets", False, "stage", 2, True, 2, stage=True,
+                 summary="FitNets hints: CE + λ·MSE(regressed student map, teacher map)"),
+    MethodPreset("at", False, "stage", 2, True, 2, stage=True,
+                 summary="attention transfer on the 4 stage outputs: CE + λ·AT"),
+    MethodPreset("nst", False, "stage", 2, True, 2, stage=True,
+                 summary="neuron selectivity transfer on the 4 stage outputs: CE + λ·MMD²"),
+    MethodPreset("fixed_backbone", False, "stage", 1, True, 1, stage=True,
+                 summary="re-initialised head trained alone on a frozen trained backbone"),
 ):
     METHODS.register(_p.name)(_p)
 
 
+def stage_methods() -> list[str]:
+    """The stage-wise feature methods of :data:`METHODS`."""
+    return [m for m in METHODS if METHODS.get(m).stage]
+
+
 def needs_teacher(name: str) -> bool:
-    """Whether method ``name`` distils from a frozen, pre-trained first network."""
-    if name in STAGE_METHODS:
-        return True
+    """Whether method ``name`` distils from (or, fixed_backbone, re-heads) a pre-trained first
+    network."""
     return name in METHODS and METHODS.get(name).frozen_teacher
 
 
@@ -104,8 +120,7 @@ def create_method(name: str, nets: Sequence[str | nn.Module], num_classes: int |
     ``teacher_weights`` may be a file or a run folder for every method, and ``teacher_net``
     picks a network of that run.
     """
-    if name not in METHODS and name not in STAGE_METHODS:
-        raise UnknownNameError("method", name, [*METHODS.names(), *STAGE_METHODS])
+    preset = METHODS.get(name)
     chosen = parse_classifiers(classifiers)   # an unknown classifier is an error for any method
     if not (name in METHODS and METHODS.get(name).aux) and \
             ((classifiers is not None and chosen) or kind != "default"):
@@ -119,7 +134,12 @@ def create_method(name: str, nets: Sequence[str | nn.Module], num_classes: int |
         warnings.warn(f"create_method('{name}', {zoo[0]!r}, …) without num_classes: the zoo "
                       f"networks get their default head ({_default_classes(zoo[0])} classes); "
                       "pass num_classes= the class count of your data", stacklevel=2)
-    if name in STAGE_METHODS:
+    if preset.stage:
+        if len(nets) != preset.min_networks:
+            raise ValueError(f"method '{name}' needs {preset.min_networks} "
+                             f"network{'s' * (preset.min_networks > 1)} ("
+                             + ("teacher, student" if preset.min_networks == 2 else
+                                "the trained network") + f"), got {len(nets)}")
         if num_classes is None and zoo:   # said once above, not again for the inner call
             default = _default_classes(zoo[0])
             num_classes = default if isinstance(default, int) else None
@@ -135,8 +155,7 @@ def create_method(name: str, nets: Sequence[str | nn.Module], num_classes: int |
         changed = [k for k, v in (given or {}).items() if defaults.get(k, object()) != v]
         if changed:
             raise ValueError(f"{section}.{changed[0]} is an option of the stage-wise methods "
-                             f"({', '.join(STAGE_METHODS)}), not of '{name}'")
-    preset = METHODS.get(name)
+                             f"({', '.join(stage_methods())}), not of '{name}'")
     options = LossOptions.from_dict(loss_options, f"option of method '{name}'")
     if preset.frozen_teacher and options.update != "simultaneous":
         raise ValueError(f"'{name}' has a single trainable network; loss.update does not apply")
@@ -194,5 +213,5 @@ def _default_classes(model: str) -> int | str:
 
 
 __all__ = ["METHODS", "MethodPreset", "needs_teacher", "Method", "MutualMethod", "StepOutput", "create_method",
-           "bn_stats_frozen", "UPDATE_MODES", "STAGE_METHODS", "LossOptions", "SSKD_OPTIONS",
+           "bn_stats_frozen", "UPDATE_MODES", "stage_methods", "LossOptions", "SSKD_OPTIONS",
            "FEATURE_OPTIONS", "SGDSettings", "Schedule"]

@@ -33,15 +33,6 @@ from dcmkd.methods.teacher import load_pretrained
 from dcmkd.methods.optimization import milestone_rule
 from dcmkd.options import build, check_fields, defaults, not_applying, option
 
-#: name → (number of networks, summary)
-STAGE_METHODS: dict[str, tuple[int, str]] = {
-    "sskd": (2, "stage-by-stage KD: stage-wise feature mimicking, then the task head"),
-    "fitnets": (2, "FitNets hints: CE + λ·MSE(regressed student map, teacher map)"),
-    "at": (2, "attention transfer on the 4 stage outputs: CE + λ·AT"),
-    "nst": (2, "neuron selectivity transfer on the 4 stage outputs: CE + λ·MMD²"),
-    "fixed_backbone": (1, "re-initialised head trained alone on a frozen trained backbone"),
-}
-
 @dataclass(frozen=True)
 class SSKDOptions:
     """The ``sskd`` config section (see :mod:`dcmkd.methods.sskd` and the README)."""
@@ -128,11 +119,6 @@ def build_stage_method(name: str, networks: Sequence[nn.Module], *,
     methods' other options must keep their defaults. The run's epochs and SGD settings reach
     SSKD through :meth:`~dcmkd.methods.sskd.SSKD.configure_optimization`.
     """
-    count, _ = STAGE_METHODS[name]
-    if len(networks) != count:
-        raise ValueError(f"method '{name}' needs {count} network{'s' * (count > 1)} "
-                         f"({'teacher, student' if count == 2 else 'the trained network'}), "
-                         f"got {len(networks)}")
     loss = _used_loss_options(name, loss_options)
     s_opts = asdict(build(SSKDOptions, sskd, "sskd"))
     f_opts = asdict(build(FeatureOptions, feature, "feature"))
@@ -152,4 +138,4 @@ def build_stage_method(name: str, networks: Sequence[nn.Module], *,
     return SSKD(networks[0], networks[1], **s_opts, label_smoothing=smoothing)
 
 
-__all__ = ["STAGE_METHODS", "SSKD_OPTIONS", "FEATURE_OPTIONS", "build_stage_method"]
+__all__ = ["SSKD_OPTIONS", "FEATURE_OPTIONS", "build_stage_method"]
