@@ -157,6 +157,25 @@ class Distributed:
         dist.broadcast_object_list(box, src=src)
         return box[0]
 
+    def agree(self, decide: Callable[[], Any]) -> Any:
+        """``decide()`` on rank 0, its result on every rank; an error raised by it is raised on
+        every rank (the same class and message)."""
+        outcome: tuple[str, Any, str] = ("", None, "")
+        error: BaseException | None = None
+        if self.is_main:
+            try:
+                outcome = ("value", decide(), "")
+            except Exception as e:  # noqa: BLE001 - raised on every rank below
+                error, outcome = e, ("error", type(e), str(e))
+        kind, value, message = self.broadcast_object(outcome)
+        if kind == "error":
+            if error is not None:
+                raise error
+            remote = value.__new__(value)
+            Exception.__init__(remote, message)
+            raise remote
+        return value
+
     def gather_to_main(self, obj: Any) -> list[Any] | None:
         """Every rank's ``obj`` on rank 0 (ordered by rank), None on the others. Move tensors
         to the CPU first: an object is unpickled onto the device it was sent from."""

@@ -122,25 +122,8 @@ def check_run(run: RunFolder, identity: dict[str, Any],
 
 
 def agree(ctx: distributed.Distributed | None, decide: Callable[[], Any]) -> Any:
-    """``decide()`` on rank 0, its result on every rank; an error raised by it is raised on
-    every rank (the same class and message)."""
-    if ctx is None:
-        return decide()
-    outcome: tuple[str, Any, str] = ("", None, "")
-    error: BaseException | None = None
-    if ctx.is_main:
-        try:
-            outcome = ("value", decide(), "")
-        except Exception as e:  # noqa: BLE001 - raised on every rank below
-            error, outcome = e, ("error", type(e), str(e))
-    kind, value, message = ctx.broadcast_object(outcome)
-    if kind == "error":
-        if error is not None:
-            raise error
-        remote = value.__new__(value)
-        Exception.__init__(remote, message)
-        raise remote
-    return value
+    """``decide()`` in one process, else :meth:`~dcmkd.engine.distributed.Distributed.agree`."""
+    return decide() if ctx is None else ctx.agree(decide)
 
 
 def _train(method: Method, train_batches: Batches, test_batches: Batches | None,

@@ -79,14 +79,18 @@ def check_finished_data(run: RunFolder, cfg: dict[str, Any], log: Log = print,
     """Refuse a finished run whose ``data.json`` names other data than ``cfg`` names now
     (``data.root`` does not define a run). The identity is read (never downloaded) once per
     :func:`~dcmkd.data.build.identity_key` kept in ``known``; data that is not there cannot be
-    compared, which is logged."""
+    compared, which is logged (for face and detection data, once per root in ``known``)."""
     if not run.finished or run.read_data() is None:
         return
-    if task_name(cfg) != "classification":   # the task's data identity needs its loaders
-        log(f"{run}: data.json not compared with the {task_name(cfg)} data (this version "
-            "compares classification data only)")
-        return
     known = {} if known is None else known
+    task = task_name(cfg)
+    if task != "classification":   # the task's data identity needs its loaders: said once
+        key = f"{task}:{cfg['data'].get('root')}"
+        if key not in known:
+            known[key] = None
+            log(f"{run}: data.json not compared with the {task} data (this version compares "
+                "a finished run's classification data only)")
+        return
     key = identity_key(cfg["data"])
     if key not in known:
         try:

@@ -1,8 +1,8 @@
 """``dcmkd report RUN_DIRS...``: the same table for any runs, grouped by what differs.
 
 Runs whose configs are equal except for the seed (and the keys that do not define a run,
-:data:`dcmkd.run_folder.RESUMABLE_KEYS`: folder, device, logging…) are the seeds of one cell. Cells with the same configuration apart from the method form a row; the method is
-the column. A row is labelled with its backbones and the config values that tell it from the
+:func:`dcmkd.options.resumable_keys`: folder, device, logging…) are the seeds of one cell.
+Cells with the same configuration apart from the method form a row; the method is the column. A row is labelled with its backbones and the config values that tell it from the
 other rows (e.g. ``data.label_noise=0.2``).
 """
 from __future__ import annotations

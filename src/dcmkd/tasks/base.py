@@ -182,12 +182,8 @@ def gather_batches(results: list[Any], batches: Any, dist: Any) -> list[Any] | N
 
 def computed_once(dist: Any, compute: Callable[[], dict[str, float]]) -> dict[str, float]:
     """``compute()`` on rank 0 only (one process: here), its metrics on every rank; an error
-    it raises is raised on every rank (:func:`dcmkd.engine.loop.agree`)."""
-    if dist is None:
-        return compute()
-    from dcmkd.engine.loop import agree
-
-    return agree(dist, compute)
+    it raises is raised on every rank (``dist.agree``, the engine's distributed context)."""
+    return compute() if dist is None else dist.agree(compute)
 
 
 def move(obj: Any, device: torch.device, channels_last: bool = False) -> Any:
