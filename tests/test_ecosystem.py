@@ -109,6 +109,10 @@ def test_bad_names_and_underivable_structures_say_what_to_do():
     with pytest.raises(ValueError, match="torchvision's .* families, not SqueezeNet; wrap it "
                                          "with dcmkd.wrap_model"):
         create_model("tv:squeezenet1_1", 2)
+    with pytest.raises(ValueError, match=r"timm:deit_tiny_patch16_224: its forward_features does "
+                                         r"not run on a 64×64 probe \(Input height \(64\) doesn't "
+                                         r"match model \(224\).*wrap it with dcmkd.wrap_model"):
+        create_model("timm:deit_tiny_patch16_224", 2)     # a fixed input size: one line
     with pytest.raises(ValueError, match="takes weights: IMAGENET1K_V1"):
         create_model("tv:resnet18", 2, pretrained=True)
 

@@ -352,8 +352,16 @@ def _timm_layout(lib: nn.Module, name: str) -> tuple[list[tuple[str, list[Layer]
     meta = copy.deepcopy(lib).to("meta")   # which layers forward_features runs: shapes only
     for p, _ in flat:
         meta.get_submodule(p).register_forward_pre_hook(lambda mod, a, p=p: called.append(p))
-    with inference(meta):
-        meta.forward_features(torch.empty(1, 3, CHECK_SIZE, CHECK_SIZE, device="meta"))
+    try:
+        with inference(meta):
+            meta.forward_features(torch.empty(1, 3, CHECK_SIZE, CHECK_SIZE, device="meta"))
+    except (AssertionError, RuntimeError, ValueError) as e:   # e.g. a ViT's fixed input size
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise ValueError(f"{name}: its forward_features does not run on a {CHECK_SIZE}×"
+                         f"{CHECK_SIZE} probe ({reason}), so its stages cannot be derived (a "
+                         "fixed input size, as timm's vision transformers have); use a "
+                         "convolutional network, or wrap it with dcmkd.wrap_model (methods ind, "
+                         "ds, kd, dml, dcm)") from None
     if len(set(called)) != len(called):
         raise ValueError(f"{name}: {_underivable(called[0])}")
     by_path = dict(flat)
