@@ -74,7 +74,8 @@ class DataConfig:
     """What to load; the keys of a run config's ``data`` section."""
 
     name: str = option("digits", "dataset: cifar10, cifar100, digits (bundled), folder, "
-                       "imagenet, synthetic; faces (face task), coco (detection task)",
+                       "imagenet, synthetic; faces (face task), coco or voc (detection "
+                       "task)",
                        flag="dataset")
     root: str | None = option(None, "the dataset's folder (null: the bundled or synthetic "
                               "data)", types=(str, None), run=False, flag="data-dir")

@@ -20,7 +20,9 @@ Decisions (the SSKD paper and issue 27 leave them open):
   clipped. A box of zero width or height (full COCO train2017 holds a few; the coco-subset holds
   none) is dropped with one warning per file, because refusing it would refuse the official
   data; a negative width or height is an error (not a box). An image without boxes is kept (a
-  negative image: a target with zero boxes is valid for torchvision). An unknown category id or
+  negative image: a target with zero boxes is valid for torchvision), and a dataset that holds
+  such images says how many in one warning when it is built (crowd or ``difficult`` objects
+  alone count as none: they are no training boxes). An unknown category id or
   class name, a missing image file, malformed JSON/XML and a missing key are errors.
 - Resizing (optional) follows torchvision's ``GeneralizedRCNNTransform`` rule: one scale factor
   ``min(min_size / short side, max_size / long side)`` (whichever is given), aspect ratio kept,
@@ -117,7 +119,9 @@ class _DetectionDataset(Dataset):
     images: list[_Image]
     categories: list[tuple[int, int, str]]   # (contiguous label, category id, name)
 
-    def _setup(self, min_size: int | None, max_size: int | None, cache: bool) -> None:
+    def _setup(self, source: Path, min_size: int | None, max_size: int | None,
+               cache: bool) -> None:
+        """Options, label maps and the negatives' count of a split read from ``source``."""
         for name, v in (("min_size", min_size), ("max_size", max_size)):
             if v is not None and v < 1:
                 raise ValueError(f"{name} must be a positive number of pixels, got {v}")
@@ -126,6 +130,16 @@ class _DetectionDataset(Dataset):
         self.label_to_category = {lab: cat for lab, cat, _ in self.categories}
         self.category_to_label = {cat: lab for lab, cat, _ in self.categories}
         self._gt: dict | None = None
+        self._count_negatives(source)
+
+    def _count_negatives(self, source: Path) -> None:
+        """One warning counting the images without a training box (kept as negatives)."""
+        empty = [rec for rec in self.images if all(rec.crowd)]   # all([]) is True: no object
+        if empty:
+            ignored = sum(1 for rec in empty if rec.crowd)
+            note = f"; {ignored} with crowd/difficult objects only" if ignored else ""
+            warnings.warn(f"{source}: {len(empty)} of {len(self.images)} images have no "
+                          f"boxes (kept as negatives{note})", stacklevel=4)
 
     @property
     def num_classes(self) -> int:
@@ -256,7 +270,7 @@ class CocoDetection(_DetectionDataset):
         except json.JSONDecodeError as e:
             raise ValueError(f"{self.ann_file} is not valid JSON: {e}") from None
         self._parse(data)
-        self._setup(min_size, max_size, cache)
+        self._setup(self.ann_file, min_size, max_size, cache)
 
     def _parse(self, data: Any) -> None:
         name = self.ann_file.name
@@ -365,7 +379,7 @@ class VocDetection(_DetectionDataset):
         for pos, name in enumerate(ids, start=1):
             iid = int(name.replace("_", "")) if numeric else pos
             self.images.append(self._parse(name, iid, label_of))
-        self._setup(min_size, max_size, cache)
+        self._setup(list_file, min_size, max_size, cache)
 
     def _parse(self, name: str, iid: int, label_of: dict[str, int]) -> _Image:
         xml_path = self.root / "Annotations" / f"{name}.xml"

@@ -21,7 +21,7 @@ from dcmkd.methods.optimization import OptimConfig, ScheduleOptions
 from dcmkd.options import ConfigError, Key, check_value, defaults, is_section, option, \
     register_schema, section, spec_of
 from dcmkd.registry import UnknownNameError
-from dcmkd.tasks.build import TASK_DATASETS, TaskConfig, task_name
+from dcmkd.tasks.build import TASK_DATASETS, TaskConfig, resolve_task_section, task_name
 
 INITS = ("zoo", "official")
 
@@ -282,8 +282,10 @@ def _val_split(cfg: dict[str, Any]) -> dict[str, Any]:
 def _task_section(cfg: dict[str, Any]) -> dict[str, Any]:
     """The ``task`` section stays only in a config of the face or detection task (the task
     follows ``data.name``): a classification run's config has none, as before the section
-    existed, so its identity is unchanged; a task option given to it is an error."""
+    existed, so its identity is unchanged; a task option given to it is an error. A detection
+    config gets its dataset's splits where they are left null (:func:`resolve_task_section`)."""
     if task_name(cfg) != "classification":
+        cfg["task"] = resolve_task_section(cfg)
         return cfg
     changed = [k for k, v in cfg["task"].items() if v != DEFAULTS["task"][k]]
     if changed:

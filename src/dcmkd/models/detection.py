@@ -78,29 +78,18 @@ def _choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
 
 
 # -- building ---------------------------------------------------------------------------------
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise FileNotFoundError(f"backbone weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        try:
-            from safetensors.torch import load_file
-        except ImportError as e:  # pragma: no cover - safetensors is installed here
-            raise ValueError(f"{path}: reading .safetensors needs the 'safetensors' package") from e
-        return dict(load_file(str(path)))
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle errors, truncated files
-        raise ValueError(f"{path}: not a torch state_dict file ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''})") from e
-    if isinstance(obj, dict) and not any(torch.is_tensor(v) for v in obj.values()):
-        for key in ("state_dict", "model"):
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
-                break
-    if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
-        raise ValueError(f"{path}: expected a state_dict (parameter name -> tensor), "
-                         f"got {type(obj).__name__}")
-    return obj
+def _read_state_dict(source: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a weights file (``.pt``/``.pth`` state_dict or checkpoint,
+    ``.safetensors``) or of a finished run folder's exported network 0 (e.g. a zoo or ``tv:``
+    ResNet classifier trained by dcmkd), read without running code by the project's one reader
+    (:func:`dcmkd.models.ecosystem.read_state_dict`)."""
+    from dcmkd.models.ecosystem import read_state_dict
+
+    state = read_state_dict(source)
+    if not all(torch.is_tensor(v) for v in state.values()):
+        raise ValueError(f"{source}: expected a state_dict (parameter name -> tensor), "
+                         "found other values")
+    return state
 
 
 def _is_zoo(sd: Mapping[str, torch.Tensor]) -> bool:
@@ -135,16 +124,16 @@ def zoo_to_torchvision(sd: Mapping[str, torch.Tensor], resnet: nn.Module, source
 
 def load_backbone_weights(resnet: nn.Module, weights: str | Path | Mapping[str, torch.Tensor]
                           ) -> None:
-    """Load an ImageNet ResNet ``state_dict`` into ``resnet``: a local file (or an in-memory
-    mapping) in torchvision's key format (``conv1.weight``, ``layer1.0.bn1.running_mean``, …) or
+    """Load an ImageNet ResNet ``state_dict`` into ``resnet``: a local file, a finished run
+    folder (its exported network 0: :func:`_read_state_dict`) or an in-memory mapping, in
+    torchvision's key format (``conv1.weight``, ``layer1.0.bn1.running_mean``, …) or
     a dcmkd zoo ResNet's (:func:`zoo_to_torchvision`). The classifier ``fc.*`` is ignored (absent
     or of any size). Raises one-line errors naming the file and the first missing, unexpected or
     mis-shaped keys."""
     if isinstance(weights, Mapping):
         path, sd = "backbone weights", dict(weights)
     else:
-        path = Path(weights)
-        sd = _read_state_dict(path)
+        path, sd = str(weights), _read_state_dict(weights)
     sd = {k.removeprefix("module."): v for k, v in sd.items()}
     if _is_zoo(sd):
         sd = zoo_to_torchvision(sd, resnet, str(path))
@@ -177,8 +166,9 @@ def build_detector(kind: str, backbone: str, num_classes: int, *, min_size: int 
 
     ``num_classes`` counts the background (labels 1..K, ``num_classes = K + 1``; module note).
     ``backbone_weights``: an ImageNet ResNet state_dict, a local file (``.pt``/``.pth`` via
-    ``torch.load(weights_only=True)``, or ``.safetensors``) or a mapping, with torchvision's or the
-    dcmkd zoo's keys (:func:`load_backbone_weights`). ``norm`` (``"bn"``/``"frozen_bn"``) and
+    ``torch.load(weights_only=True)``, or ``.safetensors``), a finished run folder of a ResNet
+    classifier (its exported network 0) or a mapping, with torchvision's or the dcmkd zoo's
+    keys (:func:`load_backbone_weights`). ``norm`` (``"bn"``/``"frozen_bn"``) and
     ``trainable_layers`` (0–5, counted from layer4 as torchvision) default to Detectron's
     practice with weights and to a fully trainable BN network without (module note).
     ``p6_from`` (RetinaNet only): ``"c5"`` (paper, default) or ``"p5"`` (torchvision v1).

@@ -24,14 +24,37 @@ from dcmkd.options import check_fields, option
 from dcmkd.tasks.face import HEADS
 
 
+#: the detection datasets (``data.name``): what ``data.root`` holds and the default (training,
+#: evaluation) splits, the one place they are declared (``task.train_split``/``test_split``
+#: null: these; :func:`resolve_task_section` writes them into a resolved config)
+DETECTION_DATASETS: dict[str, tuple[str, tuple[str, str]]] = {
+    "coco": ("COCO folder (annotations/instances_<split>.json + images)",
+             ("train2017", "val2017")),
+    "voc": ("Pascal VOC folder such as VOCdevkit/VOC2007 (Annotations/*.xml, JPEGImages/, "
+            "ImageSets/Main/<split>.txt)", ("trainval", "test")),
+}
+
 #: the datasets of the tasks other than classification (``data.name``): the task follows the data
-TASK_DATASETS = {"faces": "face", "coco": "detection"}
+TASK_DATASETS = {"faces": "face", **{name: "detection" for name in DETECTION_DATASETS}}
+
+
+def _backbone_weights_rule(value: Any) -> str | None:
+    if isinstance(value, list) and not all(v is None or isinstance(v, str) for v in value):
+        return "expected a path, or a list of one path (or null) per network"
+    return None
 
 
 @dataclass
 class TaskConfig:
     """The ``task`` section of a run config: options of the face and detection tasks (the task
-    itself follows ``data.name``: :data:`TASK_DATASETS`, else classification)."""
+    itself follows ``data.name``: :data:`TASK_DATASETS`, else classification).
+
+    ``backbone_weights`` (detection) starts detector backbones from ImageNet ResNet weights: a
+    file or a finished run folder of a zoo or ``tv:`` ResNet classifier (its exported network
+    0). One path initialises every network under ``ind`` and **only the student** under the
+    teacher-student methods (``sskd``, ``fitnets``, ``at``, ``nst``: the teacher, network 0,
+    comes whole from ``teacher_weights``); a list gives one path per network in ``nets``
+    order, null entries from scratch (:func:`backbone_weights_per_network`)."""
 
     head: str = option("softmax", "face: identity classifier of training: softmax, cosface "
                        "(Wang et al. 2018) or arcface (Deng et al. 2019)",
@@ -48,11 +71,15 @@ class TaskConfig:
     min_size: int = option(800, "detection: shorter image side after resizing (Detectron's "
                            "800)", low=16)
     max_size: int = option(1333, "detection: longer side at most (Detectron's 1333)", low=16)
-    train_split: str = option("train2017", "detection: COCO annotation split of training")
-    test_split: str = option("val2017", "detection: COCO annotation split of evaluation")
-    backbone_weights: str | None = option(None, "detection: local ImageNet ResNet weights of "
-                                          "the trained detector(s) (null: from scratch)",
-                                          types=(str, None))
+    train_split: str | None = option(None, "detection: split of training (null: the "
+                                     "dataset's: coco train2017, voc trainval)",
+                                     types=(str, None))
+    test_split: str | None = option(None, "detection: split of evaluation (null: the "
+                                    "dataset's: coco val2017, voc test)", types=(str, None))
+    backbone_weights: str | list | None = option(
+        None, "detection: ImageNet ResNet weights (a file or a classifier's run folder) for "
+        "every network (ind) or the student (sskd, fitnets, at, nst), or a list, one per "
+        "network (null: from scratch)", types=(str, list, None), rule=_backbone_weights_rule)
 
     def __post_init__(self) -> None:
         check_fields(self, "task.")
@@ -61,6 +88,18 @@ class TaskConfig:
 def task_name(cfg: dict[str, Any]) -> str:
     """The task of a resolved run config: from its ``data.name``."""
     return TASK_DATASETS.get(cfg["data"]["name"], "classification")
+
+
+def resolve_task_section(cfg: dict[str, Any]) -> dict[str, Any]:
+    """``cfg``'s ``task`` section with the detection splits left null set to the dataset's
+    (:data:`DETECTION_DATASETS`), so a resolved config says which splits it uses."""
+    task = dict(cfg["task"])
+    layout = DETECTION_DATASETS.get(cfg["data"]["name"])
+    if layout is not None:
+        for key, default in zip(("train_split", "test_split"), layout[1]):
+            if task.get(key) is None:
+                task[key] = default
+    return task
 
 
 def build_task(cfg: dict[str, Any], device: torch.device, ctx: Any = None
@@ -78,7 +117,7 @@ def build_task(cfg: dict[str, Any], device: torch.device, ctx: Any = None
         raise ValueError(f"data.name={data_cfg['name']} needs data.root: the "
                           + ("identity folder (one folder per identity)"
                              if task_name(cfg) == "face" else
-                             "COCO folder (annotations/instances_<split>.json + images)"))
+                             DETECTION_DATASETS[data_cfg["name"]][0]))
     batch, test_batch = data_cfg["batch_size"], data_cfg["test_batch_size"] or 64
     torch.manual_seed(cfg["seed"])
     options = {"teacher_weights": cfg["teacher_weights"]}
@@ -90,16 +129,52 @@ def build_task(cfg: dict[str, Any], device: torch.device, ctx: Any = None
                              s=task.s, m=task.m, sskd=cfg["sskd"] if cfg["method"] == "sskd"
                              else None, **options, **_changed_loss(cfg))
         return method, data
-    data = detection_data(data_cfg["root"], train_split=task.train_split,
-                          test_split=task.test_split, batch_size=batch,
-                          test_batch_size=test_batch, seed=cfg["seed"], **shard)
+    data = detection_data(data_cfg["root"], name=data_cfg["name"],
+                          train_split=task.train_split, test_split=task.test_split,
+                          batch_size=batch, test_batch_size=test_batch, seed=cfg["seed"],
+                          **shard)
     method = detection_method(
         cfg["method"], task.detector, cfg["nets"], data.num_classes,
-        backbone_weights=[task.backbone_weights] * len(cfg["nets"])
-        if task.backbone_weights else None,
+        backbone_weights=task.backbone_weights,
         detector_options={"min_size": task.min_size, "max_size": task.max_size},
         sskd=cfg["sskd"], feature=cfg.get("feature"), **options, **_changed_loss(cfg))
     return method, data
+
+
+def backbone_weights_per_network(weights: Any, method: str, nets: Sequence[str]
+                                 ) -> list[Any]:
+    """One backbone-weights entry per network (None: from scratch) from ``weights``: None (all
+    from scratch); one path, run folder or state_dict, which initialises every network under a
+    method without a teacher (``ind``) and only the student (the last network) under a
+    teacher-student method (``sskd``, ``fitnets``, ``at``, ``nst``: the teacher comes whole
+    from ``teacher_weights``); or a list of one entry per network. **Choice**: a single path
+    never touches a teacher, whose pretrained backbone would be overwritten anyway."""
+    from dcmkd.methods import needs_teacher
+
+    if weights is None:
+        return [None] * len(nets)
+    if isinstance(weights, (str, os.PathLike, dict)):
+        if needs_teacher(method):
+            return [None] * (len(nets) - 1) + [weights]
+        return [weights] * len(nets)
+    weights = list(weights)
+    if len(weights) != len(nets):
+        raise ValueError(f"backbone_weights lists {len(weights)} entries for the "
+                         f"{len(nets)} networks {', '.join(nets)}: give one path (or null) per "
+                         "network, or a single path")
+    return weights
+
+
+def _trained_norm(weights: str | os.PathLike) -> str:
+    """The normalisation a trained detector's weights (a file or run folder) were saved with:
+    ``"bn"`` when they hold BatchNorm counters (``num_batches_tracked``), else ``"frozen_bn"``
+    (FrozenBatchNorm2d keeps none: a detector trained from pretrained backbone weights). A
+    teacher built with it computes as in its own run (BatchNorm in eval mode would load the same
+    tensors but round differently) and holds exactly the file's keys."""
+    from dcmkd.models.ecosystem import read_state_dict
+
+    state = read_state_dict(weights)
+    return "bn" if any(k.endswith("num_batches_tracked") for k in state) else "frozen_bn"
 
 
 def _changed_loss(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -228,13 +303,20 @@ def face_method(name: str, nets: Sequence[str], num_identities: int, *, head: st
 
 
 # -- detection --------------------------------------------------------------------------------
-def detection_data(root: str | os.PathLike, *, train_split: str = "train2017",
-                   test_split: str = "val2017", batch_size: int = 4, test_batch_size: int = 4,
-                   seed: int = 0, flip: bool = True, min_size: int | None = None,
-                   max_size: int | None = None, rank: int = 0, world_size: int = 1) -> TaskData:
-    """A COCO-layout dataset (``annotations/instances_<split>.json`` + images) as training and
-    test batches (:class:`~dcmkd.data.detection.DetectionBatches`); ``min_size``/``max_size``
-    resize the images once when loading (the detectors resize again to their own sizes).
+def detection_data(root: str | os.PathLike, *, name: str = "coco",
+                   train_split: str | None = None, test_split: str | None = None,
+                   batch_size: int = 4, test_batch_size: int = 4, seed: int = 0,
+                   flip: bool = True, min_size: int | None = None, max_size: int | None = None,
+                   rank: int = 0, world_size: int = 1) -> TaskData:
+    """A detection dataset as training and test batches
+    (:class:`~dcmkd.data.detection.DetectionBatches`): ``name="coco"``, a COCO-layout folder
+    (``annotations/instances_<split>.json`` + images), or ``"voc"``, a Pascal VOC folder
+    (``Annotations/``, ``JPEGImages/``, ``ImageSets/Main/<split>.txt``, e.g.
+    ``VOCdevkit/VOC2007``); the splits default to the dataset's (:data:`DETECTION_DATASETS`:
+    COCO train2017/val2017, VOC trainval/test). Both are scored by the same COCO evaluation
+    (a VOC split's ground truth is converted in memory, ``difficult`` objects ignored:
+    :mod:`dcmkd.data.detection`). ``min_size``/``max_size`` resize the images once when
+    loading (the detectors resize again to their own sizes).
 
     ``rank``/``world_size`` (data-parallel training): ``batch_size`` is the global batch, a
     multiple of ``world_size``; every rank walks the same seeded global batches (and flips)
@@ -242,14 +324,20 @@ def detection_data(root: str | os.PathLike, *, train_split: str = "train2017",
     the epoch and take the same number of steps; the images that make no full global batch
     are dropped, as in one process. The test batches are the single-process ones, every
     ``world_size``-th whole batch per rank (:class:`~dcmkd.tasks.base.BatchShard`)."""
-    from dcmkd.data.detection import CocoDetection, DetectionBatches
+    from dcmkd.data.detection import CocoDetection, DetectionBatches, VocDetection
 
-    train = CocoDetection(root, train_split, min_size=min_size, max_size=max_size, cache=True)
-    test = CocoDetection(root, test_split, min_size=min_size, max_size=max_size, cache=True)
+    readers = {"coco": CocoDetection, "voc": VocDetection}
+    if name not in DETECTION_DATASETS:
+        raise ValueError(f"detection dataset '{name}' is not one of "
+                         f"{', '.join(DETECTION_DATASETS)}")
+    defaults = DETECTION_DATASETS[name][1]
+    train_split, test_split = train_split or defaults[0], test_split or defaults[1]
+    train, test = (readers[name](root, split, min_size=min_size, max_size=max_size, cache=True)
+                   for split in (train_split, test_split))
     if [c[1] for c in train.categories] != [c[1] for c in test.categories]:
         raise ValueError(f"{root}: the {train_split} and {test_split} annotations list "
                          "different categories")
-    identity = {"name": "coco", "root": str(Path(root).expanduser().resolve()),
+    identity = {"name": name, "root": str(Path(root).expanduser().resolve()),
                 "train_split": train_split, "test_split": test_split,
                 "train_images": len(train), "test_images": len(test),
                 "min_size": min_size, "max_size": max_size,
@@ -266,7 +354,7 @@ def detection_data(root: str | os.PathLike, *, train_split: str = "train2017",
 
 def detection_method(name: str, kind: str, backbones: Sequence[str], num_classes: int, *,
                      teacher_weights: str | os.PathLike | None = None,
-                     backbone_weights: Sequence[str | None] | None = None,
+                     backbone_weights: Any = None,
                      detector_options: dict[str, Any] | None = None,
                      sskd: dict[str, Any] | None = None,
                      feature: dict[str, Any] | None = None,
@@ -277,8 +365,10 @@ def detection_method(name: str, kind: str, backbones: Sequence[str], num_classes
     ``fitnets`` / ``at`` / ``nst``: the second trained on its own losses + λ·transfer term from
     the first (:class:`~dcmkd.methods.feature_kd.FeatureKD`; λ = ``loss_options["beta"]``,
     ``feature`` the run config's ``feature`` section). ``teacher_weights``: the teacher
-    detector's weights (an exported network or a run folder); ``backbone_weights``: per
-    network, a local ImageNet ResNet state_dict (or None: from scratch)."""
+    detector's weights (an exported network or a run folder; the teacher is built with the
+    normalisation they hold, :func:`_trained_norm`, unless ``detector_options`` names one);
+    ``backbone_weights``: ImageNet ResNet weights, one for every network or the student, or
+    one per network (:func:`backbone_weights_per_network`)."""
     from dcmkd.methods.builders import FeatureOptions, SSKDOptions, _used_loss_options
     from dcmkd.options import build
     from dcmkd.methods.feature_kd import FEATURE_METHODS, FeatureKD
@@ -300,12 +390,19 @@ def detection_method(name: str, kind: str, backbones: Sequence[str], num_classes
     if loss.get("label_smoothing"):
         raise ValueError(f"loss.label_smoothing does not apply to '{name}' on detectors "
                          "(they train on their own losses)")
-    weights = list(backbone_weights or [None] * len(backbones))
-    if len(weights) != len(backbones):
-        raise ValueError(f"{len(weights)} backbone_weights for {len(backbones)} detectors")
-    nets = [DetectorNetwork(build_detector(kind, b, num_classes + 1, backbone_weights=w,
-                                           **(detector_options or {})))
-            for b, w in zip(backbones, weights)]
+    weights = backbone_weights_per_network(backbone_weights, name, backbones)
+    options = [dict(detector_options or {}) for _ in backbones]
+    if name != "ind" and teacher_weights is not None and "norm" not in options[0]:
+        options[0]["norm"] = _trained_norm(teacher_weights)
+    nets = []
+    for i, (backbone, w) in enumerate(zip(backbones, weights)):
+        try:
+            nets.append(DetectorNetwork(build_detector(kind, backbone, num_classes + 1,
+                                                       backbone_weights=w, **options[i])))
+        except (ValueError, FileNotFoundError) as e:
+            if w is None:
+                raise
+            raise type(e)(f"backbone_weights of network {i} ({kind} {backbone}): {e}") from None
     task = Detection()
     if name == "ind":
         method = Supervised(nets, task)
@@ -328,4 +425,5 @@ def detection_method(name: str, kind: str, backbones: Sequence[str], num_classes
 
 
 __all__ = ["TaskData", "face_data", "face_method", "detection_data", "detection_method",
+           "backbone_weights_per_network", "resolve_task_section", "DETECTION_DATASETS",
            "FACE_MEAN", "FACE_STD"]
