@@ -129,6 +129,11 @@ def flag_keys() -> dict[str, str]:
     return {k.name: k.spec.flag.replace("-", "_") for k in schema_keys() if k.spec.flag}
 
 
+def key_doc(name: str) -> str:
+    """The docstring of config key ``name`` (a flag's help is its key's doc: one owner)."""
+    return next(k.spec.doc for k in schema_keys() if k.name == name)
+
+
 def flag_overrides(args: argparse.Namespace) -> list[dict[str, Any]]:
     """The config overrides of the flags a command was given (``--data-dir d`` →
     ``{"data": {"root": "d"}}``)."""
@@ -402,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("-m", "--method", help="ind, ds, kd, dml, dml_ds, dcm, dcm1, dcm2, sskd, "
                    "fitnets, at, nst, fixed_backbone")
     t.add_argument("-n", "--nets", help="comma-separated model names, e.g. resnet110,resnet110")
-    t.add_argument("-d", "--dataset", help="cifar10, cifar100, digits, folder, imagenet, synthetic")
+    t.add_argument("-d", "--dataset", help=key_doc("data.name"))
     t.add_argument("--data-dir", help="dataset folder")
     t.add_argument("-e", "--epochs", type=int, help="epochs (default: the recipe's)")
     t.add_argument("-s", "--seed", type=int, help="seed of the init and the data order "
