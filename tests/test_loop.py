@@ -182,6 +182,17 @@ def test_the_methods_advice_on_an_epoch_is_warned_once(tmp_path, monkeypatch):
     assert seen[1][1] == [f"train/net{n}/C{c}/acc" for n in (0, 1) for c in (1, 2, 3)]
 
 
+def test_a_settings_warning_is_given_once_per_run(tmp_path):
+    """The loop resolves channels_last=auto without rebuilding the settings, whose checks would
+    warn again (issue 28 item 15: every schedule warning came twice)."""
+    cfg = resolve(None, ["method=ind", "nets=resnet20", *TINY, "epochs=1", "schedule.name=step",
+                         "schedule.step_size=30", f"out={tmp_path / 'r'}"])
+    with pytest.warns(UserWarning) as caught:
+        Trainer(cfg).fit()
+    never = [w for w in caught if "the rate never drops" in str(w.message)]
+    assert len(never) == 1, [str(w.message) for w in caught]
+
+
 # -- which keys may change on resume -------------------------------------------------------------
 @pytest.mark.parametrize("change", ["data.workers=1", "data.test_batch_size=16", "quiet=false",
                                     "tensorboard=true", "device=auto"])

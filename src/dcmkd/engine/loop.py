@@ -19,8 +19,6 @@ divergence) are taken on the reduced figures or broadcast, so every rank takes t
 """
 from __future__ import annotations
 
-from dataclasses import replace
-
 import json
 import sys
 import time
@@ -132,14 +130,15 @@ def _train(method: Method, train_batches: Batches, test_batches: Batches | None,
            ctx: distributed.Distributed | None, log: Log) -> dict[str, Any]:
     # -- set up: device, precision, processes, the method's optimisation, the run folder
     device = pick_device(distributed.device_of(ctx, settings.device))
-    settings = replace(settings, channels_last=layout_of(method, settings, device))
+    channels_last = layout_of(method, settings, device)   # (settings keep "auto": rebuilding
+    # them would repeat their warnings)
     if settings.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     method.to(device)
-    if settings.channels_last:
+    if channels_last:
         method.to(memory_format=torch.channels_last)
     grad_allreduce = ctx is not None and distribute_method(method, ctx, settings, device)
     method.configure_optimization(settings.optim, settings.schedule)
@@ -147,7 +146,8 @@ def _train(method: Method, train_batches: Batches, test_batches: Batches | None,
     if settings.compile:
         compile_networks(method.networks, log)
     loop = Context(method, run, settings, device, precision, identity,
-                   DivergenceGuard(settings.divergence_factor), log, ctx, grad_allreduce)
+                   DivergenceGuard(settings.divergence_factor), log, ctx, grad_allreduce,
+                   channels_last)
     if loop.main:
         run.write_config(identity)
         run.write_data(data_identity)
@@ -248,7 +248,7 @@ def train_epoch(ctx: "Context", batches: Batches, epoch: int, start: int,
     progress = Progress(epoch, steps, start, settings.quiet or not ctx.main, ctx.log, task)
     every = settings.checkpoint_every_steps
     for i, (x, y) in enumerate(batches.epoch(epoch, start), start=start):
-        x, y = task.to_device(x, y, ctx.device, settings.channels_last)
+        x, y = task.to_device(x, y, ctx.device, ctx.channels_last)
         method.begin_step(epoch + i / steps)
         out = method.training_step(x, y, step, ctx.precision.autocast)
         meter.add(out, y, task.batch_size(x, y))
@@ -477,17 +477,20 @@ def finish(loop: Context, history: list[dict]) -> dict[str, Any]:
 # -- the run's context: checkpoints, reads, divergence ------------------------------------------
 class Context:
     """What the loop carries through a run: the method, its folder and settings, the device
-    and precision, what defines the run, the divergence guard, the log, and the processes
-    (``dist``: None in a single process; ``grad_allreduce``: the loop averages gradients)."""
+    and precision, what defines the run, the divergence guard, the log, the processes
+    (``dist``: None in a single process; ``grad_allreduce``: the loop averages gradients) and
+    the memory layout the run resolved (``channels_last``)."""
 
     def __init__(self, method: Method, run: RunFolder, settings: TrainSettings,
                  device: torch.device, precision: Precision, identity: dict[str, Any],
                  guard: "DivergenceGuard", log: Log,
-                 dist: distributed.Distributed | None = None, grad_allreduce: bool = False):
+                 dist: distributed.Distributed | None = None, grad_allreduce: bool = False,
+                 channels_last: bool = False):
         self.method, self.run, self.settings = method, run, settings
         self.device, self.precision, self.identity = device, precision, identity
         self.guard, self.log = guard, log
         self.dist, self.grad_allreduce = dist, grad_allreduce
+        self.channels_last = channels_last
         self.main = dist is None or dist.is_main
         self.best = BestOnValidation(task_of(method), len(method.networks))
 
