@@ -288,7 +288,7 @@ class _Rebuilder:
                          "block_factory= or keep width=1")
 
 
-def _reinitialise(module: nn.Module) -> None:
+def reinitialise(module: nn.Module) -> None:
     """Fresh weights: every layer's own ``reset_parameters`` (PyTorch's default init)."""
     for m in module.modules():
         reset = getattr(m, "reset_parameters", None)
@@ -304,8 +304,51 @@ def _copied_stages(chain: list[_Call], blocks: int | str | None) -> tuple[nn.Seq
         if _is_block_sequence(m):
             stages[i] = m[:_keep_blocks(len(m), blocks)]
             trimmed = True
-    _reinitialise(stages)
+    reinitialise(stages)
     return stages, trimmed
+
+
+# -- a user's description of the stages ---------------------------------------------------------
+#: in ``head=``, unless the model has a module of that name: ``torch.flatten(x, 1)``
+FLATTEN = "flatten"
+
+
+@dataclass(frozen=True)
+class StagePaths:
+    """A classifier's stages as its user describes them, for the stage-wise methods (SSKD,
+    FitNets, AT, NST, fixed_backbone; :class:`dcmkd.methods.stages.ModulePlan` runs and checks
+    them): ``stages[i]`` the dotted module paths stage i + 1 runs, ``head`` those that take the
+    last stage's map to the logits (:data:`FLATTEN` for ``torch.flatten(x, 1)``)."""
+
+    stages: tuple[tuple[str, ...], ...]
+    head: tuple[str, ...]
+
+    @classmethod
+    def of(cls, model: nn.Module, stages: Sequence[Sequence[str] | str],
+           head: Sequence[str] | str) -> "StagePaths":
+        """Checked: every stage and the head non-empty, every path one of ``model``'s modules
+        (or :data:`FLATTEN` in the head); a string stands for a one-module stage or head."""
+        name = type(model).__name__
+        if isinstance(stages, str) or not stages:
+            raise ValueError(f"stages= for {name}: a list of stages, each a list of module "
+                             "names, e.g. [['conv1', 'bn1', 'relu', 'layer1'], ['layer2']]; "
+                             f"got {stages!r}")
+        groups = tuple((s,) if isinstance(s, str) else tuple(s) for s in stages)
+        tail = (head,) if isinstance(head, str) else tuple(head or ())
+        empty = [i + 1 for i, g in enumerate(groups) if not g]
+        if empty or not tail:
+            where = f"stage {empty[0]}" if empty else "head="
+            raise ValueError(f"{where} of {name} names no module; every stage and the head "
+                             "run at least one")
+        for p in (*(p for g in groups for p in g), *tail):
+            if not isinstance(p, str):
+                raise ValueError(f"stages=/head= of {name}: module names are strings, got {p!r}")
+        for p in (p for g in groups for p in g):
+            submodule(model, p, f"module of {name} in stages=")
+        for p in tail:
+            if p != FLATTEN or p in dict(model.named_modules()):
+                submodule(model, p, f"module of {name} in head=")
+        return cls(groups, tail)
 
 
 # -- the wrapped network ------------------------------------------------------------------------
@@ -315,10 +358,12 @@ class WrappedNetwork(MultiExitNetwork):
     ``backbone`` is the user's model itself (not a copy), so training the wrapper trains it.
     ``forward`` returns ``[C1, C2, …]``: C1 is the model's own forward, the others
     ``branches[name](tap output)``. :meth:`export` returns a copy of the user's model.
+    ``stage_paths``: the stages the user described (:class:`StagePaths`), or None.
     """
 
     def __init__(self, model: nn.Module, branches: Sequence[AuxiliaryClassifier],
-                 num_classes: int, sample_shape: Sequence[int]):
+                 num_classes: int, sample_shape: Sequence[int],
+                 stage_paths: StagePaths | None = None):
         # MultiExitNetwork.__init__ reads a zoo Backbone's declared stages; this class shares
         # its contract (classifier_names, export, downsamplings), not its stage-based forward.
         nn.Module.__init__(self)
@@ -326,6 +371,7 @@ class WrappedNetwork(MultiExitNetwork):
         self.branches = nn.ModuleDict({b.name: b for b in branches})
         self.num_classes = num_classes
         self.sample_shape = tuple(sample_shape)
+        self.stage_paths = stage_paths
         self.training = model.training  # the model's mode, as given
         self.branches.train(model.training)
 
@@ -365,7 +411,7 @@ class WrappedNetwork(MultiExitNetwork):
         """Number of down-samplings on the path to each classifier's global pooling, measured by
         tracing a forward pass at ``input_size`` (default: the sample wrap_model traced)."""
         size = input_size or self.sample_shape[-1]
-        x = _sample(self.backbone, (1, *self.sample_shape[1:-2], size, size))
+        x = sample_batch(self.backbone, (1, *self.sample_shape[1:-2], size, size))
         calls, _ = _trace(self.backbone, x)
         sizes = {"C1": _hw(_structure(calls, type(self.backbone).__name__).final)}
         hooks = [b.head.register_forward_pre_hook(
@@ -380,7 +426,8 @@ class WrappedNetwork(MultiExitNetwork):
         return {n: _downsamplings((size, size), hw) for n, hw in sizes.items()}
 
 
-def _sample(model: nn.Module, shape: Sequence[int]) -> torch.Tensor:
+def sample_batch(model: nn.Module, shape: Sequence[int]) -> torch.Tensor:
+    """A probe batch of ``shape``: seeded normal noise on the model's device."""
     ref = next(itertools.chain(model.parameters(), model.buffers()), None)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(*shape, generator=g)
@@ -400,7 +447,9 @@ def wrap_model(model: nn.Module, num_classes: int | None = None, *,
                classifiers: str | Sequence[str] | None = None, kind: str = "default",
                blocks: PerClassifier = None, width: PerClassifier = 1.0,
                block_factory: BlockFactory | None = None,
-               sample_input: torch.Tensor | Sequence[int] | None = None) -> WrappedNetwork:
+               sample_input: torch.Tensor | Sequence[int] | None = None,
+               stages: Sequence[Sequence[str] | str] | None = None,
+               head: Sequence[str] | str | None = None) -> WrappedNetwork:
     """Give any image classifier DCM auxiliary classifiers (see the module docstring).
 
     ``model``: maps ``[B, C, H, W]`` images to ``[B, classes]`` logits; wrapped in place.
@@ -414,11 +463,20 @@ def wrap_model(model: nn.Module, num_classes: int | None = None, *,
     ``blocks``/``width`` may be per classifier: ``width={"C2": 2}, blocks={"C3": "half"}``.
     ``block_factory(in_ch, out_ch, stride)``: builds one block when the copy is rebuilt.
     ``sample_input``: a batch the model accepts, or its shape (default ``(2, 3, 32, 32)``).
+    ``stages``, ``head``: the model's stages for SSKD, FitNets, AT, NST and fixed_backbone, as
+    lists of its module names run in the order of its forward (:class:`StagePaths`; e.g.
+    ``stages=[["conv1", "bn1", "relu", "layer1"], ["layer2"], ["layer3"]],
+    head=["avgpool", "flatten", "fc"]``); checked against its forward when a method uses them
+    (:class:`dcmkd.methods.stages.ModulePlan`).
     """
     check_choice("auxiliary classifier kind", kind, AUX_KINDS)
     model_name = type(model).__name__
+    if (stages is None) != (head is None):
+        raise ValueError(f"wrap_model({model_name}): give stages= and head= together (the "
+                         "modules of each stage, and those from the last stage to the logits)")
+    paths = None if stages is None else StagePaths.of(model, stages, head)  # type: ignore[arg-type]
     if sample_input is None or not isinstance(sample_input, torch.Tensor):
-        x = _sample(model, tuple(sample_input or DEFAULT_SAMPLE_SHAPE))
+        x = sample_batch(model, tuple(sample_input or DEFAULT_SAMPLE_SHAPE))
     else:
         x = sample_input
     try:
@@ -467,19 +525,26 @@ def wrap_model(model: nn.Module, num_classes: int | None = None, *,
                               float(_per(width, cname, 1.0, "width")),  # type: ignore[arg-type]
                               block_factory)
                 for cname, tap in tap_of.items()]
-    return WrappedNetwork(model, branches, num_classes, x.shape)
+    return WrappedNetwork(model, branches, num_classes, x.shape, paths)
+
+
+def submodule(model: nn.Module, path: str, what: str) -> nn.Module:
+    """``model``'s sub-module at the dotted ``path``; an unknown one is refused in one line that
+    lists the closest names and the model's children (``what``: e.g. "module … to tap")."""
+    modules = dict(model.named_modules())
+    if path not in modules or path == "":
+        everything = [n for n in modules if n]
+        close = difflib.get_close_matches(path, everything, n=3, cutoff=0.5)
+        shown = list(dict.fromkeys([*close, *(n for n in model._modules)]))
+        raise UnknownNameError(what, path, shown)
+    return modules[path]
 
 
 def _user_taps(model: nn.Module, taps: Sequence[str] | Mapping[str, str],
                classifiers: str | Sequence[str] | None, calls: list[_Call]) -> dict[str, str]:
-    modules = dict(model.named_modules())
     names = list(taps.values()) if isinstance(taps, Mapping) else list(taps)
     for tap in names:
-        if tap not in modules or tap == "":
-            everything = [n for n in modules if n]
-            close = difflib.get_close_matches(tap, everything, n=3, cutoff=0.5)
-            shown = list(dict.fromkeys([*close, *(n for n in model._modules)]))
-            raise UnknownNameError(f"module of {type(model).__name__} to tap", tap, shown)
+        submodule(model, tap, f"module of {type(model).__name__} to tap")
     if isinstance(taps, Mapping):
         for key in taps:
             check_choice("classifier", key, CLASSIFIER_NAMES[1:])
@@ -542,4 +607,5 @@ def _build_branch(cname: str, tap: _Call, calls: list[_Call], final: torch.Tenso
     return branch
 
 
-__all__ = ["WrappedNetwork", "wrap_model", "zoo_block_factory", "BlockFactory"]
+__all__ = ["WrappedNetwork", "wrap_model", "zoo_block_factory", "BlockFactory", "StagePaths",
+           "FLATTEN", "submodule", "sample_batch", "reinitialise"]

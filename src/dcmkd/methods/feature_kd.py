@@ -42,6 +42,10 @@ separate hint pre-training. The regressor is :class:`~dcmkd.losses.features.Hint
 
 The loss functions and their normalisation readings are those of :mod:`dcmkd.losses.features`.
 
+**A user's own classifier** (``wrap_model(model, stages=…, head=…)``): the stages it names
+(:class:`~dcmkd.methods.stages.ModulePlan`); AT and NST compare every stage's output, FitNets'
+``hint="auto"`` is the stage ending at a module named ``layer2``/``conv3_x``, else the 2nd.
+
 **Detectors** (torchvision Faster R-CNN + FPN and RetinaNet, :class:`~dcmkd.tasks.detection.
 DetectorNetwork`; the SSKD paper runs no feature baseline on detection, so everything here is a
 **reading** that carries the classification settings over): the supervised term is the
@@ -76,7 +80,8 @@ from torch import nn
 from dcmkd.losses.features import (HintRegressor, attention_transfer_loss, hint_loss,
                                    nst_loss_multi)
 from dcmkd.methods.base import Method, StepOutput
-from dcmkd.methods.sskd import check_pair, feature, stage_plan
+from dcmkd.methods.sskd import check_pair, stage_plan
+from dcmkd.methods.stages import StagePlan
 from dcmkd.registry import UnknownNameError
 
 FEATURE_METHODS = ("fitnets", "at", "nst")
@@ -88,7 +93,7 @@ WEIGHT_FACTOR = {"fitnets": 1.0, "at": 0.5, "nst": 0.5}
 AUTO_HINT_UNITS = ("conv3_x", "layer2")
 
 
-def hint_stage(partition: Any, hint: int | str) -> int:
+def hint_stage(partition: StagePlan, hint: int | str) -> int:
     """0-based index of FitNets' hint stage in a stage plan (its ``names``): ``"auto"`` (the
     stage ending at ``conv3_x`` / ``layer2``, else the 2nd), a 1-based stage number, or the
     unit name a stage ends at."""
@@ -103,11 +108,6 @@ def hint_stage(partition: Any, hint: int | str) -> int:
     if not 1 <= hint <= len(ends):
         raise ValueError(f"hint stage must be 1..{len(ends)}, got {hint}")
     return hint - 1
-
-
-def map_stages(plan: Any) -> list[int]:
-    """The stages AT and NST compare: a plan's ``map_stages`` (a detector's C2–C5), else all."""
-    return list(plan.map_stages) if hasattr(plan, "map_stages") else list(range(len(plan)))
 
 
 class FeatureKD(Method):
@@ -150,7 +150,7 @@ class FeatureKD(Method):
                              f"{len(self.s_part)} stages")
         self.hint = hint_stage(self.s_part, hint)
         #: the stages whose features the transfer term compares
-        self.compared = [self.hint] if kind == "fitnets" else map_stages(self.s_part)
+        self.compared = [self.hint] if kind == "fitnets" else list(self.s_part.map_stages)
         self.reduction = reduction
         self.loss_options = dict(p=p) if kind == "at" else dict(degree=degree, c=c)
         self.label_smoothing = label_smoothing
@@ -164,7 +164,7 @@ class FeatureKD(Method):
         under ``no_grad`` only as far as the last compared one."""
         with torch.no_grad():
             outs = self.t_part.run(x, stop=max(self.compared) + 1)
-        return {i: feature(self.t_part, i, outs[i]) for i in self.compared}
+        return {i: self.t_part.feature(i, outs[i]) for i in self.compared}
 
     def transfer_loss(self, x: Any, student_feats: Sequence[Any] | dict[int, Any]
                       ) -> torch.Tensor:
@@ -187,9 +187,8 @@ class FeatureKD(Method):
     def forward(self, images: Any, targets: Any) -> StepOutput:
         if self.detection:
             return self._detector_step(images, targets)
-        student = self.networks[1].backbone
         feats = self.s_part.run(images)
-        logits = student.forward_head(feats[-1])
+        logits = self.s_part.forward_head(feats[-1])
         ce = self.criterion(logits.float(), targets, self.label_smoothing)
         loss = self.weight * WEIGHT_FACTOR[self.kind] * self.transfer_loss(images, feats)
         return StepOutput({"net1/ce": ce, f"net1/{self.kind}": loss}, [[], [logits]])
@@ -204,5 +203,4 @@ class FeatureKD(Method):
         return StepOutput(out, [[], []])
 
 
-__all__ = ["FeatureKD", "FEATURE_METHODS", "WEIGHT_FACTOR", "AUTO_HINT_UNITS", "hint_stage",
-           "map_stages"]
+__all__ = ["FeatureKD", "FEATURE_METHODS", "WEIGHT_FACTOR", "AUTO_HINT_UNITS", "hint_stage"]

@@ -2,7 +2,9 @@
 
 SSKD trains a student in two phases (paper Fig. 2 (b), Fig. 3, Eq. 3–6):
 
-1. **Backbone** (Eq. 3, 5, 6): the backbone is cut into K stages (:mod:`dcmkd.methods.stages`);
+1. **Backbone** (Eq. 3, 5, 6): the backbone is cut into K stages, the network's stage plan
+   (:func:`stage_plan`: a zoo backbone's partition, a detector's ResNet-FPN, or the stages a
+   user named with ``wrap_model(model, stages=…, head=…)``; :mod:`dcmkd.methods.stages`);
    stage i of the student learns to reproduce the teacher's stage-i output,
    ``min_{Θ_{S_i}} ψ(f_i^T, f_i^S)`` with ``ψ(a, b) = ‖a − b‖²₂`` and the identity as
    ``σ̄`` (Eq. 3, "we choose σ̄ as identity function … and ψ as l2 distance"). Stages are
@@ -32,8 +34,9 @@ Readings and choices where the paper is silent (all documented in the README not
 - Weight decay in the stages: the run's ``optim.weight_decay`` unless ``sskd.weight_decay`` is
   set (the paper names only SGD, momentum and lr).
 - The task head (the backbone's ``head`` module: pooling and the final linear layer, plus the
-  final BN-ReLU of pre-activation nets) is trained with the run's optimiser settings and
-  schedule over ``head_epochs``; the paper gives no head schedule. ``head="end_to_end"`` instead
+  final BN-ReLU of pre-activation nets; a user's network: its ``head=`` modules) is trained
+  with the run's optimiser settings and schedule over ``head_epochs``; the paper gives no head
+  schedule. ``head="end_to_end"`` instead
   fine-tunes the whole student with cross-entropy after phase 1 (an ablation in the spirit of
   paper Table 1, which compares the two for KD and a plain teacher).
 - ``multi_loss=True`` is the paper's Table 2 alternative: all K stage distances summed with
@@ -54,21 +57,14 @@ from dcmkd.heads import MultiExitNetwork
 from dcmkd.losses.features import hint_loss
 from dcmkd.methods.base import Method, StepFn, StepOutput
 from dcmkd.methods.optimization import PlateauSchedule, Schedule, SGDSettings
-from dcmkd.methods.stages import StageAdapter, partition_stages
-from dcmkd.models.base import Backbone, init_weights
+from dcmkd.methods.stages import (DEFAULT_STAGES, ClassifierStagePlan, ModulePlan, StageAdapter,
+                                  StagePlan, not_described, partition_stages, reset_head)
+from dcmkd.models.base import Backbone
 from dcmkd.registry import check_choice
 
 SCHEDULE_MODES = ("plateau", "epochs")
 HEAD_MODES = ("separate", "end_to_end")
 ADAPTER_MODES = ("auto", "always")
-
-
-def reset_head(backbone: Backbone) -> None:
-    """Re-initialise the task head (weights with the zoo's own init, BN statistics reset)."""
-    for m in backbone.head.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-    init_weights(backbone.head)
 
 
 def phase_epochs(value: int | float | None, epochs: int) -> int:
@@ -83,18 +79,26 @@ def phase_epochs(value: int | float | None, epochs: int) -> int:
     return int(value)
 
 
-def stage_plan(network: nn.Module, stages: Any) -> Any:
+def stage_plan(network: nn.Module, stages: Any) -> StagePlan:
     """The stage plan (:class:`~dcmkd.methods.stages.StagePlan`) of a network: its own
-    (``network.stage_plan``, e.g. a detector's ResNet-FPN) or the zoo partition of its
-    backbone."""
+    (``network.stage_plan``, e.g. a detector's ResNet-FPN), the stages its user described
+    (``wrap_model(model, stages=…, head=…)``: a :class:`~dcmkd.methods.stages.ModulePlan`,
+    whose K is the user's: ``stages`` must be the default 4 or K), or the zoo partition of its
+    backbone; any other network is refused in one line that says how to describe its stages."""
     if hasattr(network, "stage_plan"):
         return network.stage_plan(stages)
-    return partition_stages(network.backbone, stages)
-
-
-def feature(plan: Any, i: int, out: Any) -> Any:
-    """What SSKD compares at stage ``i`` (a plan's ``feature``, else the stage output)."""
-    return plan.feature(i, out) if hasattr(plan, "feature") else out
+    described = getattr(network, "stage_paths", None)
+    if described is not None:
+        plan = ModulePlan(network.backbone, described, sample_input=network.sample_shape)
+        if stages not in (None, DEFAULT_STAGES, len(plan)):
+            raise ValueError(f"{plan.model_name} has the {len(plan)} stages given to "
+                             f"wrap_model(stages=...); stages={stages!r} cannot cut them "
+                             f"otherwise (leave it at its default or {len(plan)})")
+        return plan
+    backbone = getattr(network, "backbone", network)
+    if not isinstance(backbone, Backbone):
+        raise not_described(backbone)
+    return partition_stages(backbone, DEFAULT_STAGES if stages is None else stages)
 
 
 def prepare(network: nn.Module, images: Any) -> Any:
@@ -103,12 +107,13 @@ def prepare(network: nn.Module, images: Any) -> Any:
     return network.prepare(images) if hasattr(network, "prepare") else images
 
 
-def head_modules(network: nn.Module) -> list[nn.Module]:
+def head_modules(network: nn.Module, plan: ClassifierStagePlan) -> list[nn.Module]:
     """The task head: a network's ``head_modules()`` (a detector's RPN + RoI heads or
-    RetinaNet's subnets), else the zoo backbone's ``head``."""
+    RetinaNet's subnets), else its classifier plan's (the zoo backbone's ``head``, or the
+    user's ``head=``)."""
     if hasattr(network, "head_modules"):
         return list(network.head_modules())
-    return [network.backbone.head]
+    return plan.head_modules()
 
 
 def check_pair(teacher: nn.Module, student: nn.Module) -> None:
@@ -247,7 +252,8 @@ class SSKD(Method):
         if ph.kind == "stages":
             return [m for i in range(len(self.s_part)) for m in self.s_part.modules(i)] + \
                 [self.adapters]
-        return head_modules(self.student) if self.head_mode == "separate" else [self.student]
+        return head_modules(self.student, self.s_part) if self.head_mode == "separate" \
+            else [self.student]
 
     def _enter(self) -> None:
         """Trainable flags and a fresh optimiser for the current phase (also after a resume)."""
@@ -263,10 +269,10 @@ class SSKD(Method):
         """State reset at the start of a phase (not on resume): schedule, distance, head init."""
         self._done_epochs, self._dist_sum, self._dist_count = 0, 0.0, 0
         self.plateau = PlateauSchedule(**self.plateau_options)
-        if self.phase.kind == "head" and hasattr(self.student, "backbone"):
+        if self.phase.kind == "head" and not hasattr(self.student, "losses"):
             # a detector's head was never trained (its phases only trained the backbone) and
             # keeps torchvision's own initialisation (e.g. RetinaNet's prior-probability bias)
-            reset_head(self.student.backbone)
+            self.s_part.reset_head()
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
@@ -406,7 +412,7 @@ class SSKD(Method):
         """Eq. 6 at stage ``i``: ψ = squared l2 between the teacher's feature and the adapted
         student's; on a feature pyramid (a detector's FPN stage), the mean of ψ over its levels
         (**reading**: the paper's plain L2 on each level, the levels weighted alike)."""
-        s, t = feature(self.s_part, i, student_out), feature(self.t_part, i, teacher_out)
+        s, t = self.s_part.feature(i, student_out), self.t_part.feature(i, teacher_out)
         adapter = self.adapters[i]
         if isinstance(t, torch.Tensor):
             return hint_loss(adapter(s, t.shape[-2:]), t)
@@ -417,13 +423,12 @@ class SSKD(Method):
         if hasattr(self.student, "losses"):   # a detector: its own task losses (Eq. 4)
             losses = self.student.losses(images, targets)
             return StepOutput({f"net1/{k}": v for k, v in losses.items()}, [[], []])
-        backbone = self.student.backbone
         if self.head_mode == "separate":
             with torch.no_grad():
-                feats = backbone.forward_features(images)
-            logits = backbone.forward_head(feats)
+                feats = self.s_part.forward_features(images)
+            logits = self.s_part.forward_head(feats)
         else:
-            logits = backbone(images)
+            logits = self.student.backbone(images)   # the network's own forward
         ce = self.criterion(logits.float(), targets, self.label_smoothing)
         return StepOutput({"net1/ce": ce}, [[], [logits]])   # Eq. 4
 
@@ -447,7 +452,9 @@ class FixedBackbone(Method):
 
     The network's weights come from ``teacher_weights`` (a file or a run folder; ``teacher_net``
     picks the network of that run, e.g. 1 for the student of a ``kd`` run). Trained with the
-    run's optimiser and schedule (the paper gives none for this step).
+    run's optimiser and schedule (the paper gives none for this step). The head and the
+    features are those of the network's stage plan (:func:`stage_plan`: the zoo backbone's
+    ``head``, or a user's ``head=``).
     """
 
     def __init__(self, network: MultiExitNetwork, label_smoothing: float = 0.0):
@@ -457,23 +464,25 @@ class FixedBackbone(Method):
         self.networks = nn.ModuleList([network])
         self.frozen = frozenset()
         self.label_smoothing = label_smoothing
-        reset_head(network.backbone)
+        self.plan: ClassifierStagePlan = stage_plan(network, None)  # type: ignore[assignment]
+        self.plan.reset_head()
         network.requires_grad_(False)
-        network.backbone.head.requires_grad_(True)
+        for m in self.plan.head_modules():
+            m.requires_grad_(True)
         self.train()
 
     def train(self, mode: bool = True) -> "FixedBackbone":
         super().train(mode)
         if mode:
             self.networks[0].eval()
-            self.networks[0].backbone.head.train()
+            for m in self.plan.head_modules():
+                m.train()
         return self
 
     def forward(self, images: torch.Tensor, targets: torch.Tensor) -> StepOutput:
-        backbone = self.networks[0].backbone
         with torch.no_grad():
-            feats = backbone.forward_features(images)
-        logits = backbone.forward_head(feats)
+            feats = self.plan.forward_features(images)
+        logits = self.plan.forward_head(feats)
         ce = self.criterion(logits.float(), targets, self.label_smoothing)
         return StepOutput({"net0/ce": ce}, [[logits]])
 

@@ -36,24 +36,128 @@ the layer after it), so a cut never separates a BN from its in-place ReLU; the f
 ``ceil(n / 2)`` of the ``n`` layers. ResNet-20's stem (conv, BN-ReLU) splits into the raw 3×3
 conv output and its BN-ReLU; its 3-block stages into 2 + 1 blocks; ResNet-56's 9-block stages
 into 5 + 4. A stage of a single layer cannot be halved (an error names it).
+
+**Stage plans.** What SSKD, FitNets, AT and NST use of a network's stages is the
+:class:`StagePlan` protocol (plus :class:`ClassifierStagePlan` for a classifier's head). Three
+plans satisfy it: the zoo partition above (:class:`StagePartition`), a torchvision ResNet-FPN
+detector's (:class:`~dcmkd.models.detection.ResNetFPNPlan`), and a user's own classifier
+described by its module names (:class:`ModulePlan`, from ``wrap_model(model, stages=…,
+head=…)``). :func:`dcmkd.methods.sskd.stage_plan` picks the one of a network.
 """
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dcmkd.models.base import Backbone
+from dcmkd.heads.wrap import DEFAULT_SAMPLE_SHAPE, StagePaths, reinitialise, sample_batch
+from dcmkd.models.base import Backbone, inference, init_weights
 
 #: the paper's recommended partition: the resolution down-sampling points
 DEFAULT_STAGES = 4
 #: finer partitions halve stages of the 4-stage one, each at most once (paper Table 3)
 MAX_STAGES = 2 * DEFAULT_STAGES
+
+
+@runtime_checkable
+class StagePlan(Protocol):
+    """A network's backbone as K stages ``T_K ∘ … ∘ T_1`` (SSKD Eq. 5): what SSKD, FitNets, AT
+    and NST use of it. ``run_stage(0, x)`` takes the input of stage 1 (the image batch, or a
+    detector's transformed batch), ``run_stage(i, x)`` what stage ``i − 1`` returned.
+    ``modules(i)`` are the network's own modules (no copies), the ones SSKD trains in stage i.
+    A detector's FitNets/AT/NST also record features in the detector's own forward
+    (:meth:`~dcmkd.models.detection.ResNetFPNPlan.record`), outside this protocol."""
+
+    names: list[str]      # one per stage; FitNets' ``hint`` names a stage by its last unit
+    channels: list[int]   # the width of each stage's feature (SSKD's adapters, the regressor)
+
+    def __len__(self) -> int: ...
+
+    def modules(self, i: int) -> list[nn.Module]: ...
+
+    def run_stage(self, i: int, x: Any) -> Any: ...
+
+    def run(self, x: Any, stop: int | None = None, start: int = 0) -> list[Any]: ...
+
+    def feature(self, i: int, out: Any) -> torch.Tensor | dict[str, torch.Tensor]:
+        """What is compared at stage ``i`` given its output ``out`` (a map, or a pyramid)."""
+        ...
+
+    @property
+    def map_stages(self) -> list[int]:
+        """The stages whose feature is one map (those AT and NST compare)."""
+        ...
+
+
+@runtime_checkable
+class ClassifierStagePlan(StagePlan, Protocol):
+    """A classifier's plan: also its task head (SSKD's head phase, Eq. 4; the CE of FitNets,
+    AT and NST; fixed_backbone)."""
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last stage's map (what the head receives)."""
+        ...
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def head_modules(self) -> list[nn.Module]: ...
+
+    def reset_head(self) -> None:
+        """Re-initialise the head (weights and BN statistics)."""
+        ...
+
+
+class _Stages:
+    """``run`` from ``run_stage`` and ``__len__``; a plan whose stages all compare one map."""
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def run_stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def run(self, x: torch.Tensor, stop: int | None = None, start: int = 0
+            ) -> list[torch.Tensor]:
+        """Outputs of stages ``start .. stop - 1`` (default: all) from ``x``, the input of
+        stage ``start`` (the image when ``start = 0``)."""
+        outs = []
+        for i in range(start, len(self) if stop is None else stop):
+            x = self.run_stage(i, x)
+            outs.append(x)
+        return outs
+
+    def feature(self, i: int, out: torch.Tensor) -> torch.Tensor:
+        return out
+
+    @property
+    def map_stages(self) -> list[int]:
+        return list(range(len(self)))
+
+
+def reset_head(backbone: Backbone) -> None:
+    """Re-initialise a zoo backbone's task head (weights with the zoo's own init, BN statistics
+    reset)."""
+    for m in backbone.head.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+    init_weights(backbone.head)
+
+
+def not_described(model: nn.Module) -> TypeError:
+    """The one-line refusal of a network whose stages are unknown, saying how to give them."""
+    name = type(model).__name__
+    return TypeError(
+        f"{name} is not a zoo Backbone (declared stem and stages), so the stage-wise methods do "
+        f"not know its stages: describe them as its module names in the order of its forward, "
+        f"wrap_model(model, stages=[['conv1', 'bn1', 'relu', 'layer1'], ['layer2'], ...], "
+        f"head=['avgpool', 'flatten', 'fc']), or the same stages= and head= in create_method's "
+        f"model_options")
 
 
 @dataclass(frozen=True)
@@ -92,18 +196,18 @@ def _layers(unit: nn.Module, path: str) -> list[tuple[str, ...]]:
     return layers
 
 
-class StagePartition:
+class StagePartition(_Stages):
     """A backbone cut into stages (see the module note); runs stages without copying modules.
 
     ``segments[i]`` describes stage i + 1; :meth:`run` applies a range of stages. The partition
     keeps references to the backbone's own modules (it is not an ``nn.Module`` and registers
-    nothing), so the network's ``state_dict`` is unchanged.
+    nothing), so the network's ``state_dict`` is unchanged. A :class:`ClassifierStagePlan`; its
+    head is the backbone's ``head``.
     """
 
     def __init__(self, backbone: Backbone, stages: int | Sequence[str] = DEFAULT_STAGES):
         if not isinstance(backbone, Backbone):
-            raise TypeError(f"stage partitions need a zoo Backbone (declared stem and stages), "
-                            f"got {type(backbone).__name__}")
+            raise not_described(backbone)
         self.backbone = backbone
         unit_names = backbone.stage_names
         unit_paths = ["stem", *[f"stages.{n}" for n in backbone.stages.keys()]]
@@ -215,14 +319,18 @@ class StagePartition:
             x = m(x)
         return x
 
-    def run(self, x: torch.Tensor, stop: int | None = None, start: int = 0) -> list[torch.Tensor]:
-        """Outputs of stages ``start .. stop - 1`` (default: all) from ``x``, the input of
-        stage ``start`` (the image when ``start = 0``)."""
-        outs = []
-        for i in range(start, len(self.segments) if stop is None else stop):
-            x = self.run_stage(i, x)
-            outs.append(x)
-        return outs
+    # -- the head -------------------------------------------------------------------------
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone.forward_features(x)
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone.forward_head(x)
+
+    def head_modules(self) -> list[nn.Module]:
+        return [self.backbone.head]
+
+    def reset_head(self) -> None:
+        reset_head(self.backbone)
 
     def describe(self) -> list[dict]:
         return [{"name": s.name, "channels": s.channels, "stride": s.stride,
@@ -237,6 +345,173 @@ def partition_stages(backbone: Backbone, stages: int | Sequence[str] = DEFAULT_S
     """Cut ``backbone`` into ``stages`` stages (an int 1–8, or the names of the units at which
     the stages end); see the module note for the rule."""
     return StagePartition(backbone, stages)
+
+
+def _flatten(x: torch.Tensor) -> torch.Tensor:
+    return torch.flatten(x, 1)
+
+
+class ModulePlan(_Stages):
+    """A user's own classifier cut into the stages its user names (a :class:`ClassifierStagePlan`).
+
+    ``stages[i]``: the dotted module paths of ``model`` that stage i + 1 runs, in order; ``head``:
+    those that take the last stage's map to the logits, where ``"flatten"`` (unless the model has
+    a module of that name) is ``torch.flatten(x, 1)`` (:class:`~dcmkd.heads.wrap.StagePaths`). A
+    parameter-free module (one ``nn.ReLU`` used at several places) may be listed more than once.
+    The plan runs the model's own modules (no copies, nothing registered), so its
+    ``state_dict`` is unchanged.
+
+    **Checked at construction** on a probe batch (``sample_input``, a batch or its shape), in
+    eval mode without gradient: every listed module must receive exactly (``torch.equal``) the
+    tensor it receives in the model's own forward, and the head's output must equal the model's
+    logits. Otherwise the forward does something the plan cannot see, a functional operation
+    between modules (``F.relu``, ``torch.flatten``, ``x + y``, a residual sum, modules run in
+    another order), and a one-line ``ValueError`` names the model and the first stage where it
+    differs. Stage widths (``channels``) and strides come from the probe.
+    **Reading**: the head is re-initialised (:meth:`reset_head`) with each layer's own
+    ``reset_parameters``, PyTorch's default, as the user's model starts (the zoo's head gets the
+    zoo's init).
+    """
+
+    def __init__(self, model: nn.Module, stages: Sequence[Sequence[str] | str] | StagePaths,
+                 head: Sequence[str] | str | None = None, *,
+                 sample_input: torch.Tensor | Sequence[int] = DEFAULT_SAMPLE_SHAPE):
+        paths = stages if isinstance(stages, StagePaths) else \
+            StagePaths.of(model, stages, head)  # type: ignore[arg-type]
+        self.model, self.paths = model, paths
+        self.model_name = type(model).__name__
+        self._stage_steps = [[self._step(p) for p in g] for g in paths.stages]
+        self._head_steps = [self._step(p) for p in paths.head]
+        self._check_shared()
+        x = sample_input if isinstance(sample_input, torch.Tensor) else \
+            sample_batch(model, tuple(sample_input))
+        shapes = self._verify(x)
+        self.names: list[str] = ["+".join(g) for g in paths.stages]
+        self.channels: list[int] = [int(sh[1]) for sh in shapes]
+        self.strides: list[int] = [max(1, round(x.shape[-2] / sh[-2])) for sh in shapes]
+
+    def _step(self, path: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The module at ``path``, else (``"flatten"`` in the head) ``torch.flatten(x, 1)``."""
+        modules = dict(self.model.named_modules())
+        return modules[path] if path in modules else _flatten
+
+    def _check_shared(self) -> None:
+        """Each module with parameters or buffers once, and never inside another listed one."""
+        modules = dict(self.model.named_modules())
+        listed = [p for g in self.paths.stages for p in g] + \
+            [p for p in self.paths.head if p in modules]
+        for p in dict.fromkeys(listed):
+            stateful = any(True for _ in itertools.chain(modules[p].parameters(),
+                                                          modules[p].buffers()))
+            if stateful and listed.count(p) > 1:
+                raise ValueError(f"'{p}' of {self.model_name} is listed {listed.count(p)} times "
+                                 "in stages=/head=: a module with weights runs once")
+            outer = next((q for q in listed if p.startswith(q + ".")), None)
+            if outer is not None:
+                raise ValueError(f"'{p}' of {self.model_name} is inside '{outer}', also listed "
+                                 "in stages=/head=: list one of them")
+
+    def _verify(self, x: torch.Tensor) -> list[torch.Size]:
+        """Run the model, then the plan, on ``x`` (see the class note); the stage output
+        shapes."""
+        inputs: dict[str, list[Any]] = {}
+        modules = dict(self.model.named_modules())
+
+        def keep(path: str) -> Callable[..., None]:
+            def hook(module: nn.Module, args: tuple) -> None:
+                arg = args[0] if args else None   # cloned: an in-place module changes it later
+                inputs.setdefault(path, []).append(
+                    arg.detach().clone() if isinstance(arg, torch.Tensor) else arg)
+            return hook
+
+        listed = {p for g in self.paths.stages for p in g} | set(self.paths.head)
+        with inference(self.model):
+            hooks = [modules[p].register_forward_pre_hook(keep(p))
+                     for p in listed if p in modules]
+            try:
+                logits = self.model(x)
+            except Exception as e:  # the user's forward can raise anything
+                raise ValueError(f"could not run {self.model_name} on a probe input of shape "
+                                 f"{tuple(x.shape)}: {type(e).__name__}: {e}; pass "
+                                 "sample_input= (a batch, or its shape, that it accepts)") from e
+            finally:
+                for h in hooks:
+                    h.remove()
+            return self._replay(x, inputs, logits)
+
+    def _replay(self, x: torch.Tensor, inputs: dict[str, list[Any]],
+                logits: Any) -> list[torch.Size]:
+        """The plan on ``x``, each module's input compared with the forward's (``inputs``)."""
+        seen: dict[str, int] = {}
+        given, shapes = "the model's input", []
+        groups = [*zip(self.paths.stages, self._stage_steps), (self.paths.head, self._head_steps)]
+        for i, (paths, steps) in enumerate(groups):
+            where = f"stage {i + 1} ('{'+'.join(paths)}')" if i < len(self.paths.stages) \
+                else "the head"
+            for p, step in zip(paths, steps):
+                k = seen[p] = seen.get(p, -1) + 1
+                if isinstance(step, nn.Module):   # not the flatten of the head
+                    calls = inputs.get(p, [])
+                    if k >= len(calls):
+                        runs = f"runs only {len(calls)} time(s)" if calls else "does not run"
+                        raise ValueError(f"'{p}' of {self.model_name} {runs} in its forward, "
+                                         f"listed {k + 1} time(s) in stages=/head=")
+                    if not (isinstance(calls[k], torch.Tensor) and torch.equal(calls[k], x)):
+                        raise ValueError(
+                            f"{self.model_name}'s forward differs from its stage plan at "
+                            f"{where}: '{p}' does not receive {given}, so the forward has a "
+                            "functional operation between them (e.g. F.relu, torch.flatten, "
+                            "x + y) or runs its modules in another order; make it a module "
+                            "(nn.ReLU, nn.Flatten) or list the modules as the forward runs them")
+                x, given = step(x), f"the output of '{p}'"
+            if i < len(self.paths.stages):
+                if x.dim() != 4:
+                    raise ValueError(f"stage {i + 1} of {self.model_name} ends with a "
+                                     f"{tuple(x.shape)} tensor, not a feature map [B, C, H, W]: "
+                                     "pooling and flatten go in head=")
+                shapes.append(x.shape)
+        if not (isinstance(logits, torch.Tensor) and torch.equal(x, logits)):
+            raise ValueError(f"{self.model_name}'s forward differs from its stage plan after "
+                             f"the head: its logits are not {given} (a functional operation "
+                             "after it?); list the modules as the forward runs them")
+        return shapes
+
+    # -- running --------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._stage_steps)
+
+    def modules(self, i: int) -> list[nn.Module]:
+        """The model's own modules of stage ``i`` (0-based), each once."""
+        return list(dict.fromkeys(self._stage_steps[i]))  # type: ignore[arg-type]
+
+    def run_stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        for step in self._stage_steps[i]:
+            x = step(x)
+        return x
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run(x)[-1]
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        for step in self._head_steps:
+            x = step(x)
+        return x
+
+    def head_modules(self) -> list[nn.Module]:
+        return list(dict.fromkeys(s for s in self._head_steps if isinstance(s, nn.Module)))
+
+    def reset_head(self) -> None:
+        for m in self.head_modules():
+            reinitialise(m)
+
+    def describe(self) -> list[dict]:
+        return [{"name": n, "channels": c, "stride": st, "modules": list(g)}
+                for n, c, st, g in zip(self.names, self.channels, self.strides,
+                                       self.paths.stages)]
+
+    def __repr__(self) -> str:
+        return (f"ModulePlan({self.model_name}: {', '.join(self.names)}; "
+                f"head {'+'.join(self.paths.head)})")
 
 
 def resize_to(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -276,5 +551,6 @@ class StageAdapter(nn.Module):
         return self.proj(resize_to(student, size))
 
 
-__all__ = ["DEFAULT_STAGES", "MAX_STAGES", "Segment", "StagePartition", "partition_stages",
+__all__ = ["DEFAULT_STAGES", "MAX_STAGES", "StagePlan", "ClassifierStagePlan", "Segment",
+           "StagePartition", "partition_stages", "ModulePlan", "reset_head", "not_described",
            "resize_to", "StageAdapter"]
