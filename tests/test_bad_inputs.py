@@ -51,7 +51,7 @@ def finished(tmp_path_factory) -> Path:
     return out
 
 
-def bad_files(tmp: Path) -> dict[str, Path]:
+def bad_files(tmp: Path, finished: Path) -> dict[str, Path]:
     tmp.mkdir(exist_ok=True)
     (tmp / "syntax.yaml").write_text("optim: {lr: 0.1\nepochs: 3\n")
     (tmp / "tag.yaml").write_text("method: !!python/object/apply:os.system ['echo pwned']\n")
@@ -87,6 +87,19 @@ def bad_files(tmp: Path) -> dict[str, Path]:
     (tmp / "edited" / "metrics.jsonl").write_text('{"epoch": 1, "test/net0/C1/top1": 40.0}\n')
     (tmp / "edited" / "summary.json").write_text('{"epochs": 1, "test_top1": [4.0]}')
     (tmp / "crafted" / "summary.json").write_text('{"exported": ["../net0_resnet20.pt"]}')
+    # item 6 again: the finished resnet20 pair's real checkpoint in a resnet32 pair's folder
+    # (with the config it records, and without: then its weights are compared), and
+    # checkpoints whose 'method' entry is empty or a list
+    ckpt = load_file(finished / "checkpoint.pt")
+    config = (finished / "config.yaml").read_text()
+    for name, state in (("otherrun", ckpt), ("otherweights", {**ckpt, "config": None}),
+                        ("emptymethod", {**ckpt, "method": {}}),
+                        ("listmethod", {**ckpt, "method": [1, 2]})):
+        (tmp / name).mkdir()
+        (tmp / name / "config.yaml").write_text(
+            config.replace("- resnet20\n- resnet20", "- resnet32\n- resnet32")
+            if name.startswith("other") else config)
+        torch.save(state, tmp / name / "checkpoint.pt")
     return {p.name: p for p in tmp.iterdir()}
 
 
@@ -190,6 +203,27 @@ CASES = [  # (arguments, text the one-line message must contain)
     ([], "dcmkd: error: a command is required: models, describe, config, train"),                   # 16
     (["train", "--nope"], "unrecognized arguments: --nope (see dcmkd --help)"),             # 16
     (["reproduce", "{tmp}/missing.yaml"], "no such file: {tmp}/missing.yaml"),              # 16
+    (["eval", "{finished}", "--data-dir", "{tmp}/nowhere"],
+     "--data-dir {tmp}/nowhere does not exist"),                                            # 1
+    (["eval", "{finished}", "--data-dir", "{tmp}/a_file"],
+     "--data-dir {tmp}/a_file is a file, not a folder"),                                    # 1
+    (["eval", "{finished}", "--data-dir", "{tmp}/images"], "the dataset 'synthetic' is "
+     "bundled and reads no folder; name the dataset of that folder with -d"),                # 1
+    (["eval", "{tmp}/net0_resnet20.pt", "-d", "digits", "--data-dir", "{tmp}/nowhere"],
+     "--data-dir {tmp}/nowhere does not exist"),                                            # 1
+    (["eval", "{finished}", "-d", "nosuch"], "unknown dataset 'nosuch'"),                   # 1
+    (["eval", "{tmp}/otherrun"], "otherrun/checkpoint.pt is the checkpoint of another run "
+     "(its config → this run's config.yaml: nets: ('resnet20', 'resnet20') → ('resnet32', "
+     "'resnet32')); put the run's own checkpoint.pt back"),                                  # 6
+    (["export", "{tmp}/otherrun", "--unfinished"], "otherrun/checkpoint.pt is the checkpoint "
+     "of another run"),                                                                      # 6
+    (["eval", "{tmp}/otherweights"], "otherweights/checkpoint.pt holds the weights of another "
+     "network (missing keys networks.0.backbone.stages.conv2_x.3.conv1.weight"),            # 6
+    (["eval", "{tmp}/emptymethod"], "emptymethod/checkpoint.pt is not a run's checkpoint: its "
+     "'method' entry is empty, not the method's state_dict"),                               # 6
+    (["export", "{tmp}/emptymethod", "--unfinished"], "its 'method' entry is empty"),       # 6
+    (["eval", "{tmp}/listmethod"], "listmethod/checkpoint.pt is not a run's checkpoint: its "
+     "'method' entry is a list, not the method's state_dict"),                              # 6
 ]
 if not torch.cuda.is_available():
     CASES.append((["train", "-m", "ind", "-n", "resnet20", *TINY[:-3], "--device", "cuda"],
@@ -227,7 +261,7 @@ def test_a_negative_class_count_is_a_usage_error(capsys):
 @pytest.mark.parametrize("args,expected", CASES, ids=[" ".join(c[0])[:60] for c in CASES])
 def test_bad_input_gets_one_line_and_changes_nothing(args, expected, tmp_path, capsys,
                                                      finished, monkeypatch):
-    files = bad_files(tmp_path)
+    files = bad_files(tmp_path, finished)
     monkeypatch.chdir(tmp_path)        # default run folders (runs/...) land here
     before = snapshot(finished)
     code, out = cli(capsys, *[a.replace("{tmp}", str(tmp_path)).replace("{finished}",

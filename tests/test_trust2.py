@@ -424,9 +424,185 @@ def test_export_reads_no_data(finished, tmp_path, capsys, monkeypatch):
     cfg = yaml.safe_load((copy / "config.yaml").read_text())
     cfg["data"].update(name="folder", root="../data/base")
     (copy / "config.yaml").write_text(yaml.safe_dump(cfg))
+    ckpt = torch.load(copy / "checkpoint.pt", weights_only=False)   # which records the config
+    torch.save({**ckpt, "config": json.dumps(cfg)}, copy / "checkpoint.pt")
     monkeypatch.chdir(tmp_path)
     code, out = cli(capsys, "export", copy, "--to", tmp_path / "out")
     assert code == 0, out
     a = torch.load(tmp_path / "out" / "net1_resnet20.pt")
     b = torch.load(finished / "net1_resnet20.pt")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# -- audit of issue 28 (items 1, 6, 8-9, 18) ----------------------------------------------------
+def _tree(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def test_eval_data_dir_evaluates_on_that_folder(tmp_path, capsys, monkeypatch):
+    """A run trained on image folder A, evaluated with ``--data-dir B``: B holds A's test
+    images with the two classes' labels swapped, so the top-1 error on B is exactly 100 minus
+    the error on A (7 test images: never 50%), and the warning says the data differ."""
+    from PIL import Image
+
+    monkeypatch.setenv("DCMKD_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    for split, counts in (("train", {"x": 8, "y": 8}), ("test", {"x": 4, "y": 3})):
+        for c, n in counts.items():
+            for folder, label in (("a", c), ("b", c if split == "train" else
+                                                 {"x": "y", "y": "x"}[c])):
+                d = tmp_path / folder / split / label
+                d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                image = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+                image.save(tmp_path / "a" / split / c / f"{i}.png")
+                swapped = c if split == "train" else {"x": "y", "y": "x"}[c]
+                image.save(tmp_path / "b" / split / swapped / f"{c}{i}.png")
+    run = tmp_path / "run"
+    code, out = cli(capsys, "train", "-m", "ind", "-n", "resnet20", "-d", "folder", "--data-dir",
+                    tmp_path / "a", "-q", "-e", "1", "-o", run, "data.batch_size=4",
+                    "device=cpu", "schedule.name=constant")
+    assert code == 0, out
+    code, out = cli(capsys, "eval", run, "--json", "-q")
+    assert code == 0 and "warning" not in out, out
+    own = json.loads(out)["test/net0/C1/top1"]
+    code, out = cli(capsys, "eval", run, "--json", "-q", "--data-dir", tmp_path / "b")
+    assert code == 0, out
+    assert f"{run} was trained on other data than the folder data at hand" in out, out
+    other = json.loads(out[:out.index("}") + 1])["test/net0/C1/top1"]
+    assert other == pytest.approx(100 - own) and other != own
+
+
+def test_eval_data_dir_that_cannot_be_read_is_one_line(finished, tmp_path, capsys):
+    import os
+
+    if os.geteuid() == 0:
+        pytest.skip("root reads a folder without read permission")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o000)
+    try:
+        code, out = cli(capsys, "eval", finished, "-d", "folder", "--data-dir", locked)
+    finally:
+        locked.chmod(0o755)
+    assert code == 2 and f"--data-dir {locked} cannot be read (permission denied)" in out, out
+
+
+def test_a_checkpoint_of_another_run_or_network_is_named_and_kept(finished, tmp_path, capsys):
+    """A real checkpoint of another run (an ``ind`` resnet20's in the folder of a ``dml``
+    resnet20 pair), with the config it records and without it (then its weights are compared
+    with the method's), on ``train`` (resume) and ``eval``: one line naming the file and what
+    differs, exit 2, the file unchanged."""
+    other = tmp_path / "ind"
+    assert cli(capsys, "train", "-m", "ind", "-n", "resnet20", *TINY, "-e", "1",
+               "-o", other)[0] == 0
+    copy = tmp_path / "copy"
+    shutil.copytree(finished, copy)
+    (copy / "summary.json").unlink()             # interrupted: train resumes, eval loads it
+    ckpt = torch.load(other / "checkpoint.pt", weights_only=False)
+    cases = [(ckpt, "is the checkpoint of another run (its config → this run's config.yaml: "
+                    "method: 'ind' → 'dml'; nets: ('resnet20',) → ('resnet20', 'resnet20'))"),
+             ({**ckpt, "config": None}, "holds the weights of another network (missing keys "
+              "networks.1.backbone.stem.0.weight, networks.1.backbone.stem.1.weight, "
+              "networks.1.backbone.stem.1.bias, … (116 in all))")]
+    for state, said in cases:
+        torch.save(state, copy / "checkpoint.pt")
+        before = (copy / "checkpoint.pt").read_bytes()
+        for args in (["train", "-m", "dml", "-n", "resnet20,resnet20", *TINY, "-e", "1",
+                      "-o", copy], ["eval", copy]):
+            code, out = cli(capsys, *args)
+            assert code == 2 and "Traceback" not in out, out
+            assert len(out.strip().splitlines()) == 1, out
+            assert f"{copy / 'checkpoint.pt'} {said}" in out, out
+            assert "put the run's own checkpoint.pt back" in out
+        assert (copy / "checkpoint.pt").read_bytes() == before
+        assert not (copy / "summary.json").exists()
+
+
+def test_a_kd_run_travels_and_its_teacher_is_told_by_content(tmp_path, capsys, monkeypatch):
+    """A KD run created from ``work`` with a relative teacher path: from another directory,
+    ``eval`` and ``export`` work, and the same ``train`` with the teacher spelled otherwise
+    (absolute, the run folder, a copy elsewhere after the original moved) returns the finished
+    run untouched; another teacher is another config."""
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    work.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(work)
+    assert cli(capsys, "train", "-m", "ind", "-n", "resnet20", *TINY, "-e", "1",
+               "-o", "r1")[0] == 0
+    kd = ["train", "-m", "kd", "-n", "resnet20,resnet20", *TINY, "-e", "1"]
+    assert cli(capsys, *kd, "-o", "kd1", "teacher_weights=r1/net0_resnet20.pt")[0] == 0
+    code, out = cli(capsys, "eval", "kd1", "--json", "-q")
+    assert code == 0, out
+    here = json.loads(out)
+    assert RunFolder(work / "kd1").read_config()["teacher_weights"] == \
+        str(work / "r1" / "net0_resnet20.pt")
+    before = _tree(work / "kd1")
+
+    monkeypatch.chdir(elsewhere)        # (b) eval and export from another directory
+    code, out = cli(capsys, "eval", "../work/kd1", "--json", "-q")
+    assert code == 0 and json.loads(out) == here, out
+    code, out = cli(capsys, "export", "../work/kd1", "--to", "exported")
+    assert code == 0, out
+    a = torch.load(elsewhere / "exported" / "net1_resnet20.pt")
+    b = torch.load(work / "kd1" / "net1_resnet20.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    for teacher in (work / "r1" / "net0_resnet20.pt", "../work/r1"):   # (a) other spellings
+        code, out = cli(capsys, *kd, "-o", "../work/kd1", f"teacher_weights={teacher}")
+        assert code == 0 and "kd1: kd test top-1 error" in out, out
+    shutil.copy(work / "r1" / "net0_resnet20.pt", elsewhere / "copy.pt")
+    shutil.move(work / "r1", tmp_path / "moved")     # the recorded digest tells the copy
+    code, out = cli(capsys, *kd, "-o", "../work/kd1", "teacher_weights=copy.pt")
+    assert code == 0 and "kd1: kd test top-1 error" in out, out
+    weights = torch.load(elsewhere / "copy.pt")
+    weights["head.fc.bias"] = weights["head.fc.bias"] + 1
+    torch.save(weights, elsewhere / "another.pt")
+    code, out = cli(capsys, *kd, "-o", "../work/kd1", "teacher_weights=another.pt")
+    assert code == 2 and "holds a finished run with another config (teacher_weights: " \
+        f"'{work / 'r1' / 'net0_resnet20.pt'}' → '{elsewhere / 'another.pt'}')" in out, out
+    assert _tree(work / "kd1") == before
+
+
+def test_a_run_from_before_weights_json_compares_the_files(tmp_path, monkeypatch):
+    """Without ``weights.json`` (a run folder from before it) the teacher files are read and
+    compared, as before; with it, the digest it records decides."""
+    from dcmkd.run_folder import differences, weights_digest
+
+    monkeypatch.chdir(tmp_path)
+    torch.save({"w": torch.ones(2)}, tmp_path / "t.pt")
+    shutil.copy(tmp_path / "t.pt", tmp_path / "same.pt")     # a copy: the same bytes
+    a = {"method": "kd", "teacher_weights": "gone.pt"}
+    assert differences(a, {**a, "teacher_weights": "same.pt"}) == \
+        ["teacher_weights: 'gone.pt' → 'same.pt'"]
+    recorded = {"teacher_weights": weights_digest("t.pt")}
+    assert differences(a, {**a, "teacher_weights": "same.pt"}, recorded) == []
+    b = {"method": "sskd", "task": {"backbone_weights": ["t.pt", None]}}
+    assert differences(b, {**b, "task": {"backbone_weights": [str(tmp_path / "same.pt"),
+                                                                None]}}) == []
+    assert differences(b, {**b, "task": {"backbone_weights": [None, "t.pt"]}}) != []
+
+
+def test_eval_shows_its_progress_off_a_terminal(finished, capsys, monkeypatch):
+    """``dcmkd eval`` on 4 test batches, each taking 31 s by the progress clock: one line per
+    batch on standard error (not a terminal); none with -q."""
+    import types
+
+    import dcmkd.progress
+
+    clock = {"t": 0.0}
+
+    def perf_counter() -> float:
+        clock["t"] += 31.0
+        return clock["t"]
+
+    monkeypatch.setattr(dcmkd.progress, "time", types.SimpleNamespace(perf_counter=perf_counter))
+    code, out = cli(capsys, "eval", finished, "data.test_batch_size=8")
+    assert code == 0, out
+    lines = [line.split(" batch ")[0] for line in out.splitlines()
+             if line.startswith("evaluating: ")]
+    assert lines == [f"evaluating: {k}/4" for k in (1, 2, 3, 4)], out
+    assert "\r" not in out
+    code, out = cli(capsys, "eval", finished, "data.test_batch_size=8", "-q")
+    assert code == 0 and "evaluating" not in out, out

@@ -189,8 +189,9 @@ def _weights_file(path: Path, args: argparse.Namespace) -> Built:
                                                   for o in args.overrides):
         raise ValueError(f"{path} is not in a run folder that says its data: pass -d/--dataset "
                          "(and --data-dir) to name the data to evaluate it on")
-    cfg = resolve(base, [{"method": "ind", "nets": [model], "quiet": True},
+    cfg = resolve(base, [{"method": "ind", "nets": [model], "quiet": False},
                          *flag_overrides(args), *args.overrides])
+    _check_data_dir(args, cfg["data"]["name"])
     built = build(cfg)
     load_pretrained(built.method.networks[0].backbone, path)
     return built
@@ -213,13 +214,35 @@ def _data_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def _check_data_dir(args: argparse.Namespace, dataset: str) -> None:
+    """Refuse a ``--data-dir`` that names no folder that can be read, or one given with a
+    bundled dataset (which reads no folder): evaluating anything else than the data named
+    would print a number for other data with exit status 0."""
+    if not args.data_dir:
+        return
+    folder = Path(args.data_dir).expanduser()
+    if not folder.exists():
+        raise FileNotFoundError(f"--data-dir {args.data_dir} does not exist")
+    if not folder.is_dir():
+        raise NotADirectoryError(f"--data-dir {args.data_dir} is a file, not a folder")
+    if not os.access(folder, os.R_OK | os.X_OK):
+        raise ValueError(f"--data-dir {args.data_dir} cannot be read (permission denied)")
+    if dataset in BUNDLED_DATASETS:
+        raise ValueError(f"--data-dir {args.data_dir}: the dataset '{dataset}' is bundled and "
+                         "reads no folder; name the dataset of that folder with -d (cifar10, "
+                         "cifar100, folder, imagenet)")
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     path = Path(args.run)
     if not path.exists():
         raise FileNotFoundError(f"no run folder or weights file at {path}")
     if path.is_dir():
-        RunFolder(path).require_run("evaluate")
-        built = load_run(path, **_data_overrides(args))
+        run = RunFolder(path).require_run("evaluate")
+        told = _data_overrides(args)
+        _check_data_dir(args, (told.get("data") or {}).get("name")
+                        or (run.read_config() or {}).get("data", {}).get("name"))
+        built = load_run(path, **{"quiet": False, **told})
     else:
         built = _weights_file(path, args)
     result = evaluate_built(built)
@@ -431,6 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data-dir", help="evaluate on the data in this folder (default: the "
                    "run's data.root); a warning says when it is not the data the run trained on")
     e.add_argument("--device", help="auto, cpu, cuda, cuda:N, mps")
+    e.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress (else a bar on a terminal, a line every 30 s elsewhere)")
     e.add_argument("--json", action="store_true",
                    help="print the errors as one JSON object (classifier key → error %%)")
     e.set_defaults(func=cmd_eval)

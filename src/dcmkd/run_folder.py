@@ -8,6 +8,8 @@ A run is a folder::
                        built objects, a description of the method and the settings)
     data.json          what it trains on (:mod:`dcmkd.data.identity`): a run is refused on
                        other data even where the config is the same (``data.root`` may change)
+    weights.json       the SHA-256 of the weights files it starts from (``teacher_weights``,
+                       ``task.backbone_weights``): a teacher is told by its content
     environment.json   dcmkd, git commit, torch, Python, device
     metrics.jsonl      one JSON line per epoch
     checkpoint.pt      the latest checkpoint (weights_only loading)
@@ -86,37 +88,84 @@ def defining(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in flatten(config).items() if k not in resumable}
 
 
-#: config keys naming a weights file: two spellings of one file (relative or absolute, a run
-#: folder or its exported file) are the same value when the files' contents are equal
-WEIGHTS_KEYS = ("teacher_weights",)
+#: config keys (flattened) naming weights files, each with the key that picks a network of a
+#: run folder: two spellings of one file (relative or absolute, a run folder or its exported
+#: file, a copy elsewhere) are the same value when the files' contents are equal. A run
+#: records their SHA-256 in ``weights.json`` when it starts, so that a finished run is told by
+#: the content it started from, from any directory and after the file moves.
+WEIGHTS_KEYS = {"teacher_weights": "teacher_net", "task.backbone_weights": None}
+
+#: a value that equals no digest: a weights file that cannot be found or read
+UNKNOWN = object()
 
 
-def differences(saved: dict[str, Any], config: dict[str, Any]) -> list[str]:
-    """Defining keys whose values differ between two configs, as ``key: old → new`` (a
-    teacher is told by the content of its weights, not by the spelling of its path)."""
+def differences(saved: dict[str, Any], config: dict[str, Any],
+                digests: dict[str, Any] | None = None) -> list[str]:
+    """Defining keys whose values differ between two configs, as ``key: old → new``. A weights
+    file is told by its content, not by the spelling of its path (:data:`WEIGHTS_KEYS`);
+    ``digests``: the digests ``saved``'s run recorded (``weights.json``), else the files
+    ``saved`` names are read now."""
     a, b = defining(saved), defining(config)
     return [f"{k}: {a.get(k, '<unset>')!r} → {b.get(k, '<unset>')!r}"
             for k in sorted(set(a) | set(b)) if a.get(k, "<unset>") != b.get(k, "<unset>")
-            and not (k in WEIGHTS_KEYS and _same_weights(a.get(k), b.get(k),
-                                                         a.get("teacher_net"),
-                                                         b.get("teacher_net")))]
+            and not (k in WEIGHTS_KEYS and _same_weights(k, a, b, (digests or {}).get(k)))]
 
 
-def weights_digest(spec: Any, network: Any = None) -> str | None:
-    """SHA-256 of the weights file that ``spec`` designates (:func:`resolve_weights`); None
-    when it cannot be found."""
-    if not isinstance(spec, (str, os.PathLike)):
-        return None
+def weights_digest(spec: Any, network: Any = None) -> Any:
+    """The SHA-256 of the weights file that a config value names (a file, or a run folder's
+    exported network: :func:`resolve_weights`): a hex digest for a path, None for null, a
+    list of them for a list (one per network); :data:`UNKNOWN` when a file cannot be found or
+    read."""
     try:
-        path = resolve_weights(spec, network)
-        return hashlib.sha256(path.read_bytes()).hexdigest()
+        return _digest(spec, network)
     except (OSError, ValueError):
+        return UNKNOWN
+
+
+def _digest(spec: Any, network: Any) -> Any:
+    if spec is None:
         return None
+    if isinstance(spec, (list, tuple)):
+        return [_digest(s, None) for s in spec]
+    if not isinstance(spec, (str, os.PathLike)):
+        raise ValueError(f"not a path: {spec!r}")
+    digest = hashlib.sha256()
+    with open(resolve_weights(spec, network), "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
-def _same_weights(a: Any, b: Any, net_a: Any, net_b: Any) -> bool:
-    da = weights_digest(a, net_a)
-    return da is not None and da == weights_digest(b, net_b)
+def weights_digests(config: dict[str, Any]) -> dict[str, Any]:
+    """The digests of the weights files ``config`` names (:data:`WEIGHTS_KEYS` set to a value
+    whose files can be read), by flattened key: what ``weights.json`` records."""
+    flat = flatten(config)
+    found = {k: weights_digest(flat[k], flat.get(net) if net else None)
+             for k, net in WEIGHTS_KEYS.items() if flat.get(k) is not None}
+    return {k: v for k, v in found.items() if v is not UNKNOWN}
+
+
+def _same_weights(key: str, a: dict[str, Any], b: dict[str, Any], recorded: Any) -> bool:
+    """Whether flattened configs ``a`` (saved, with the ``recorded`` digest if any) and ``b``
+    name the same weights under ``key``: one path spelled two ways, or files of equal
+    content."""
+    net = WEIGHTS_KEYS[key]
+    old, new = a.get(key), b.get(key)
+    if _spelled(old) is not None and _spelled(old) == _spelled(new) and \
+            (net is None or a.get(net) == b.get(net)):
+        return True
+    have = weights_digest(new, b.get(net) if net else None)
+    want = recorded if recorded is not None else weights_digest(old, a.get(net) if net else None)
+    return have is not UNKNOWN and want is not UNKNOWN and have == want
+
+
+def _spelled(value: Any) -> Any:
+    """A path value as an absolute path (``~`` expanded); lists element-wise; None otherwise."""
+    if isinstance(value, (list, tuple)):
+        return [_spelled(v) for v in value]
+    if isinstance(value, str) and value:
+        return os.path.abspath(os.path.expanduser(value))
+    return None
 
 
 def network_file(index: int, model: str) -> str:
@@ -147,6 +196,7 @@ class RunFolder:
 
     CONFIG = "config.yaml"
     DATA = "data.json"
+    WEIGHTS = "weights.json"
     ENVIRONMENT = "environment.json"
     METRICS = "metrics.jsonl"
     CHECKPOINT = "checkpoint.pt"
@@ -160,6 +210,7 @@ class RunFolder:
         self.path = Path(path)
         self._lock_depth = 0
         self._told_foreign = False   # the warning on others' files, once per folder object
+        self._expected: dict[str, Any] | None = None   # the method's keys → shapes, if known
 
     def __repr__(self) -> str:
         return f"RunFolder({str(self.path)!r})"
@@ -229,7 +280,18 @@ class RunFolder:
         return data
 
     def write_config(self, config: dict[str, Any]) -> None:
+        """Write ``config.yaml``, and ``weights.json`` with the digests of the weights files
+        it names (:func:`weights_digests`; none: no file)."""
         atomic_write_text(self.file(self.CONFIG), yamlio.dumps(config))
+        digests = weights_digests(config)
+        if digests:
+            atomic_write_text(self.file(self.WEIGHTS), json.dumps(digests, indent=2))
+
+    def read_weights(self) -> dict[str, Any]:
+        """The digests ``weights.json`` records (empty for a run without the file: one from
+        before it existed, whose weights files are read to compare them)."""
+        recorded = read_json(self.file(self.WEIGHTS))
+        return recorded if isinstance(recorded, dict) else {}
 
     def check(self, config: dict[str, Any], data: dict[str, Any] | None = None) -> None:
         """Refuse ``config`` if the folder holds a started or finished run of another config
@@ -254,7 +316,7 @@ class RunFolder:
             raise RunConflict(f"{self.path} holds a run without its {self.CONFIG} (its config "
                               "is unknown); restore the file, or choose another -o/--out")
         state = "a finished" if self.finished else "an interrupted"
-        diff = differences(saved, config)
+        diff = differences(saved, config, self.read_weights())
         if diff:
             shown = "; ".join(diff[:4]) + (f"; and {len(diff) - 4} more" if len(diff) > 4 else "")
             keep = ("the finished run stays there" if self.finished else
@@ -283,8 +345,8 @@ class RunFolder:
         """Names in the folder that no run writes (hidden ones left aside)."""
         if not self.path.is_dir():
             return []
-        own = {self.CONFIG, self.DATA, self.ENVIRONMENT, self.METRICS, self.CHECKPOINT,
-               self.NOISY_LABELS, self.SUMMARY, self.PLOT, self.TENSORBOARD}
+        own = {self.CONFIG, self.DATA, self.WEIGHTS, self.ENVIRONMENT, self.METRICS,
+               self.CHECKPOINT, self.NOISY_LABELS, self.SUMMARY, self.PLOT, self.TENSORBOARD}
         return sorted(e.name for e in os.scandir(self.path)
                       if e.name not in own and not e.name.startswith(".")
                       and not NETWORK_FILE.fullmatch(e.name) and not BEST_FILE.fullmatch(e.name))
@@ -321,8 +383,19 @@ class RunFolder:
     #: what every run checkpoint holds (a file without one of them is not a run's checkpoint)
     CHECKPOINT_KEYS = ("epoch", "batch", "method", "optimizer", "history")
 
+    def expect_weights(self, state: dict[str, Any]) -> None:
+        """Check the ``method`` entry of every checkpoint loaded from now on against ``state``
+        (the built method's ``state_dict``): the same keys, tensors of the same shapes, as
+        ``load_state_dict`` needs them (:meth:`load_checkpoint`)."""
+        self._expected = {k: tuple(v.shape) if isinstance(v, torch.Tensor) and
+                          not isinstance(v, nn.parameter.UninitializedTensorMixin) else None
+                          for k, v in state.items()}
+
     def load_checkpoint(self) -> dict[str, Any]:
-        """The checkpoint, checked to be a run's (a dict with :data:`CHECKPOINT_KEYS`)."""
+        """The checkpoint, checked to be this run's: a dict with :data:`CHECKPOINT_KEYS`, a
+        ``method`` entry that is a state_dict, the config it records the same as
+        ``config.yaml``'s (a copy of another run's checkpoint is named) and, after
+        :meth:`expect_weights`, the weights of the method built for the run."""
         path = self.file(self.CHECKPOINT)
         state = load_file(path)
         missing = [k for k in self.CHECKPOINT_KEYS if k not in state] \
@@ -330,10 +403,42 @@ class RunFolder:
         if missing:
             held = (f"a {type(state).__name__}" if not isinstance(state, dict) else
                     "only " + ", ".join(map(str, list(state)[:5])) if state else "nothing")
-            raise ValueError(f"{path} is not a run's checkpoint: it holds {held}, without "
-                             f"{', '.join(missing)}; put the run's own {self.CHECKPOINT} back "
-                             "(or move this file away to start the run afresh)")
+            self._refuse_checkpoint(f"is not a run's checkpoint: it holds {held}, without "
+                                    f"{', '.join(missing)}")
+        method = state["method"]
+        if not isinstance(method, dict) or not method or not all(isinstance(k, str)
+                                                                 for k in method):
+            what = "empty" if isinstance(method, dict) and not method else \
+                "a mapping of other keys" if isinstance(method, dict) else \
+                f"a {type(method).__name__}"
+            self._refuse_checkpoint(f"is not a run's checkpoint: its 'method' entry is {what}, "
+                                    "not the method's state_dict")
+        other = self._other_run(state.get("config"))
+        if other:
+            self._refuse_checkpoint(f"is the checkpoint of another run (its config → this "
+                                    f"run's {self.CONFIG}: {other})")
+        wrong = mismatch(self._expected, method) if self._expected is not None else ""
+        if wrong:
+            self._refuse_checkpoint(f"holds the weights of another network ({wrong})")
         return state
+
+    def _refuse_checkpoint(self, what: str) -> None:
+        raise ValueError(f"{self.file(self.CHECKPOINT)} {what}; put the run's own "
+                         f"{self.CHECKPOINT} back (or move this file away to start the run "
+                         "afresh)")
+
+    def _other_run(self, recorded: Any) -> str:
+        """How the config a checkpoint records differs from ``config.yaml`` (``key: theirs →
+        ours; …``); empty when they agree, or when either is missing or unreadable."""
+        own = self.read_config()
+        try:
+            theirs = json.loads(recorded) if isinstance(recorded, str) else None
+        except json.JSONDecodeError:
+            theirs = None
+        if not isinstance(own, dict) or not isinstance(theirs, dict):
+            return ""
+        diff = differences(theirs, own)
+        return "; ".join(diff[:3]) + (f"; and {len(diff) - 3} more" if len(diff) > 3 else "")
 
     def checkpoint_config(self) -> dict[str, Any] | None:
         """The config the checkpoint records (None for a checkpoint that records none)."""
@@ -418,7 +523,8 @@ class RunFolder:
         """Remove what a start wrote when it ends before its first checkpoint."""
         if self.has_checkpoint or self.finished:
             return
-        for name in (self.CONFIG, self.DATA, self.ENVIRONMENT, self.NOISY_LABELS, self.METRICS):
+        for name in (self.CONFIG, self.DATA, self.WEIGHTS, self.ENVIRONMENT, self.NOISY_LABELS,
+                     self.METRICS):
             self.file(name).unlink(missing_ok=True)
         for path in self.path.glob("best_net*.pt") if self.path.is_dir() else ():
             if BEST_FILE.fullmatch(path.name):
@@ -559,6 +665,25 @@ def deferred_signals(signums: Sequence[int] = (signal.SIGINT, signal.SIGTERM)) -
                 signal.raise_signal(signum)
 
 
+def mismatch(expected: dict[str, Any], state: dict[str, Any]) -> str:
+    """How ``state`` (a ``state_dict`` read from a file) differs from ``expected`` (keys →
+    shapes, None for a value of no shape): ``unexpected keys a, b, … (12 in all); missing keys
+    …; x.weight is [10, 64] in the file, [100, 64] here``; empty when they match."""
+    unexpected = [k for k in state if k not in expected]
+    missing = [k for k in expected if k not in state]
+    shapes = [f"{k} is {list(v.shape)} in the file, {list(expected[k])} here"
+              for k, v in state.items() if expected.get(k) is not None
+              and isinstance(v, torch.Tensor) and tuple(v.shape) != expected[k]]
+    parts = [f"{what} {_some(keys)}" for what, keys in (("unexpected keys", unexpected),
+                                                         ("missing keys", missing)) if keys]
+    return "; ".join(parts + ([_some(shapes)] if shapes else []))
+
+
+def _some(items: Sequence[str], shown: int = 3) -> str:
+    return ", ".join(items[:shown]) + (f", … ({len(items)} in all)" if len(items) > shown
+                                       else "")
+
+
 def save_tensors(obj: Any, path: Path) -> None:
     """``torch.save`` ``obj`` to ``path`` atomically (:func:`dcmkd.weights.atomic_save`), with
     SIGINT/SIGTERM held back until the file is whole (:func:`deferred_signals`). A failed write
@@ -643,4 +768,5 @@ def resolve_weights(spec: str | os.PathLike, network: int | None = None) -> Path
 
 __all__ = ["RunFolder", "RunConflict", "RunLocked", "config_hash", "flatten", "defining", "differences",
            "network_file", "best_file", "parse_network_file", "model_name", "default_run_path",
-           "resolve_weights", "save_tensors", "deferred_signals"]
+           "resolve_weights", "save_tensors", "deferred_signals", "weights_digest",
+           "weights_digests", "mismatch", "WEIGHTS_KEYS"]

@@ -80,9 +80,11 @@ def build(cfg: dict[str, Any], ctx: distributed.Distributed | None = None) -> Bu
 
 def load_run(run: RunFolder | str | Path, **overrides: Any) -> Built:
     """A run folder's method with its latest weights (from its checkpoint), its data and its
-    settings, e.g. to evaluate or export it. ``overrides``: config keys (``device="cpu"``).
-    Data other than the run's ``data.json`` says is used with a warning (evaluating a run on
-    another copy or version of its data can be what one wants)."""
+    settings, e.g. to evaluate or export it. ``overrides``: config keys (``device="cpu"``;
+    ``quiet=False`` shows the progress of long work, the default is quiet). Data other than
+    the run's ``data.json`` says is used with a warning (evaluating a run on another copy or
+    version of its data can be what one wants). A checkpoint that is not the run's (another
+    run's, another network's weights) is one error naming it."""
     run = run if isinstance(run, RunFolder) else RunFolder(run)
     cfg = resolve(run.require_run().read_config(), [{"quiet": True, **overrides}])
     if not run.has_checkpoint:
@@ -92,6 +94,7 @@ def load_run(run: RunFolder | str | Path, **overrides: Any) -> Built:
                          f"method: {hint}")
     built = build(cfg)
     warn_if_other_data(run, built.data)
+    run.expect_weights(built.method.state_dict())
     ckpt = run.load_checkpoint()
     built.method.load_state_dict(ckpt["method"])
     if not run.finished:

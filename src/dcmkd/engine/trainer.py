@@ -33,8 +33,9 @@ class Trainer:
         """``cfg``: a config of any completeness (a dict, a recipe name or a YAML file), resolved
         with :func:`dcmkd.engine.config.resolve`: ``Trainer({"method": "dml"})`` is the paper's
         recipe for the default networks with DML."""
-        self.cfg = cfg = absolute_data_root(resolve(cfg))
-        self.run = RunFolder(run_dir or cfg["out"] or default_run_path(cfg))
+        given = resolve(cfg)   # the default folder's hash: of the paths as given, as ever
+        self.cfg = cfg = absolute_paths(given)
+        self.run = RunFolder(run_dir or cfg["out"] or default_run_path(given))
         self.log = log
 
     @property
@@ -52,6 +53,7 @@ class Trainer:
             if summary is not None:   # a finished run: nothing built, no data loaded
                 return summary
             built = build(cfg, ctx)
+            self.run.expect_weights(built.method.state_dict())   # a checkpoint must fit it
             return fit(built.method, built.data, self.run, built.settings, config=cfg,
                        log=self.log, ctx=ctx)
 
@@ -64,14 +66,26 @@ class Trainer:
         return True
 
 
-def absolute_data_root(cfg: dict[str, Any]) -> dict[str, Any]:
-    """``cfg`` with a relative ``data.root`` made absolute (``~`` expanded), so that the run
-    folder's config names its data from any directory (``data.root`` does not define a run:
-    another root of the same data, checked by ``data.json``, is accepted later)."""
-    root = cfg["data"].get("root")
-    if isinstance(root, str) and root:
-        cfg = {**cfg, "data": {**cfg["data"], "root": os.path.abspath(os.path.expanduser(root))}}
+def absolute_paths(cfg: dict[str, Any]) -> dict[str, Any]:
+    """``cfg`` with its relative paths made absolute (``~`` expanded): ``data.root``,
+    ``teacher_weights`` and ``task.backbone_weights`` (a path or a list of them), so that the
+    run folder's config names its data and weights from any directory. ``data.root`` does not
+    define a run (another root of the same data, checked by ``data.json``, is accepted later);
+    a weights file is told by its content (``weights.json``), not by its spelling."""
+    cfg = {**cfg, "data": {**cfg["data"], "root": _absolute(cfg["data"].get("root"))},
+           "teacher_weights": _absolute(cfg.get("teacher_weights"))}
+    if isinstance(cfg.get("task"), dict) and "backbone_weights" in cfg["task"]:
+        cfg["task"] = {**cfg["task"],
+                       "backbone_weights": _absolute(cfg["task"]["backbone_weights"])}
     return cfg
+
+
+def _absolute(path: Any) -> Any:
+    """A path string made absolute (``~`` expanded); a list element-wise; anything else as
+    it is (None, an empty string)."""
+    if isinstance(path, list):
+        return [_absolute(p) for p in path]
+    return os.path.abspath(os.path.expanduser(path)) if isinstance(path, str) and path else path
 
 
 def check_finished_data(run: RunFolder, cfg: dict[str, Any], log: Log = print,
@@ -106,4 +120,4 @@ def train(cfg: dict[str, Any], run_dir: str | Path | None = None, **kw: Any) -> 
     return Trainer(cfg, run_dir, **kw).fit()
 
 
-__all__ = ["Trainer", "TrainingDiverged", "absolute_data_root", "check_finished_data", "train"]
+__all__ = ["Trainer", "TrainingDiverged", "absolute_paths", "check_finished_data", "train"]
