@@ -219,6 +219,8 @@ CASES = [  # (arguments, text the one-line message must contain)
      "of another run"),                                                                      # 6
     (["eval", "{tmp}/otherweights"], "otherweights/checkpoint.pt holds the weights of another "
      "network (missing keys networks.0.backbone.stages.conv2_x.3.conv1.weight"),            # 6
+    (["export", "{tmp}/otherweights", "--unfinished"], "otherweights/checkpoint.pt holds the "
+     "weights of another network"),                                                          # 6
     (["eval", "{tmp}/emptymethod"], "emptymethod/checkpoint.pt is not a run's checkpoint: its "
      "'method' entry is empty, not the method's state_dict"),                               # 6
     (["export", "{tmp}/emptymethod", "--unfinished"], "its 'method' entry is empty"),       # 6

@@ -268,6 +268,7 @@ def _method_of(run: RunFolder) -> Any:
     method = build_method(cfg, classes)
     if not run.has_checkpoint:
         raise ValueError(f"{run} holds no {RunFolder.CHECKPOINT}, so no weights to export")
+    run.expect_weights(method.state_dict())   # another network's weights: named in one line
     method.load_state_dict(run.load_checkpoint()["method"])
     return method
 
