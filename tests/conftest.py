@@ -34,6 +34,17 @@ def pytest_sessionstart(session: pytest.Session) -> None:
                                     f"load: {'; '.join(missing)} (pip install -e '.[test]')")
 
 
+@pytest.fixture(scope="module")
+def module_one_thread():
+    """One intra-op thread for a whole test file of tiny tensors (``pytestmark =
+    pytest.mark.usefixtures("module_one_thread")``): on a busy shared machine torch's thread
+    pool is many times slower than one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def one_thread():
     """One intra-op thread for the test (restored after): on a small shared machine, two

@@ -27,13 +27,7 @@ TIMM, TV = "timm:resnet10t", "tv:resnet18"
 TV_SMALL = "tv:shufflenet_v2_x0_5"   # 1.4 M parameters: the per-method sweep stays quick
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Seven agents share two cores: torch's thread pool under contention is 20-50× slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("module_one_thread")   # tiny tensors: one thread
 
 
 def images(n=4, seed=0):

@@ -31,12 +31,7 @@ OPTIONS = {"stages": STAGES, "head": HEAD, "sample_input": (2, 3, SIZE, SIZE)}
 ONE_EPOCH = {"schedule": "epochs", "stage_epochs": 1, "head_epochs": 1}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("module_one_thread")   # tiny tensors: one thread
 
 
 class UserCNN(nn.Module):

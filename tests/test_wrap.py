@@ -19,13 +19,7 @@ from dcmkd.registry import UnknownNameError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is fastest, and much faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("module_one_thread")   # tiny tensors: one thread
 
 
 # -- models written here, unknown to dcmkd -----------------------------------------------------
