@@ -151,7 +151,7 @@ def _same_weights(key: str, a: dict[str, Any], b: dict[str, Any], recorded: Any)
     content."""
     net = WEIGHTS_KEYS[key]
     old, new = a.get(key), b.get(key)
-    if _spelled(old) is not None and _spelled(old) == _spelled(new) and \
+    if old is not None and absolute_path(old) == absolute_path(new) and \
             (net is None or a.get(net) == b.get(net)):
         return True
     have = weights_digest(new, b.get(net) if net else None)
@@ -159,13 +159,13 @@ def _same_weights(key: str, a: dict[str, Any], b: dict[str, Any], recorded: Any)
     return have is not UNKNOWN and want is not UNKNOWN and have == want
 
 
-def _spelled(value: Any) -> Any:
-    """A path value as an absolute path (``~`` expanded); lists element-wise; None otherwise."""
+def absolute_path(value: Any) -> Any:
+    """A path string made absolute (``~`` expanded), a list or tuple element-wise (as a list);
+    anything else (None, an empty string, a number) as it is."""
     if isinstance(value, (list, tuple)):
-        return [_spelled(v) for v in value]
-    if isinstance(value, str) and value:
-        return os.path.abspath(os.path.expanduser(value))
-    return None
+        return [absolute_path(v) for v in value]
+    return os.path.abspath(os.path.expanduser(value)) if isinstance(value, str) and value \
+        else value
 
 
 def network_file(index: int, model: str) -> str:
@@ -769,4 +769,4 @@ def resolve_weights(spec: str | os.PathLike, network: int | None = None) -> Path
 __all__ = ["RunFolder", "RunConflict", "RunLocked", "config_hash", "flatten", "defining", "differences",
            "network_file", "best_file", "parse_network_file", "model_name", "default_run_path",
            "resolve_weights", "save_tensors", "deferred_signals", "weights_digest",
-           "weights_digests", "mismatch", "WEIGHTS_KEYS"]
+           "weights_digests", "mismatch", "absolute_path", "WEIGHTS_KEYS"]

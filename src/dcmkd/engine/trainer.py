@@ -5,7 +5,6 @@ networks and data); the config path is :func:`dcmkd.engine.build.build`.
 """
 from __future__ import annotations
 
-import os
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from dcmkd.engine import distributed
 from dcmkd.engine.build import build
 from dcmkd.engine.config import resolve
 from dcmkd.engine.loop import Log, TrainingDiverged, check_run, finished_summary, fit
-from dcmkd.run_folder import RunFolder, default_run_path
+from dcmkd.run_folder import RunFolder, absolute_path, default_run_path
 from dcmkd.tasks.build import task_name
 
 
@@ -72,20 +71,12 @@ def absolute_paths(cfg: dict[str, Any]) -> dict[str, Any]:
     run folder's config names its data and weights from any directory. ``data.root`` does not
     define a run (another root of the same data, checked by ``data.json``, is accepted later);
     a weights file is told by its content (``weights.json``), not by its spelling."""
-    cfg = {**cfg, "data": {**cfg["data"], "root": _absolute(cfg["data"].get("root"))},
-           "teacher_weights": _absolute(cfg.get("teacher_weights"))}
+    cfg = {**cfg, "data": {**cfg["data"], "root": absolute_path(cfg["data"].get("root"))},
+           "teacher_weights": absolute_path(cfg.get("teacher_weights"))}
     if isinstance(cfg.get("task"), dict) and "backbone_weights" in cfg["task"]:
         cfg["task"] = {**cfg["task"],
-                       "backbone_weights": _absolute(cfg["task"]["backbone_weights"])}
+                       "backbone_weights": absolute_path(cfg["task"]["backbone_weights"])}
     return cfg
-
-
-def _absolute(path: Any) -> Any:
-    """A path string made absolute (``~`` expanded); a list element-wise; anything else as
-    it is (None, an empty string)."""
-    if isinstance(path, list):
-        return [_absolute(p) for p in path]
-    return os.path.abspath(os.path.expanduser(path)) if isinstance(path, str) and path else path
 
 
 def check_finished_data(run: RunFolder, cfg: dict[str, Any], log: Log = print,
