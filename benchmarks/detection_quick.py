@@ -124,8 +124,9 @@ schedules short, so absolute AP values say nothing about the paper's; only order
 between rows of one table are comparable. The paper's detectors start from ImageNet backbones
 (Detectron's practice); here they start from scratch, or (``--pretrain-epochs``) from CIFAR-10
 classifiers of 32×32 images, a far smaller prior: the teacher is weaker than the paper's, and
-its margin over the student (not guaranteed here) bounds what SSKD can transfer. The teacher here is a ResNet-50 (the paper's R18 student mimics a
-ResNet-101). With few seeds, differences within about two standard deviations are not evidence.
+its margin over the student (not guaranteed here) bounds what SSKD can transfer. The teacher
+is shallower than the paper's (the paper's R18 student mimics a ResNet-101; each table names its
+teacher). With few seeds, differences within about two standard deviations are not evidence.
 """
 
 
@@ -251,51 +252,78 @@ def pretrained_errors(args: argparse.Namespace) -> str:
     return ", ".join(errors)
 
 
-def table(per_run: dict[str, dict[int, dict[str, dict]]], args: argparse.Namespace,
-          canvases: dict, command: str) -> str:
-    seeds = ", ".join(str(s) for s in args.seeds)
+def setup(args: argparse.Namespace, canvases: dict, kind: str) -> str:
+    """The paragraph describing one kind's protocol (its canvases, pretraining, schedule)."""
+    seeds = ", ".join(str(x) for x in args.seeds)
     tr, va = canvases["train"], canvases["val"]
     start = "from scratch" if not args.pretrain_epochs else (
         f"backbones pretrained as CIFAR-10 classifiers ({args.pretrain_images} images × "
         f"{args.pretrain_epochs} epochs; test error {pretrained_errors(args)}), frozen BN")
-    parts = [
-        "# Detection quick protocol (SSKD Tables 8–9 analogue on canvases of real CIFAR-10 "
-        "objects)", "",
-        f"{args.canvas}×{args.canvas} canvases: {tr['images']} train ({tr['objects']} objects: "
-        f"{tr['small']} small, {tr['medium']} medium, {tr['large']} large), {va['images']} val "
-        f"({va['objects']} objects: {va['small']} / {va['medium']} / {va['large']}), 10 classes; "
-        f"{start}; batch {args.batch}, lr {args.lr}; Faster R-CNN with "
-        f"{args.roi_batch} RoIs/image in training and {args.test_proposals} test proposals; "
-        f"Student and Teacher {args.epochs} "
-        f"epochs, SSKD 5 stages × {args.stage_epochs} epochs then the head {args.head_epochs} "
-        f"epochs. Student {STUDENT}, teacher **{args.teacher}** (the paper's R18 student mimics "
-        f"R101). COCO metrics in percent, mean (std) over seeds {seeds}; paper figures are COCO "
-        f"minival (compare orderings, not values). CPU, {args.threads} thread(s); the machine "
-        "may have been shared with other jobs, so wall times are upper bounds.", ""]
+    rois = (f"; {args.roi_batch} RoIs/image in training and {args.test_proposals} test "
+            "proposals" if kind == "fasterrcnn" else "")
+    return (f"{args.canvas}×{args.canvas} canvases: {tr['images']} train ({tr['objects']} "
+            f"objects: {tr['small']} small, {tr['medium']} medium, {tr['large']} large), "
+            f"{va['images']} val ({va['objects']} objects: {va['small']} / {va['medium']} / "
+            f"{va['large']}), 10 classes; {start}; batch {args.batch}, lr {args.lr}{rois}; "
+            f"Student and Teacher {args.epochs} epochs, SSKD 5 stages × {args.stage_epochs} "
+            f"epochs then the head {args.head_epochs} epochs. Student {STUDENT}, teacher "
+            f"**{args.teacher}**. COCO metrics in percent, mean (std) over seeds {seeds}. CPU, "
+            f"{args.threads} thread(s); the machine may have been shared with other jobs, so "
+            "wall times are upper bounds.")
+
+
+def kind_table(kind: str, runs: dict, teacher: str) -> list[str]:
+    """One detector kind's rows: mean (std) over seeds beside the paper's row."""
     head = ["method", *COCO_METRICS, "paper row", "paper AP / AP50 / AP75 / APS / APM / APL",
             "min/run"]
-    for kind in args.kinds:
-        runs = per_run.get(kind, {})
-        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for row in ROWS:
-            name = f"{row} ({STUDENT if row != 'Teacher' else args.teacher}" + (
-                f" ← {args.teacher})" if row == "SSKD" else ")")
-            cells = [name]
-            for m in COCO_METRICS:
-                cells.append(_cell([r[row][m] for r in runs.values()
-                                    if r.get(row, {}).get(m) is not None and r[row][m] >= 0]))
-            label, paper = PAPER[kind][row]
-            cells += [label, " / ".join(f"{v:.1f}" for v in paper)]
-            minutes = [(r[row]["seconds"] if r[row].get("seconds") is not None
-                        else r[row]["wall_s"]) / 60 for r in runs.values() if row in r]
-            cells.append(f"{statistics.fmean(minutes):.1f}" if minutes else "")
-            lines.append("| " + " | ".join(cells) + " |")
-        parts += [f"## {TITLES[kind]}", "", *lines, ""]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in ROWS:
+        name = f"{row} ({STUDENT if row != 'Teacher' else teacher}" + (
+            f" ← {teacher})" if row == "SSKD" else ")")
+        cells = [name]
+        for m in COCO_METRICS:
+            cells.append(_cell([r[row][m] for r in runs.values()
+                                if r.get(row, {}).get(m) is not None and r[row][m] >= 0]))
+        label, paper = PAPER[kind][row]
+        cells += [label, " / ".join(f"{v:.1f}" for v in paper)]
+        minutes = [(r[row]["seconds"] if r[row].get("seconds") is not None
+                    else r[row]["wall_s"]) / 60 for r in runs.values() if row in r]
+        cells.append(f"{statistics.fmean(minutes):.1f}" if minutes else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def table(published: dict[str, dict]) -> str:
+    """The whole table file from the published record: one section per detector kind, each
+    with the protocol and the command that produced it (kinds may come from separate runs)."""
+    parts = ["# Detection quick protocol (SSKD Tables 8–9 analogue on canvases of real "
+             "CIFAR-10 objects)", "",
+             "Paper figures are COCO minival: compare orderings, not values.", ""]
+    for kind in KINDS:
+        if kind not in published:
+            continue
+        record = published[kind]
+        parts += [f"## {TITLES[kind]}", "", record["setup"], "",
+                  *kind_table(kind, record["per_run"], record["args"]["teacher"]), "",
+                  f"Command: `{record['command']}`", ""]
     parts += ["A metric COCOeval cannot compute (no ground truth in that size range) is "
               "left out of the mean (n/a when no seed has it). Minutes per run: the run's own "
               "training and evaluation time (its summary's `seconds`, kept across resumes).", "",
-              LIMITS, f"Command: `{command}`", ""]
+              LIMITS]
     return "\n".join(parts)
+
+
+def publish(dest: Path, records: dict[str, dict]) -> str:
+    """Merge ``records`` (kind -> record) into ``dest``'s results.json, keeping the kinds this
+    invocation did not run, and rewrite table.md from the whole; returns the table."""
+    path = dest / "results.json"
+    published = json.loads(path.read_text())["kinds"] if path.exists() else {}
+    published.update(records)
+    dest.mkdir(parents=True, exist_ok=True)
+    text = table(published)
+    (dest / "table.md").write_text(text)
+    path.write_text(json.dumps({"kinds": published}, indent=2, default=str) + "\n")
+    return text
 
 
 def main() -> None:
@@ -343,17 +371,16 @@ def main() -> None:
     print(f"canvases: {canvases['out']} ({'reused' if canvases['reused'] else 'written'}, "
           f"{time.time() - t0:.0f} s)", flush=True)
     weights = pretrain(args)
-    per_run: dict[str, dict[int, dict[str, dict]]] = {}
+    records = {}
     for kind in args.kinds:
-        per_run[kind] = {s: run_kind(args, kind, s, canvases, weights) for s in args.seeds}
+        k0 = time.time()
+        per_run = {s: run_kind(args, kind, s, canvases, weights) for s in args.seeds}
+        records[kind] = {"args": {**vars(args), "kinds": [kind]}, "command": command,
+                         "setup": setup(args, canvases, kind), "canvases": canvases,
+                         "torch": torch.__version__, "wall_s": time.time() - k0,
+                         "per_run": per_run}
     dest = Path(args.out) if args.check else RESULTS_DIR / "detection-quick"
-    dest.mkdir(parents=True, exist_ok=True)
-    text = table(per_run, args, canvases, command)
-    (dest / "table.md").write_text(text)
-    (dest / "results.json").write_text(json.dumps(
-        {"args": vars(args), "command": command, "canvases": canvases,
-         "torch": torch.__version__, "wall_s": time.time() - t0, "per_run": per_run},
-        indent=2, default=str) + "\n")
+    text = publish(dest, records)
     print(text)
     print(f"wrote {dest / 'table.md'} ({(time.time() - t0) / 60:.1f} min)")
 
