@@ -1,4 +1,6 @@
-"""Feature-map distillation losses: FitNets hints, attention transfer (AT) and NST.
+"""Feature-map distillation losses: FitNets hints, attention transfer (AT) and NST, and the
+detection-distillation mimic variants SSKD offers on detectors (PKD's Pearson imitation, the
+fine-grained imitation mask of Wang et al. 2019).
 
 These are the feature-based baselines of the SSKD paper (sskd-paper.md, "Settings for
 Competitors"; SPEC §4): ``L = CE + λ · L_feat`` with λ = 100 (FitNets), 50 (AT), 1000 (NST) on
@@ -25,6 +27,10 @@ from torch import Tensor, nn
 __all__ = [
     "HintRegressor",
     "hint_loss",
+    "pearson_normalize",
+    "pearson_loss",
+    "imitation_mask",
+    "masked_hint_loss",
     "attention_map",
     "attention_transfer_loss",
     "nst_loss",
@@ -152,6 +158,97 @@ def hint_loss(student_feat: Tensor, teacher_feat: Tensor) -> Tensor:
         )
     diff = student_feat.float() - teacher_feat.detach().float()
     return diff.pow(2).mean()
+
+
+# --------------------------------------------------------------------------------------------
+# PKD (Cao et al. 2022) and fine-grained feature imitation (Wang et al. 2019)
+# --------------------------------------------------------------------------------------------
+def pearson_normalize(feat: Tensor, eps: float = 1e-6) -> Tensor:
+    """A feature map normalised to zero mean and unit variance per channel, PKD's normalisation
+    (Cao et al., "PKD: General Distillation Framework for Object Detectors via Pearson
+    Correlation Coefficient", NeurIPS 2022): "we first normalize the feature maps to have zero
+    mean and unit variances".
+
+    **Reading** of the axes and the estimator (the paper's text gives neither): those of the
+    authors' public implementation (OpenMMLab MMRazor, ``PKDLoss.norm``): each channel over all
+    ``N·H·W`` values of the batch, the unbiased standard deviation (divisor ``n − 1``), ``eps``
+    added to it. A channel of a single value (``n = 1``) has variance 0 here (normalised to 0)
+    instead of the undefined unbiased estimate. Returns float32 ``(C, N·H·W)``.
+    """
+    _check_4d("feat", feat)
+    f = feat.float().transpose(0, 1).flatten(1)
+    centred = f - f.mean(dim=1, keepdim=True)
+    var = centred.pow(2).sum(dim=1, keepdim=True) / max(f.shape[1] - 1, 1)
+    return centred / (var.sqrt() + eps)
+
+
+def pearson_loss(student_feat: Tensor, teacher_feat: Tensor) -> Tensor:
+    """PKD's feature imitation loss (Cao et al. 2022): the MSE of the normalised maps
+    (:func:`pearson_normalize`) halved, ``L = 1/(2n) Σ_i (ŝ_i − t̂_i)²`` over the ``n =
+    N·C·H·W`` values, which is ``1 − r`` (r: Pearson's correlation of the two maps, averaged
+    over channels) up to the factor ``(m − 1)/m`` of the unbiased estimate (``m = N·H·W``) and
+    ``eps``. It ignores each channel's scale and shift, so the student's magnitudes are free.
+
+    ``student_feat`` is the adapted student map (the teacher's shape), the teacher detached.
+    """
+    if student_feat.shape != teacher_feat.shape:
+        raise ValueError(
+            f"pearson_loss needs equal shapes (adapt/resize the student first): "
+            f"{tuple(student_feat.shape)} vs {tuple(teacher_feat.shape)}"
+        )
+    diff = pearson_normalize(student_feat) - pearson_normalize(teacher_feat.detach())
+    return diff.pow(2).mean() / 2
+
+
+def imitation_mask(anchors: Tensor, boxes: Sequence[Tensor], psi: float = 0.5) -> Tensor:
+    """The fine-grained imitation mask of Wang et al., "Distilling Object Detectors with
+    Fine-grained Feature Imitation" (CVPR 2019, §3, imitation region estimation): for each
+    ground-truth box, the IoU of every anchor at every location (the ``W×H×K`` IoU map ``m``),
+    the threshold ``F = ψ·max(m)``, the locations with an anchor of IoU above ``F``; the mask
+    ``I`` is their union over the image's boxes. ψ = 0.5 is the paper's default.
+
+    ``anchors``: ``(H, W, K, 4)`` boxes ``(x1, y1, x2, y2)`` of one feature map (the same for
+    every image of a batch); ``boxes``: per image, an ``(M, 4)`` tensor in the same coordinates
+    (an image without boxes gives an empty mask). **Reading**: "larger than F" is strict, as in
+    the authors' code (so a box whose best IoU is 0 marks nothing). Returns a float32
+    ``(N, 1, H, W)`` mask of 0/1.
+    """
+    from torchvision.ops import box_iou
+
+    if anchors.dim() != 4 or anchors.shape[-1] != 4:
+        raise ValueError(f"anchors must be (H, W, K, 4), got shape {tuple(anchors.shape)}")
+    h, w, k, _ = anchors.shape
+    flat = anchors.reshape(-1, 4).float()
+    masks = []
+    for b in boxes:
+        if len(b) == 0:
+            masks.append(flat.new_zeros(h, w, dtype=torch.bool))
+            continue
+        iou = box_iou(b.reshape(-1, 4).float().to(flat.device), flat)    # (M, H·W·K)
+        above = iou > psi * iou.max(dim=1, keepdim=True).values
+        masks.append(above.any(dim=0).view(h, w, k).any(dim=2))
+    return torch.stack(masks).unsqueeze(1).float()
+
+
+def masked_hint_loss(student_feat: Tensor, teacher_feat: Tensor, mask: Tensor) -> Tensor:
+    """Wang et al. 2019's imitation loss (§3, fine-grained feature imitation):
+    ``L = 1/(2·N_p) Σ_{i,j,c} I_ij (s_ijc − t_ijc)²``, ``N_p = Σ I_ij``, with the student map
+    after its adapter. ``mask``: ``(N, 1, H, W)`` (:func:`imitation_mask`). **Readings**: over
+    a batch both sums run over its images, as in the authors' code (``N_p``: the batch's
+    masked locations, not multiplied by the channels); a batch with no masked location gives 0
+    (the code would divide by zero), still a function of the student so the step runs.
+    """
+    if student_feat.shape != teacher_feat.shape:
+        raise ValueError(
+            f"masked_hint_loss needs equal shapes (adapt/resize the student first): "
+            f"{tuple(student_feat.shape)} vs {tuple(teacher_feat.shape)}"
+        )
+    n, _, h, w = student_feat.shape
+    if tuple(mask.shape) != (n, 1, h, w):
+        raise ValueError(f"mask must be {(n, 1, h, w)}, got {tuple(mask.shape)}")
+    m = mask.float()
+    diff = student_feat.float() - teacher_feat.detach().float()
+    return (diff.pow(2) * m).sum() / (2 * m.sum().clamp_min(1.0))
 
 
 # --------------------------------------------------------------------------------------------

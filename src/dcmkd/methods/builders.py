@@ -28,10 +28,17 @@ from torch import nn
 from dcmkd.methods.base import Method
 from dcmkd.methods.feature_kd import FEATURE_METHODS, FeatureKD
 from dcmkd.methods.mutual import LossOptions
-from dcmkd.methods.sskd import ADAPTER_MODES, HEAD_MODES, SCHEDULE_MODES, SSKD, FixedBackbone
+from dcmkd.methods.sskd import (ADAPTER_MODES, DEFAULT_PSI, HEAD_MODES, MIMIC_MODES,
+                                PYRAMID_REDUCE_MODES, SCHEDULE_MODES, SSKD, FixedBackbone)
 from dcmkd.methods.teacher import load_pretrained
 from dcmkd.methods.optimization import milestone_rule
 from dcmkd.options import build, check_fields, defaults, not_applying, option
+
+
+def _below_one(value: float) -> str | None:
+    """``sskd.imitation_psi`` < 1: at ψ = 1 no anchor passes (the mask keeps IoUs above ψ·max)."""
+    return None if value < 1 else "expected a value below 1 (a box's best anchor must pass)"
+
 
 @dataclass(frozen=True)
 class SSKDOptions:
@@ -64,6 +71,15 @@ class SSKDOptions:
                                              "epochs; 0: none)", types=(int, float, None), low=0)
     adapter: str = option("auto", "student→teacher adapter: auto (1×1 conv where channels "
                           "differ) or always", choices=ADAPTER_MODES)
+    pyramid_reduce: str = option("mean", "a detector's FPN stage: the pyramid levels' mimic "
+                                 "losses averaged (mean) or summed (sum)",
+                                 choices=PYRAMID_REDUCE_MODES, added=True)
+    mimic: str = option("l2", "stage mimic loss: l2 (the paper's Eq. 6), pearson (PKD, Cao et "
+                        "al. 2022) or fine_grained (imitation mask of Wang et al. 2019; "
+                        "detectors only)", choices=MIMIC_MODES, added=True)
+    imitation_psi: float = option(DEFAULT_PSI, "fine_grained: the mask's threshold, ψ in [0, 1) "
+                                  "times each box's best anchor IoU (Wang et al. 2019: 0.5)",
+                                  low=0, rule=_below_one, added=True)
 
     def __post_init__(self) -> None:
         check_fields(self, "sskd.")

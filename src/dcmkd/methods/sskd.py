@@ -41,6 +41,27 @@ Readings and choices where the paper is silent (all documented in the README not
   paper Table 1, which compares the two for KD and a plain teacher).
 - ``multi_loss=True`` is the paper's Table 2 alternative: all K stage distances summed with
   equal weights and minimised at once over the whole backbone, one phase with the same schedule.
+
+**The mimic loss** (``mimic``, ``pyramid_reduce``, ``imitation_psi``; options, the paper's plain
+l2 the default). On a detector's FPN stage ψ is computed on each pyramid level and the levels'
+values are averaged (``pyramid_reduce="mean"``, the default) or summed (``"sum"``, as the
+multi-level detection-distillation losses do, e.g. PKD's). ``mimic`` picks ψ:
+
+- ``l2``: Eq. 6, :func:`~dcmkd.losses.features.hint_loss` (the default);
+- ``pearson``: PKD (Cao et al., NeurIPS 2022), ½·MSE of the two maps each normalised per
+  channel to zero mean and unit variance (:func:`~dcmkd.losses.features.pearson_loss`), the
+  student after its adapter; on every stage, maps and pyramid levels, of any network;
+- ``fine_grained``: Wang et al. (CVPR 2019), the squared error on the locations of the
+  imitation mask only (:func:`~dcmkd.losses.features.imitation_mask`, ψ = ``imitation_psi``,
+  0.5 the paper's; :func:`~dcmkd.losses.features.masked_hint_loss`), the mask from the
+  student detector's own anchors (:func:`~dcmkd.models.detection.level_anchors`) and the
+  ground-truth boxes rescaled by the detector's transform to the batch the backbone sees.
+  Detectors only (a ValueError otherwise). **Choices**: the mask of each pyramid level from
+  that level's anchors (each box's threshold from its best IoU on that level, the paper's
+  per-feature-map rule applied level by level); the ResNet stages C2–C5, on which the detector
+  places no anchors, keep the plain l2 of Eq. 6; an image without boxes masks nothing, and a
+  batch without any masked location on a level gives that level 0. It uses the boxes, which
+  the paper's stage phase does not ("no labels are used").
 """
 from __future__ import annotations
 
@@ -48,13 +69,13 @@ import math
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Sequence
+from typing import Any, Callable, ContextManager, NamedTuple, Sequence
 
 import torch
 from torch import nn
 
 from dcmkd.heads import MultiExitNetwork
-from dcmkd.losses.features import hint_loss
+from dcmkd.losses.features import hint_loss, imitation_mask, masked_hint_loss, pearson_loss
 from dcmkd.methods.base import Method, StepFn, StepOutput
 from dcmkd.methods.optimization import PlateauSchedule, Schedule, SGDSettings
 from dcmkd.methods.stages import (DEFAULT_STAGES, ClassifierStagePlan, ModulePlan, StageAdapter,
@@ -65,6 +86,9 @@ from dcmkd.registry import check_choice
 SCHEDULE_MODES = ("plateau", "epochs")
 HEAD_MODES = ("separate", "end_to_end")
 ADAPTER_MODES = ("auto", "always")
+PYRAMID_REDUCE_MODES = ("mean", "sum")
+MIMIC_MODES = ("l2", "pearson", "fine_grained")
+DEFAULT_PSI = 0.5
 
 
 def phase_epochs(value: int | float | None, epochs: int) -> int:
@@ -116,6 +140,44 @@ def head_modules(network: nn.Module, plan: ClassifierStagePlan) -> list[nn.Modul
     return plan.head_modules()
 
 
+class GroundTruth(NamedTuple):
+    """What ``mimic="fine_grained"`` needs beside the features: the batch the backbone sees
+    (``images``, the detector's transformed tensor) and each image's boxes in its
+    coordinates."""
+
+    images: torch.Tensor
+    boxes: list[torch.Tensor]
+
+
+def prepare_with_boxes(network: nn.Module, images: Any, targets: Any
+                       ) -> tuple[torch.Tensor, GroundTruth]:
+    """A detector network's stage-1 input (as :func:`prepare`: the transformed batch) and the
+    targets' boxes rescaled by the same transform call (one draw of its size when it holds
+    several)."""
+    from dcmkd.models.detection import preprocess
+
+    image_list, resized = preprocess(network.detector, images, targets)
+    return image_list.tensors, GroundTruth(image_list.tensors,
+                                           [t["boxes"] for t in resized])
+
+
+def check_mimic(student: nn.Module, mimic: str, imitation_psi: float,
+                pyramid_reduce: str) -> None:
+    """The mimic options (module note): known names; ``fine_grained`` on detectors only;
+    ``imitation_psi`` only with it, in [0, 1)."""
+    check_choice("sskd mimic", mimic, MIMIC_MODES)
+    check_choice("sskd pyramid_reduce", pyramid_reduce, PYRAMID_REDUCE_MODES)
+    if mimic == "fine_grained" and getattr(student, "detector", None) is None:
+        raise ValueError("sskd.mimic=fine_grained applies to detectors only (its mask comes from "
+                         "a detector's anchors and ground-truth boxes); use l2 or pearson for "
+                         f"a {type(student).__name__}")
+    if not 0 <= imitation_psi < 1:
+        raise ValueError(f"sskd.imitation_psi must be in [0, 1), got {imitation_psi}")
+    if imitation_psi != DEFAULT_PSI and mimic != "fine_grained":
+        raise ValueError(f"sskd.imitation_psi={imitation_psi} applies to "
+                         f"sskd.mimic=fine_grained only (mimic is {mimic})")
+
+
 def check_pair(teacher: nn.Module, student: nn.Module) -> None:
     """Teacher and student must be of one kind (two detectors of the same kind and transform,
     or two zoo networks); one line says what differs."""
@@ -155,7 +217,8 @@ class SSKD(Method):
                  milestones: Sequence[float] = (0.3, 0.6, 0.9), gamma: float = 0.1,
                  multi_loss: bool = False, head: str = "separate",
                  head_epochs: int | float | None = None, adapter: str = "auto",
-                 label_smoothing: float = 0.0):
+                 pyramid_reduce: str = "mean", mimic: str = "l2",
+                 imitation_psi: float = DEFAULT_PSI, label_smoothing: float = 0.0):
         super().__init__()
         check_choice("sskd schedule", schedule, SCHEDULE_MODES)
         check_choice("sskd head mode", head, HEAD_MODES)
@@ -167,6 +230,8 @@ class SSKD(Method):
         self.frozen = frozenset({0})
         teacher.requires_grad_(False)
         check_pair(teacher, student)
+        check_mimic(student, mimic, imitation_psi, pyramid_reduce)
+        self.mimic, self.pyramid_reduce, self.imitation_psi = mimic, pyramid_reduce, imitation_psi
         self.t_part = stage_plan(teacher, stages)
         self.s_part = stage_plan(student, student_stages if student_stages is not None
                                  else stages)
@@ -391,12 +456,16 @@ class SSKD(Method):
         ph = self.phase
         if ph.kind == "head":
             return self._head_step(images, targets)
-        x0 = prepare(self.student, images)   # a detector's normalised, resized batch
+        truth = None
+        if self.mimic == "fine_grained":
+            x0, truth = prepare_with_boxes(self.student, images, targets)
+        else:
+            x0 = prepare(self.student, images)   # a detector's normalised, resized batch
         if ph.kind == "stages":
             with torch.no_grad():
                 t = self.t_part.run(x0)
             s = self.s_part.run(x0)
-            losses = {f"net1/stage{i + 1}": self._distance(i, si, ti)
+            losses = {f"net1/stage{i + 1}": self._distance(i, si, ti, truth)
                       for i, (si, ti) in enumerate(zip(s, t))}
             return StepOutput(losses, [[], []])
         i = ph.stage
@@ -406,18 +475,44 @@ class SSKD(Method):
             for j in range(i):
                 x = self.s_part.run_stage(j, x)
         s = self.s_part.run_stage(i, x)
-        return StepOutput({f"net1/stage{i + 1}": self._distance(i, s, t)}, [[], []])
+        return StepOutput({f"net1/stage{i + 1}": self._distance(i, s, t, truth)}, [[], []])
 
-    def _distance(self, i: int, student_out: Any, teacher_out: Any) -> torch.Tensor:
-        """Eq. 6 at stage ``i``: ψ = squared l2 between the teacher's feature and the adapted
-        student's; on a feature pyramid (a detector's FPN stage), the mean of ψ over its levels
-        (**reading**: the paper's plain L2 on each level, the levels weighted alike)."""
+    def _distance(self, i: int, student_out: Any, teacher_out: Any,
+                  truth: GroundTruth | None = None) -> torch.Tensor:
+        """Eq. 6 at stage ``i``: ψ between the teacher's feature and the adapted student's
+        (``mimic``: squared l2 by default); on a feature pyramid (a detector's FPN stage), ψ of
+        each level, averaged over the levels (**reading**: the paper's plain L2 on each level,
+        the levels weighted alike) or summed (``pyramid_reduce="sum"``). ``truth``: the boxes
+        of ``mimic="fine_grained"`` (module note)."""
         s, t = self.s_part.feature(i, student_out), self.t_part.feature(i, teacher_out)
         adapter = self.adapters[i]
         if isinstance(t, torch.Tensor):
-            return hint_loss(adapter(s, t.shape[-2:]), t)
-        return torch.stack([hint_loss(adapter(s[k], v.shape[-2:]), v)
-                            for k, v in t.items()]).mean()
+            return self._map_distance(adapter(s, t.shape[-2:]), t)
+        masks = self._masks(t, truth) if self.mimic == "fine_grained" else {}
+        levels = torch.stack([self._map_distance(adapter(s[k], v.shape[-2:]), v, masks.get(k))
+                              for k, v in t.items()])
+        return levels.mean() if self.pyramid_reduce == "mean" else levels.sum()
+
+    def _map_distance(self, s: torch.Tensor, t: torch.Tensor,
+                      mask: torch.Tensor | None = None) -> torch.Tensor:
+        """ψ on one map (``s`` adapted): PKD's for ``pearson``, the masked error where a
+        fine-grained ``mask`` is given, else Eq. 6's l2 (module note)."""
+        if self.mimic == "pearson":
+            return pearson_loss(s, t)
+        if mask is not None:
+            return masked_hint_loss(s, t, mask)
+        return hint_loss(s, t)
+
+    def _masks(self, pyramid: dict[str, torch.Tensor], truth: GroundTruth | None
+               ) -> dict[str, torch.Tensor]:
+        """Each level's fine-grained imitation mask from the student detector's anchors."""
+        from dcmkd.models.detection import level_anchors
+
+        if truth is None:
+            raise RuntimeError("sskd.mimic=fine_grained needs the batch's boxes")
+        anchors = level_anchors(self.student.detector, truth.images, pyramid)
+        return {k: imitation_mask(a, truth.boxes, self.imitation_psi)
+                for k, a in anchors.items()}
 
     def _head_step(self, images: torch.Tensor, targets: torch.Tensor) -> StepOutput:
         if hasattr(self.student, "losses"):   # a detector: its own task losses (Eq. 4)
@@ -487,5 +582,6 @@ class FixedBackbone(Method):
         return StepOutput({"net0/ce": ce}, [[logits]])
 
 
-__all__ = ["SSKD", "FixedBackbone", "Phase", "reset_head", "phase_epochs", "SCHEDULE_MODES",
-           "HEAD_MODES", "ADAPTER_MODES"]
+__all__ = ["SSKD", "FixedBackbone", "Phase", "GroundTruth", "reset_head", "phase_epochs",
+           "prepare_with_boxes", "check_mimic", "SCHEDULE_MODES", "HEAD_MODES", "ADAPTER_MODES",
+           "PYRAMID_REDUCE_MODES", "MIMIC_MODES", "DEFAULT_PSI"]

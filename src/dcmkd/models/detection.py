@@ -509,6 +509,36 @@ class StageRecorder(AbstractContextManager):
                                f"through stages {self.stages} ({sorted(self.features)} seen)")
 
 
+# -- anchors ----------------------------------------------------------------------------------
+def anchor_generator(detector: nn.Module) -> nn.Module:
+    """The detector's own anchor generator: its RPN's (Faster R-CNN) or its own (RetinaNet)."""
+    kind = detector_kind(detector)
+    return detector.rpn.anchor_generator if kind == "fasterrcnn" else detector.anchor_generator
+
+
+def level_anchors(detector: nn.Module, images: torch.Tensor,
+                  pyramid: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The anchors of each pyramid level as the detector itself places them: level name ->
+    float32 ``(H, W, A, 4)`` boxes ``(x1, y1, x2, y2)`` (A anchors at each of the level's
+    ``H×W`` locations), in the coordinates of ``images``, the transformed (resized, padded)
+    batch the backbone sees. The detector's :func:`anchor_generator` computes them (its strides:
+    the batch's size over the level's, as in its forward); only the levels' sizes are read from
+    ``pyramid``. The generator must have one size set per level."""
+    generator = anchor_generator(detector)
+    counts = generator.num_anchors_per_location()
+    if len(counts) != len(pyramid):
+        raise ValueError(f"the detector's anchor generator has {len(counts)} levels, the "
+                         f"pyramid {len(pyramid)} ({list(pyramid)})")
+    shapes = [tuple(v.shape[-2:]) for v in pyramid.values()]
+    grids = [images.new_empty((0, *hw), dtype=torch.float32) for hw in shapes]
+    flat = generator(ImageList(images[:1], [tuple(images.shape[-2:])]), grids)[0]
+    out, start = {}, 0
+    for name, (h, w), a in zip(pyramid, shapes, counts):
+        out[name] = flat[start:start + h * w * a].view(h, w, a, 4)
+        start += h * w * a
+    return out
+
+
 # -- teacher/student compatibility and shared preprocessing -----------------------------------
 def _transform_settings(detector: nn.Module) -> dict[str, Any]:
     t = detector.transform
@@ -563,5 +593,5 @@ __all__ = ["KINDS", "BACKBONES", "NORMS", "P6_SOURCES", "FPN_CHANNELS", "RESNET_
            "build_detector", "load_backbone_weights", "zoo_to_torchvision", "detector_kind",
            "pyramid_levels",
            "head_modules", "model_size", "freeze_backbone", "PyramidState", "ResNetFPNPlan",
-           "StageRecorder",
+           "StageRecorder", "anchor_generator", "level_anchors",
            "check_compatible", "preprocess"]
