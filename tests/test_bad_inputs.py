@@ -226,6 +226,9 @@ CASES = [  # (arguments, text the one-line message must contain)
     (["export", "{tmp}/emptymethod", "--unfinished"], "its 'method' entry is empty"),       # 6
     (["eval", "{tmp}/listmethod"], "listmethod/checkpoint.pt is not a run's checkpoint: its "
      "'method' entry is a list, not the method's state_dict"),                              # 6
+    (["eval", "{finished}", "--pairs", "{tmp}/pairs.txt", "--data-dir", "{tmp}"],
+     "is a classification run (data.name=synthetic): --pairs scores the embeddings of a face "
+     "run (data.name=faces)"),                                                    # issue 27
 ]
 if not torch.cuda.is_available():
     CASES.append((["train", "-m", "ind", "-n", "resnet20", *TINY[:-3], "--device", "cuda"],

@@ -237,6 +237,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     path = Path(args.run)
     if not path.exists():
         raise FileNotFoundError(f"no run folder or weights file at {path}")
+    if args.pairs is not None:
+        return _eval_pairs(path, args)
+    if args.center_crop is not None:
+        raise ValueError("--center-crop applies to the images of --pairs only")
     if path.is_dir():
         run = RunFolder(path).require_run("evaluate")
         told = _data_overrides(args)
@@ -255,6 +259,168 @@ def cmd_eval(args: argparse.Namespace) -> int:
         for k, v in result.items():
             print(f"{k:28s} {v:6.2f}%")
     return 0
+
+
+#: the output of ``dcmkd eval RUN --pairs FILE``: ``pairs_<stem of FILE>.json`` in the run folder
+PAIRS_RESULT = "pairs_{}.json"
+
+
+def _face_config(saved: dict[str, Any] | None, where: Path,
+                 args: argparse.Namespace) -> dict[str, Any]:
+    """The resolved config of a face run (``saved``; None: an exported file outside a run
+    folder, read as a face network with the defaults) with eval's ``--device`` and key=value
+    overrides; a run of another task is refused."""
+    from dcmkd.tasks.build import task_name
+
+    base = saved if saved and "nets" in saved else {"data": {"name": "faces"}}
+    cfg = resolve(base, [{"quiet": True},
+                         *([{"device": args.device}] if args.device else []), *args.overrides])
+    if task_name(cfg) != "face":
+        raise ValueError(f"{where} is a {task_name(cfg)} run (data.name={cfg['data']['name']}): "
+                         "--pairs scores the embeddings of a face run (data.name=faces)")
+    return cfg
+
+
+def _pairs_networks(path: Path, args: argparse.Namespace
+                    ) -> tuple[dict[str, Any], list[tuple[int, str, Path]], RunFolder | None]:
+    """The config and the ``(network index, model, exported file)`` of each network that
+    ``--pairs`` scores: every exported network of a finished face run folder, or one exported
+    file (its model from ``--model`` or ``net<N>_<model>.pt``; its run folder's config when it
+    lies in one). Returns the run folder (None for a file), where the result is written."""
+    if path.is_dir():
+        run = RunFolder(path).require_run("evaluate")
+        cfg = _face_config(run.read_config(), path, args)
+        if not run.finished:
+            state = unfinished_state(run.load_checkpoint(), cfg) if run.has_checkpoint \
+                else "not started"
+            raise ValueError(f"{run} is not finished ({state}): --pairs scores the networks a "
+                             f"run exports when it finishes; dcmkd export {run} --unfinished "
+                             f"exports its latest weights, then give {run}/net<N>_<model>.pt")
+        exported = (run.read_summary() or {}).get("exported") or []
+        files = [run.network_path(n) for n in range(len(exported))]
+        return cfg, [(n, (parse_network_file(f.name) or (n, cfg["nets"][n]))[1], f)
+                     for n, f in enumerate(files)], run
+    parsed = parse_network_file(path.name)
+    model = args.model or (parsed[1] if parsed else None)
+    if model is None:
+        raise ValueError(f"cannot tell the model of {path.name}: pass --model NAME")
+    cfg = _face_config(RunFolder(path.parent).read_config(), path.parent, args)
+    return cfg, [(parsed[0] if parsed else 0, model, path)], None
+
+
+def _face_network(path: Path, model: str, cfg: dict[str, Any]) -> Any:
+    """The face network of an exported file: ``model`` with the run's face head
+    (:func:`dcmkd.tasks.build.face_method`, as the run built it), its identity count read from
+    the file's classifier (``head.fc.*``: no training data is read), then the file's weights."""
+    from dcmkd.tasks.build import TaskConfig, face_method
+
+    state = load_file(path)
+    sizes = {int(v.shape[0]) for k, v in (state.items() if isinstance(state, dict) else ())
+             if k.startswith("head.fc.") and k.endswith("weight") and getattr(v, "ndim", 0) == 2}
+    if len(sizes) != 1:
+        raise ValueError(f"{path} holds no face network (no head.fc.*weight identity classifier "
+                         "of a face head): --pairs scores the networks of a face run")
+    task = TaskConfig(**cfg["task"])
+    network = face_method("ind", [model], sizes.pop(), head=task.head, s=task.s,
+                          m=task.m).networks[0]
+    try:
+        load_pretrained(network.backbone, path)
+    except ValueError as e:
+        raise ValueError(f"{path} is not a {model} face network with a {task.head} head "
+                         f"({one_line(e).removeprefix(f'{path} ')}); a face network trained "
+                         "with another head needs task.head=softmax|cosface|arcface") from None
+    return network
+
+
+def _embed_all(network: Any, images: Any, batch: int, device: Any, what: str,
+               quiet: bool) -> Any:
+    """Every image's output feature (:func:`dcmkd.tasks.face.embed`) in float32 on the CPU:
+    uint8 images normalised as in training (``FACE_MEAN``/``FACE_STD``), in eval mode, fp32."""
+    import torch
+
+    from dcmkd.data.augment import normalize
+    from dcmkd.progress import track
+    from dcmkd.tasks.build import FACE_MEAN, FACE_STD
+    from dcmkd.tasks.face import embed
+
+    network.to(device).eval()
+    out = []
+    with torch.no_grad():
+        for x in track(images.split(batch), total=len(images), what=what, unit="img",
+                       quiet=quiet, size=len):
+            out.append(embed(network, normalize(x.to(device), FACE_MEAN, FACE_STD)).float().cpu())
+    return torch.cat(out)
+
+
+def _eval_pairs(path: Path, args: argparse.Namespace) -> int:
+    """``dcmkd eval RUN_OR_FILE --pairs PAIRS --data-dir LFW``: LFW's 10-fold verification
+    (:func:`dcmkd.metrics.pairs.evaluate_pairs`) of every network; a table (or ``--json``) on
+    standard output and, for a run folder, ``pairs_<stem>.json`` written atomically into it.
+    Every check (the run, the pairs file, every image) comes before anything is written."""
+    from dcmkd.data.faces import pair_images, read_pairs_file
+    from dcmkd.engine.device import pick_device
+    from dcmkd.metrics.pairs import evaluate_pairs, pair_scores
+    from dcmkd.weights import atomic_write_text
+
+    if args.dataset:
+        raise ValueError(f"-d/--dataset {args.dataset} does not apply with --pairs: the pairs "
+                         "file names the images, --data-dir is their LFW folder")
+    if not args.data_dir:
+        raise ValueError("--pairs needs --data-dir: the LFW image folder "
+                         "(<name>/<name>_<index:04d>.jpg)")
+    cfg, files, run = _pairs_networks(path, args)
+    networks = [(n, model, file, _face_network(file, model, cfg)) for n, model, file in files]
+    pairs = read_pairs_file(args.pairs)
+    _check_data_dir(args, "faces")
+    size = cfg["data"]["image_size"] or 64   # the size the face task trains at (build_task)
+    crop = 1.0 if args.center_crop is None else args.center_crop
+    loaded = pair_images(args.data_dir, pairs, size, crop, quiet=args.quiet)
+    same = [p.same for p in pairs]
+    folds = [p.fold for p in pairs]
+    device = pick_device(cfg["device"])
+    results = []
+    for n, model, file, network in networks:
+        features = _embed_all(network, loaded.images, cfg["data"]["test_batch_size"] or 64,
+                              device, f"embedding net{n}", args.quiet)
+        scores = pair_scores(features.numpy(), loaded.index)
+        results.append({"network": n, "model": model, "file": file.name,
+                        **evaluate_pairs(scores, same, folds)})
+    report = {"pairs_file": str(Path(args.pairs).resolve()),
+              "data_dir": str(Path(args.data_dir).resolve()), "pairs": len(pairs),
+              "images": len(loaded.paths), "image_size": size, "center_crop": crop,
+              "protocol": "LFW 10-fold: each fold's accuracy at the cosine threshold best on "
+                          "the other folds (one fold: on itself, optimistic); std over folds "
+                          "ddof=1, se = std/sqrt(folds); TAR@FAR and AUC from the ROC of all "
+                          "pairs; percent, thresholds in cosine similarity",
+              "networks": results}
+    text = json.dumps(report, indent=2)
+    if run is not None:
+        atomic_write_text(run.file(PAIRS_RESULT.format(Path(args.pairs).stem)), text)
+    if args.json:
+        print(text)
+    else:
+        _print_pairs_table(report)
+    return 0
+
+
+def _print_pairs_table(report: dict[str, Any]) -> None:
+    """``dcmkd eval --pairs``'s table: one row per network."""
+    first = report["networks"][0]
+    folds = first["folds"]
+    spread = "threshold chosen on the same pairs: optimistic" if first["optimistic"] else \
+        f"mean ± std over {folds} folds, ddof=1"
+    print(f"{Path(report['pairs_file']).name}: {report['pairs']} pairs, {report['images']} "
+          f"images at {report['image_size']}×{report['image_size']} (centre crop "
+          f"{report['center_crop']:g}); accuracy %: {spread}")
+    tars = [k for k in first if k.startswith("tar@far=")]
+    print(f"{'network':24s} {'accuracy':>16s} " + " ".join(f"{k.upper():>14s}" for k in tars)
+          + f" {'AUC':>6s}")
+    for r in report["networks"]:
+        acc = f"{r['accuracy']:.2f}" + ("" if r["accuracy_std"] is None
+                                         else f" ± {r['accuracy_std']:.2f}")
+        cells = " ".join(f"{'n/a' if r[k] is None else f'{r[k]:.2f}':>14s}" for k in tars)
+        print(f"{'net' + str(r['network']) + ' ' + r['model']:24s} {acc:>16s} {cells} "
+              f"{r['auc']:6.2f}")
 
 
 def _method_of(run: RunFolder) -> Any:
@@ -446,7 +612,9 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate every classifier of a run folder, or an exported "
                        "network", description="Top-1/top-5 test error of every classifier of a "
                        "run folder's networks, or of one exported weights file (net0_resnet20.pt; "
-                       "its run folder's data, else -d/--data-dir and key=value overrides).")
+                       "its run folder's data, else -d/--data-dir and key=value overrides). With "
+                       "--pairs: LFW face verification of a face run's networks (or one exported "
+                       "face network) on a pairs file.")
     e.add_argument("run", help="a run folder or an exported weights file")
     e.add_argument("overrides", nargs="*", help="dotted overrides for a weights file, "
                    "e.g. data.test_batch_size=256")
@@ -458,7 +626,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("-q", "--quiet", action="store_true",
                    help="no progress (else a bar on a terminal, a line every 30 s elsewhere)")
     e.add_argument("--json", action="store_true",
-                   help="print the errors as one JSON object (classifier key → error %%)")
+                   help="print the errors as one JSON object (classifier key → error %%); "
+                   "with --pairs, the pairs result")
+    e.add_argument("--pairs", metavar="PAIRS_FILE",
+                   help="face verification on an LFW-style pairs file (pairs.txt: 10 folds) "
+                   "instead: the images come from --data-dir (LFW layout <name>/<name>_"
+                   "<index:04d>.jpg), resized to the run's data.image_size; each fold's "
+                   "accuracy at the cosine threshold chosen on the other folds, mean ± std "
+                   "(ddof=1), TAR at FAR 1%% and 0.1%% and ROC AUC over all pairs; a run folder "
+                   "gets pairs_<file stem>.json")
+    e.add_argument("--center-crop", type=float, metavar="FRACTION",
+                   help="with --pairs: keep the central FRACTION of each image (per side) "
+                   "before resizing (default 1: the whole 250×250 LFW image, face centred, no "
+                   "alignment); give a network trained on tight crops crops like them")
     e.set_defaults(func=cmd_eval)
 
     x = sub.add_parser("export", help="write a run's networks without auxiliary classifiers",
