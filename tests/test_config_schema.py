@@ -20,7 +20,7 @@ KEYS = schema_keys()
 
 
 def test_every_key_has_a_type_default_doc_and_role():
-    assert len(KEYS) == 99
+    assert len(KEYS) == 106   # issue 27: task.ijba*, task.embedding, sskd.mimic/pyramid_reduce/psi
     for key in KEYS:
         assert isinstance(key.spec, Spec), key.name
         assert key.type_text, key.name
@@ -40,6 +40,30 @@ def test_the_resumable_keys_are_the_ones_declared_so():
         "data.workers", "data.test_batch_size", "data.root", "data.cache_dir", "data.download"}
     cfg = resolve("demo")
     assert "log_every" not in defining(cfg) and "loss.temperature" in defining(cfg)
+
+
+def test_keys_added_later_leave_an_earlier_runs_identity_alone():
+    """A run folder written before ``added=True`` keys existed (its config lacks them) is the
+    same run as today's config at their defaults: same hash, no difference; a non-default
+    value is another run."""
+    import copy
+
+    from dcmkd.options import added_defaults
+    from dcmkd.run_folder import config_hash, differences
+
+    added = added_defaults()
+    assert {"task.ijba": None, "task.ijba_images": None, "task.ijba_splits": 10}.items() <= \
+        added.items()
+    cfg = resolve("demo", [{"data": {"name": "faces", "root": "/data/casia"}}])
+    before = copy.deepcopy(cfg)
+    for key in added:
+        section, name = key.rsplit(".", 1)
+        before.get(section, {}).pop(name, None)
+    assert config_hash(before) == config_hash(cfg) and differences(before, cfg) == []
+    other = copy.deepcopy(cfg)
+    other["task"]["ijba"] = "/data/IJB-A"
+    assert config_hash(other) != config_hash(cfg)
+    assert differences(before, other) == ["task.ijba: '<unset>' → '/data/IJB-A'"]
 
 
 def test_the_cli_flags_come_from_the_metadata_and_exist():

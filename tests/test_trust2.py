@@ -606,3 +606,18 @@ def test_eval_shows_its_progress_off_a_terminal(finished, capsys, monkeypatch):
     assert "\r" not in out
     code, out = cli(capsys, "eval", finished, "data.test_batch_size=8", "-q")
     assert code == 0 and "evaluating" not in out, out
+
+
+def test_eval_does_not_repeat_the_runs_schedule_warnings(tmp_path, capsys):
+    """A schedule note (here a warm-up as long as the run) is said when training, once; eval
+    and export of the finished run build its settings again without saying it again."""
+    from dcmkd.cli import main
+
+    tiny = ["-d", "synthetic", "-q", "data.image_size=8", "data.train_subset=32",
+            "data.batch_size=16", "data.test_batch_size=32", "device=cpu", "optim.lr=0.05",
+            "schedule.name=cosine", "schedule.warmup_epochs=1"]
+    assert main(["train", "-m", "ind", "-n", "resnet20", *tiny, "-e", "1",
+                 "-o", str(tmp_path / "run")]) == 0
+    assert capsys.readouterr().err.count("schedule.warmup_epochs=1 is not shorter") == 1
+    assert main(["eval", str(tmp_path / "run"), "-q"]) == 0
+    assert "schedule.warmup_epochs" not in capsys.readouterr().err

@@ -322,7 +322,7 @@ def _face_network(path: Path, model: str, cfg: dict[str, Any]) -> Any:
                          "of a face head): --pairs scores the networks of a face run")
     task = TaskConfig(**cfg["task"])
     network = face_method("ind", [model], sizes.pop(), head=task.head, s=task.s,
-                          m=task.m).networks[0]
+                          m=task.m, embedding=task.embedding).networks[0]
     try:
         load_pretrained(network.backbone, path)
     except ValueError as e:

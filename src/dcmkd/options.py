@@ -42,7 +42,9 @@ class Spec:
     that sets it (``--<flag>``). ``applies``: the methods (or, for a section, the tasks) the key
     is for; a value other than the default elsewhere is an error. ``overrides``, of a section:
     (key, default) pairs where the config's default differs from the section class's own (the
-    Python API's)."""
+    Python API's). ``added``: a key added after run folders without it exist; at its default it
+    does not take part in a run's identity (:func:`added_defaults`), so an earlier folder is the
+    same run and keeps its hash — every key added to the config from now on says so."""
 
     doc: str
     types: tuple = ()
@@ -55,6 +57,7 @@ class Spec:
     flag: str | None = None
     applies: tuple[str, ...] = ()
     overrides: tuple[tuple[str, Any], ...] = ()
+    added: bool = False
 
 
 def option(default: Any = MISSING, doc: str = "", *, factory: Callable[[], Any] | None = None,
@@ -260,7 +263,14 @@ def resumable_keys() -> frozenset[str]:
     return frozenset(k.name for k in schema_keys() if not k.spec.run)
 
 
+def added_defaults() -> dict[str, Any]:
+    """The dotted keys declared ``added=True`` with their defaults: at that value a key is left
+    out of a run's identity (:func:`dcmkd.run_folder.defining`)."""
+    return {k.name: k.default for k in schema_keys() if k.spec.added}
+
+
 __all__ = ["ConfigError", "Key", "Spec", "accepted_types", "build", "check_fields", "check_value",
            "not_applying",
-           "defaults", "is_a", "keys", "option", "register_schema", "resumable_keys",
+           "added_defaults", "defaults", "is_a", "keys", "option", "register_schema",
+           "resumable_keys",
            "schema", "schema_keys", "section", "sections"]

@@ -51,7 +51,7 @@ import torch
 from torch import nn
 
 import dcmkd.yamlio as yamlio
-from dcmkd.options import resumable_keys
+from dcmkd.options import added_defaults, resumable_keys
 from dcmkd.weights import TMP_SUFFIX, atomic_save, atomic_write_text, load_file
 
 #: keys of ``data.json`` that describe the run's use of the data, not the data: never compared
@@ -83,9 +83,12 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def defining(config: dict[str, Any]) -> dict[str, Any]:
     """The flattened keys of ``config`` that define a run: all but the resumable ones
     (:func:`dcmkd.options.resumable_keys`: folder, device, logging…, the keys declared with
-    ``run=False``), which may change between an interruption and its resumption."""
-    resumable = resumable_keys()
-    return {k: v for k, v in flatten(config).items() if k not in resumable}
+    ``run=False``), which may change between an interruption and its resumption, and the keys
+    added in a later version while at their default (:func:`dcmkd.options.added_defaults`), so
+    a run folder written before a key existed is the same run, under the same hash."""
+    resumable, added = resumable_keys(), added_defaults()
+    return {k: v for k, v in flatten(config).items()
+            if k not in resumable and not (k in added and v == added[k])}
 
 
 #: config keys (flattened) naming weights files, each with the key that picks a network of a

@@ -92,7 +92,9 @@ def load_run(run: RunFolder | str | Path, **overrides: Any) -> Built:
                 if run.finished else "train it first")
         raise ValueError(f"{run} holds no {RunFolder.CHECKPOINT}, so no weights of its "
                          f"method: {hint}")
-    built = build(cfg)
+    with warnings.catch_warnings():   # the schedule's notes were the training's to say
+        warnings.filterwarnings("ignore", message=r"schedule\.")
+        built = build(cfg)
     warn_if_other_data(run, built.data)
     run.expect_weights(built.method.state_dict())
     ckpt = run.load_checkpoint()

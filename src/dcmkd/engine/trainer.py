@@ -67,15 +67,17 @@ class Trainer:
 
 def absolute_paths(cfg: dict[str, Any]) -> dict[str, Any]:
     """``cfg`` with its relative paths made absolute (``~`` expanded): ``data.root``,
-    ``teacher_weights`` and ``task.backbone_weights`` (a path or a list of them), so that the
+    ``teacher_weights``, ``task.backbone_weights`` (a path or a list of them) and the IJB-A
+    folders ``task.ijba`` / ``task.ijba_images``, so that the
     run folder's config names its data and weights from any directory. ``data.root`` does not
     define a run (another root of the same data, checked by ``data.json``, is accepted later);
     a weights file is told by its content (``weights.json``), not by its spelling."""
     cfg = {**cfg, "data": {**cfg["data"], "root": absolute_path(cfg["data"].get("root"))},
            "teacher_weights": absolute_path(cfg.get("teacher_weights"))}
-    if isinstance(cfg.get("task"), dict) and "backbone_weights" in cfg["task"]:
-        cfg["task"] = {**cfg["task"],
-                       "backbone_weights": absolute_path(cfg["task"]["backbone_weights"])}
+    if isinstance(cfg.get("task"), dict):
+        cfg["task"] = {**cfg["task"], **{k: absolute_path(cfg["task"][k]) for k in
+                                         ("backbone_weights", "ijba", "ijba_images")
+                                         if k in cfg["task"]}}
     return cfg
 
 

@@ -6,9 +6,10 @@ from dcmkd.metrics.coco import COCO_METRICS, coco_evaluate, to_coco_results, wri
 __all__ = ["COCO_METRICS", "coco_evaluate", "to_coco_results", "write_results_json"]
 
 from dcmkd.metrics.face import (all_pairs, cosine_similarity_matrix, evaluate_face,  # noqa: E402
-                                evaluate_ijba, identification_rates, mean_std,
+                                evaluate_ijba, evaluate_ijba_splits,
+                                identification_rates, ijba_sightings, mean_std,
                                 open_set_gallery_split, pool_templates, tar_at_far)
 
 __all__ += ["all_pairs", "cosine_similarity_matrix", "evaluate_face", "evaluate_ijba",
-            "identification_rates", "mean_std", "open_set_gallery_split", "pool_templates",
-            "tar_at_far"]
+            "evaluate_ijba_splits", "identification_rates", "ijba_sightings", "mean_std",
+            "open_set_gallery_split", "pool_templates", "tar_at_far"]

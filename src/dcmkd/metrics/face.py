@@ -206,14 +206,20 @@ def evaluate_face(features: Any, labels: Any, fars: Sequence[float] = (0.01, 0.0
 IJBA_COLUMNS = ("TEMPLATE_ID", "SUBJECT_ID", "FILE", "MEDIA_ID")
 
 
+#: the face box columns of IJB-A's metadata (pixels: left, top, width, height), read when present
+IJBA_BOX_COLUMNS = ("FACE_X", "FACE_Y", "FACE_WIDTH", "FACE_HEIGHT")
+
+
 class IjbaRows(NamedTuple):
     """One IJB-A metadata file (``verify_metadata_k``, ``search_gallery_k``,
-    ``search_probe_k``): one row per face sighting."""
+    ``search_probe_k``): one row per face sighting. ``boxes``: ``[N, 4]`` face boxes
+    (x, y, width, height) when the file has the :data:`IJBA_BOX_COLUMNS`, else None."""
     template_ids: np.ndarray
     subject_ids: np.ndarray
     files: list[str]
     media_ids: np.ndarray
     sighting_ids: list[str]
+    boxes: np.ndarray | None = None
 
 
 def read_ijba_metadata(path: str | os.PathLike) -> IjbaRows:
@@ -232,7 +238,9 @@ def read_ijba_metadata(path: str | os.PathLike) -> IjbaRows:
                              f"(header: {','.join(header) or 'none'})")
         col = {c: header.index(c) for c in IJBA_COLUMNS}
         sighting = header.index("SIGHTING_ID") if "SIGHTING_ID" in header else None
-        tids, sids, files, mids, sights = [], [], [], [], []
+        box_cols = ([header.index(c) for c in IJBA_BOX_COLUMNS]
+                    if all(c in header for c in IJBA_BOX_COLUMNS) else None)
+        tids, sids, files, mids, sights, boxes = [], [], [], [], [], []
         subject_of: dict[int, int] = {}
         for line, row in enumerate(reader, start=2):
             if not any(c.strip() for c in row):
@@ -244,6 +252,16 @@ def read_ijba_metadata(path: str | os.PathLike) -> IjbaRows:
             except ValueError as e:
                 raise ValueError(f"IJB-A metadata file {path} line {line}: expected integer "
                                  f"TEMPLATE_ID, SUBJECT_ID, MEDIA_ID ({e})") from None
+            if box_cols is not None:
+                try:
+                    box = [float(row[c]) for c in box_cols]
+                except ValueError:
+                    box = [math.nan]
+                if not all(math.isfinite(v) for v in box) or box[2] <= 0 or box[3] <= 0:
+                    raise ValueError(f"IJB-A metadata file {path} line {line}: expected a face "
+                                     f"box FACE_X, FACE_Y, FACE_WIDTH > 0, FACE_HEIGHT > 0, got "
+                                     f"{','.join(row[c] for c in box_cols)}")
+                boxes.append(box)
             if subject_of.setdefault(t, s) != s:
                 raise ValueError(f"IJB-A metadata file {path} line {line}: template {t} has rows "
                                  f"of subjects {subject_of[t]} and {s}")
@@ -255,7 +273,8 @@ def read_ijba_metadata(path: str | os.PathLike) -> IjbaRows:
     if not tids:
         raise ValueError(f"IJB-A metadata file {path} has no row")
     return IjbaRows(np.array(tids, dtype=np.int64), np.array(sids, dtype=np.int64), files,
-                    np.array(mids, dtype=np.int64), sights)
+                    np.array(mids, dtype=np.int64), sights,
+                    np.array(boxes, dtype=np.float64) if box_cols is not None else None)
 
 
 def read_ijba_comparisons(path: str | os.PathLike) -> np.ndarray:
@@ -398,6 +417,50 @@ def evaluate_ijba(features_by_file: Mapping[Any, Any], protocol_root: str | os.P
     rates = identification_rates(g, gl, p, pl, ranks)
     out.update({f"rank{r}": 100.0 * v for r, v in rates.items()})
     return out
+
+
+class IjbaSighting(NamedTuple):
+    """One face of IJB-A to embed: its image file (the FILE column) and face box (x, y, width,
+    height; None when the metadata has no box columns: the file is a face crop already)."""
+    file: str
+    box: tuple[float, float, float, float] | None
+
+
+def ijba_sightings(protocol_root: str | os.PathLike, splits: Sequence[int]
+                   ) -> tuple[str, dict[str, IjbaSighting]]:
+    """Every face the protocol files of ``splits`` use, once: ``(key, {key value: sighting})``.
+    ``key`` is ``"sighting"`` (the SIGHTING_ID column, IJB-A's own) when every row of every file
+    has one, else ``"file"``; the values are what :func:`evaluate_ijba` looks features up by.
+    A key seen with two different files or boxes is an error naming it."""
+    rows_of = []
+    for k in splits:
+        files = ijba_split_files(protocol_root, k)
+        for name in ("verify_metadata", "search_gallery", "search_probe"):
+            rows_of.append((files[name], read_ijba_metadata(files[name])))
+    key = "sighting" if all(all(rows.sighting_ids) for _, rows in rows_of) else "file"
+    out: dict[str, IjbaSighting] = {}
+    for path, rows in rows_of:
+        for i, (file, sid) in enumerate(zip(rows.files, rows.sighting_ids)):
+            box = None if rows.boxes is None else tuple(float(v) for v in rows.boxes[i])
+            face = IjbaSighting(file, box)   # type: ignore[arg-type]
+            name = sid if key == "sighting" else file
+            if out.setdefault(name, face) != face:
+                what = "SIGHTING_ID" if key == "sighting" else "FILE (no SIGHTING_ID column)"
+                raise ValueError(f"IJB-A {what} {name!r} is {out[name]} in one protocol file and "
+                                 f"{face} in {path}: one face per "
+                                 + ("sighting" if key == "sighting" else
+                                    "file, or give every row a SIGHTING_ID"))
+    return key, out
+
+
+def evaluate_ijba_splits(features_by_key: Mapping[Any, Any], protocol_root: str | os.PathLike,
+                         splits: Sequence[int], key: str = "file",
+                         fars: Sequence[float] = (0.01, 0.001), ranks: Sequence[int] = (1, 5)
+                         ) -> dict[str, tuple[float, float]]:
+    """The SSKD paper's Table 7 protocol: :func:`evaluate_ijba` on each of ``splits`` (IJB-A:
+    1..10), then ``{metric: (mean, std)}`` over the splits (:func:`mean_std`)."""
+    return mean_std([evaluate_ijba(features_by_key, protocol_root, k, fars, ranks, key)
+                     for k in splits])
 
 
 def mean_std(results: Sequence[Mapping[str, float]]) -> dict[str, tuple[float, float]]:

@@ -8,7 +8,9 @@ the **last evaluated epoch** of each network, as the classification tables repor
 epoch. A metric the task could not measure on that test set (a TAR at a FAR below one over the
 impostor pairs; a COCO size range without ground truth, NaN) is left out of the mean; a cell
 with no value for it shows ``—``. The std is the sample standard deviation over seeds (ddof = 1),
-as for the classification tables; the paper's Table 7 std is over IJB-A's 10 splits instead.
+as for the classification tables; the paper's Table 7 std is over IJB-A's 10 splits instead. A
+face run evaluated on IJB-A (``task.ijba``) records that std too (``{metric}_std``): its entry
+is ``mean±split std`` as the paper's, with the std over seeds in parentheses after it.
 """
 from __future__ import annotations
 
@@ -85,6 +87,7 @@ class MetricStats:
     model: str
     paper: PaperMetrics
     values: dict[str, list[float]] = field(default_factory=dict)   # metric → one per seed
+    split_stds: dict[str, list[float]] = field(default_factory=dict)   # IJB-A: std over splits
     curves: list[list[tuple[int, float]]] = field(default_factory=list)   # first metric
     losses: list[list[tuple[int, float]]] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
@@ -137,6 +140,9 @@ def collect_metrics(exp: Experiment, runs: Iterable) -> list[MetricStats]:
             s.runs += 1
             for m, v in found.items():
                 s.values[m].append(v)
+            spread = last_metrics(result.history, task, j, [f"{m}_std" for m in names]) or {}
+            for m, v in spread.items():
+                s.split_stds.setdefault(m[:-len("_std")], []).append(v)
             key = _task(task)[0]
             s.curves.append([(int(r["epoch"]), float(r[key(j, names[0])]))
                              for r in result.history if key(j, names[0]) in r
@@ -157,9 +163,10 @@ def _paper_text(paper: PaperMetrics, k: int) -> str:
 
 def _entry(s: MetricStats, k: int, metric: str) -> str:
     """``ours · paper``: ours is mean(std) over seeds (``[k/n runs]`` while incomplete)."""
-    mean = s.mean(metric)
-    ours = "—" if mean is None else fmt(mean) + (f"({fmt(s.std(metric))})"
-                                                  if s.std(metric) is not None else "")
+    mean, split = s.mean(metric), s.split_stds.get(metric)
+    ours = "—" if mean is None else fmt(mean) + (
+        f"±{fmt(statistics.fmean(split))}" if split else "") + (
+        f"({fmt(s.std(metric))})" if s.std(metric) is not None else "")
     if s.runs and s.runs < s.planned:
         ours += f" [{s.runs}/{s.planned} runs]"
     paper = _paper_text(s.paper, k) if k < len(s.paper.values) else ""
@@ -183,7 +190,9 @@ def metrics_markdown(exp: Experiment, stats: Sequence[MetricStats], *,
                 if seeds and any(s.runs < s.planned for s in stats) else "")
              + ". Entries: " + ", ".join(label for _, label in exp.metrics)
              + " (%) of each network on the test set at its last evaluated epoch, mean(std) "
-             "over seeds" + (" · the paper's number (± its std)." if has_paper else "."),
+             "over seeds" + ("; ± the std over IJB-A's splits" if any(
+                 s.split_stds for s in stats) else "")
+             + (" · the paper's number (± its std)." if has_paper else "."),
              "", "| " + " | ".join(["", "networks run", *heads]) + " |",
              "|" + "---|" * (len(heads) + 2)]
     for row in exp.rows:

@@ -63,9 +63,23 @@ class TaskConfig:
                              types=(float, None), low=0, above=True)
     m: float | None = option(None, "face margin (null: CosFace 0.35, ArcFace 0.5)",
                              types=(float, None), low=0)
+    embedding: int | None = option(None, "face: width of an embedding layer (BN-FC-BN, "
+                                   "ArcFace's E) as the output feature (null: the pooled last "
+                                   "stage, the paper's reading); trained in SSKD's head phase",
+                                   types=(int, None), low=1, added=True)
     split: str | None = option(None, "face: identity split CSV (null: root/SPLIT_SUGGESTED.csv, "
                                "else a seeded quarter of the identities as test)",
                                types=(str, None))
+    ijba: str | None = option(None, "face: IJB-A folder (IJB-A_11_sets/, IJB-A_1N_sets/, "
+                              "images/): evaluate on its templates, mean over task.ijba_splits "
+                              "(the paper's Table 7), training on every identity of data.root "
+                              "(null: unseen identities of data.root)", types=(str, None),
+                              added=True)
+    ijba_images: str | None = option(None, "face: the folder IJB-A's FILE paths are relative "
+                                     "to (null: task.ijba/images, else task.ijba)",
+                                     types=(str, None), added=True)
+    ijba_splits: int = option(10, "face: IJB-A splits scored, 1..N (IJB-A has 10)", low=1,
+                              high=10, added=True)
     detector: str = option("fasterrcnn", "detection: fasterrcnn (FPN) or retinanet",
                            choices=("fasterrcnn", "retinanet"))   # models.detection.KINDS (torchvision)
     min_size: int = option(800, "detection: shorter image side after resizing (Detectron's "
@@ -124,9 +138,10 @@ def build_task(cfg: dict[str, Any], device: torch.device, ctx: Any = None
     if task_name(cfg) == "face":
         data = face_data(data_cfg["root"], split=task.split, size=data_cfg["image_size"] or 64,
                          batch_size=batch, test_batch_size=test_batch, device=device,
-                         seed=cfg["seed"], **shard)
+                         seed=cfg["seed"], ijba=task.ijba, ijba_images=task.ijba_images,
+                         ijba_splits=task.ijba_splits, **shard)
         method = face_method(cfg["method"], cfg["nets"], data.num_classes, head=task.head,
-                             s=task.s, m=task.m, sskd=cfg["sskd"] if cfg["method"] == "sskd"
+                             s=task.s, m=task.m, embedding=task.embedding, sskd=cfg["sskd"] if cfg["method"] == "sskd"
                              else None, **options, **_changed_loss(cfg))
         return method, data
     data = detection_data(data_cfg["root"], name=data_cfg["name"],
@@ -225,8 +240,10 @@ def face_data(root: str | os.PathLike, *, split: str | os.PathLike | None = None
               size: int = 64, batch_size: int = 64, test_batch_size: int = 256,
               test_fraction: float = 0.25, device: torch.device | str = "cpu", seed: int = 0,
               max_identities: int | None = None, rank: int = 0,
-              world_size: int = 1) -> TaskData:
-    """An identity folder split into training and unseen test identities.
+              world_size: int = 1, ijba: str | os.PathLike | None = None,
+              ijba_images: str | os.PathLike | None = None, ijba_splits: int = 10) -> TaskData:
+    """An identity folder split into training and unseen test identities, or (``ijba``) an
+    identity folder to train on and IJB-A to test on.
 
     ``split``: a CSV of ``identity_dir,…,split`` rows (``train``/``test``; e.g. the face crops'
     ``SPLIT_SUGGESTED.csv``), default ``root/SPLIT_SUGGESTED.csv`` when it exists, else a seeded
@@ -241,6 +258,11 @@ def face_data(root: str | os.PathLike, *, split: str | os.PathLike | None = None
     every rank takes the same number of steps; the remainder of an epoch that makes no full
     global batch is dropped, as in one process. The test batches are the single-process ones,
     every ``world_size``-th whole batch per rank (:class:`~dcmkd.tasks.base.BatchShard`).
+
+    ``ijba`` (the SSKD paper's Table 7 protocol: train on CASIA-WebFace, test on IJB-A): the test
+    set is every face of IJB-A splits 1..``ijba_splits`` (:func:`ijba_test_data`), scored on the
+    splits' templates; training takes every identity of ``root`` (the train side of ``split``
+    when one is given; a ``SPLIT_SUGGESTED.csv`` is not used).
     """
     from dcmkd.data import augment as aug
     from dcmkd.data.faces import (IdentityFolder, check_verifiable, identity_folders,
@@ -249,24 +271,32 @@ def face_data(root: str | os.PathLike, *, split: str | os.PathLike | None = None
 
     root = Path(root).expanduser()
     csv = Path(split) if split is not None else root / "SPLIT_SUGGESTED.csv"
-    if split is not None or csv.is_file():
+    if split is not None or (csv.is_file() and ijba is None):
         sides = read_split_csv(csv)
+    elif ijba is not None:
+        sides = {"train": identity_folders(root), "test": []}
     else:
         sides = split_identities(identity_folders(root), test_fraction, seed=0)
     if max_identities is not None:
         sides = {k: v[:max_identities] for k, v in sides.items()}
     train = IdentityFolder(root, sides["train"], size=size)
-    test = IdentityFolder(root, sides["test"], size=size)
-    check_verifiable(test.labels)
     transform = aug.pad_crop_flip(max(1, size // 8))
     common = dict(device=device, seed=seed, mean=FACE_MEAN, std=FACE_STD)
     identity = {"name": "faces", "root": str(root.resolve()), "size": size,
-                "train_identities": len(train.identities), "train_images": len(train),
-                "test_identities": len(test.identities), "test_images": len(test),
-                "files": _digest([*(p.relative_to(root) for p in train.paths), "|",
-                                  *(p.relative_to(root) for p in test.paths)])}
-    test_batches = DeviceLoader(test.images, test.labels, test_batch_size, train=False,
-                                **common)
+                "train_identities": len(train.identities), "train_images": len(train)}
+    if ijba is None:
+        test = IdentityFolder(root, sides["test"], size=size)
+        check_verifiable(test.labels)
+        identity.update({"test_identities": len(test.identities), "test_images": len(test),
+                         "files": _digest([*(p.relative_to(root) for p in train.paths), "|",
+                                           *(p.relative_to(root) for p in test.paths)])})
+        test_batches: Any = DeviceLoader(test.images, test.labels, test_batch_size,
+                                         train=False, **common)
+    else:
+        test_batches, ijba_identity = ijba_test_data(ijba, ijba_images, ijba_splits, size,
+                                                     test_batch_size, **common)
+        identity.update({"files": _digest([p.relative_to(root) for p in train.paths]),
+                         "ijba": ijba_identity})
     return TaskData(
         train=DeviceLoader(train.images, train.labels, batch_size, train=True,
                            augment=transform, rank=rank, world_size=world_size, **common),
@@ -274,15 +304,49 @@ def face_data(root: str | os.PathLike, *, split: str | os.PathLike | None = None
         num_classes=train.num_identities, identity=identity, classes=list(train.identities))
 
 
+def ijba_test_data(protocol_root: str | os.PathLike, images: str | os.PathLike | None,
+                   splits: int, size: int, batch_size: int, **loader: Any
+                   ) -> tuple[Any, dict[str, Any]]:
+    """The test batches of the IJB-A protocol and what defines them: every face the metadata
+    of splits 1..``splits`` names, once, cropped by its box (:mod:`dcmkd.data.ijba`), labelled
+    by its position; the batches carry the protocol
+    (:class:`~dcmkd.tasks.face.IjbaEvaluation`) that :meth:`~dcmkd.tasks.face.Face.evaluate`
+    scores them by."""
+    from dcmkd.data.ijba import ijba_image_root, load_faces
+    from dcmkd.data.loader import DeviceLoader
+    from dcmkd.metrics.face import ijba_split_files, ijba_sightings
+    from dcmkd.tasks.face import IjbaBatches, IjbaEvaluation
+
+    root = Path(protocol_root).expanduser().resolve()
+    chosen = tuple(range(1, int(splits) + 1))
+    key, faces = ijba_sightings(root, chosen)
+    image_root = ijba_image_root(root, images)
+    names = sorted(faces)
+    pixels = load_faces(image_root, [faces[n] for n in names], size)
+    protocol = IjbaEvaluation(str(root), chosen, key, tuple(names))
+    metadata = [p for k in chosen for p in ijba_split_files(root, k).values()]
+    identity = {"root": str(root), "images": str(image_root.resolve()), "splits": len(chosen),
+                "faces": len(names),
+                "protocol": _digest([p.read_bytes() for p in metadata]),
+                "crops": _digest([(n, faces[n]) for n in names])}
+    batches = DeviceLoader(pixels, torch.arange(len(names)), batch_size, train=False, **loader)
+    return IjbaBatches(batches, protocol), identity
+
+
 def face_method(name: str, nets: Sequence[str], num_identities: int, *, head: str = "softmax",
                 s: float | None = None, m: float | None = None,
+                embedding: int | None = None,
                 teacher_weights: str | os.PathLike | None = None,
                 model_options: dict[str, Any] | None = None, **options: Any) -> Method:
     """``name`` (``ind``, ``kd``, ``sskd``, ``fitnets``, …) over zoo backbones ``nets`` with
-    face heads (:func:`~dcmkd.tasks.face.make_face_network`), trained on the face task.
+    face heads (:func:`~dcmkd.tasks.face.make_face_network`; ``embedding``: the width of an
+    embedding layer), trained on the face task.
     ``options``: :func:`~dcmkd.methods.create_method`'s (``sskd={...}``, ``temperature``, …).
     SSKD on a face model trains its stages only (``head_epochs`` 0 unless set): the output
-    feature is the pooled last stage, so the task head is not tuned (SSKD Table 7)."""
+    feature is the pooled last stage, so the task head is not tuned (SSKD Table 7). With an
+    embedding layer the output feature is in the head, so SSKD needs a head phase
+    (``sskd.head_epochs`` > 0: the embedding is trained on the labels with the stages frozen);
+    without one it is an error rather than a run whose output feature stays random."""
     from dcmkd.methods import create_method
     from dcmkd.models import create_model
     from dcmkd.tasks.face import Face, make_face_network
@@ -290,11 +354,16 @@ def face_method(name: str, nets: Sequence[str], num_identities: int, *, head: st
     task = Face(head, s, m)
     backbones = [make_face_network(create_model(n, num_identities, **(model_options or {})),
                                    num_identities, head, task.s if head != "softmax" else None,
-                                   task.m if head != "softmax" else None) for n in nets]
+                                   task.m if head != "softmax" else None, embedding)
+                 for n in nets]
     if name == "sskd":
         given = dict(options.get("sskd") or {})
         if given.get("head_epochs") is None:
             given["head_epochs"] = 0
+        if embedding is not None and not given["head_epochs"]:
+            raise ValueError(f"task.embedding={embedding} puts the face output feature in the "
+                             "head, which SSKD's stages do not train: give sskd.head_epochs > 0 "
+                             "(its head phase trains the embedding on the labels)")
         options["sskd"] = given
     method = create_method(name, backbones, num_identities, teacher_weights=teacher_weights,
                            **options)

@@ -19,11 +19,18 @@ identities and evaluated open-set, on the embeddings of identities never seen in
   (:func:`~dcmkd.metrics.face.evaluate_face`). Keys ``test/net{n}/face/{metric}`` (percent); a
   TAR at a FAR smaller than one over the test set's impostor pairs is not measured (no key;
   ``null`` in the summary). The headline of a run is Rank-1.
+- **IJB-A** (``task.ijba``, the paper's Table 7 protocol): the test batches are IJB-A's faces
+  (:func:`~dcmkd.tasks.build.ijba_test_data`) and carry an :class:`IjbaEvaluation`; each
+  network's features are pooled into templates and scored on every split
+  (:func:`~dcmkd.metrics.face.evaluate_ijba_splits`): ``test/net{n}/face/{metric}`` is the mean
+  over the splits and ``test/net{n}/face/{metric}_std`` their standard deviation (the paper's
+  "mean ± std over IJB-A's 10 splits").
 """
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -42,30 +49,76 @@ def face_key(net: int, metric: str, prefix: str = "test") -> str:
     return f"{prefix}/net{net}/face/{metric}"
 
 
+@dataclass(frozen=True)
+class IjbaEvaluation:
+    """How IJB-A test batches are scored: the protocol folder, the splits, the metadata's key
+    kind (``"sighting"`` or ``"file"``) and the key of each test image, in order (its label)."""
+
+    root: str
+    splits: tuple[int, ...]
+    key: str
+    keys: tuple[str, ...]
+
+
+class IjbaBatches:
+    """Test batches (a :class:`~dcmkd.data.loader.DeviceLoader` of IJB-A faces, labels their
+    positions) with the :class:`IjbaEvaluation` that scores them (``.ijba``)."""
+
+    def __init__(self, batches: Any, ijba: IjbaEvaluation):
+        self.batches, self.ijba = batches, ijba
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Any]:
+        return self.batches.epoch(epoch, start_batch)
+
+    def __iter__(self) -> Iterator[Any]:
+        return self.epoch(0)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "batches":   # not set yet (copy, unpickling)
+            raise AttributeError(name)
+        return getattr(self.batches, name)
+
+
 class FaceHead(nn.Module):
-    """Global average pooling (the output feature, :meth:`embed`), then the identity
-    classifier. A zoo backbone's head is replaced by it (:func:`make_face_network`)."""
+    """Global average pooling, then the identity classifier. A zoo backbone's head is replaced
+    by it (:func:`make_face_network`).
+
+    The output feature (:meth:`embed`) is the pooled last stage (the default, the module note's
+    reading of the paper), or with ``embedding=D`` a D-dimensional **embedding layer** after the
+    pooling: BatchNorm, fully connected, BatchNorm (``task.embedding``; the "BN-Dropout-FC-BN"
+    output structure ArcFace found best, Deng et al., CVPR 2019, §4.2 "E", here without the
+    dropout: a **choice**, the project's face sets are small and its training short). The
+    embedding layer belongs to the head, so SSKD trains it in its head phase."""
 
     def __init__(self, in_features: int, num_identities: int, kind: str = "softmax",
-                 s: float | None = None, m: float | None = None):
+                 s: float | None = None, m: float | None = None, embedding: int | None = None):
         super().__init__()
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = MarginHead(in_features, num_identities, kind=kind, s=s, m=m)
+        self.embedding = None if embedding is None else nn.Sequential(
+            nn.BatchNorm1d(in_features), nn.Linear(in_features, embedding),
+            nn.BatchNorm1d(embedding))
+        width = in_features if embedding is None else embedding
+        self.fc = MarginHead(width, num_identities, kind=kind, s=s, m=m)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(x).flatten(1)
+        pooled = self.pool(x).flatten(1)
+        return pooled if self.embedding is None else self.embedding(pooled)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.embed(x))   # margin-free logits; the margin is in Face.criterion
 
 
 def make_face_network(backbone: nn.Module, num_identities: int, kind: str = "softmax",
-                      s: float | None = None, m: float | None = None) -> nn.Module:
+                      s: float | None = None, m: float | None = None,
+                      embedding: int | None = None) -> nn.Module:
     """``backbone`` (a zoo :class:`~dcmkd.models.base.Backbone`) with a :class:`FaceHead` over
-    its last stage's channels."""
+    its last stage's channels (``embedding``: the width of an embedding layer, None: none)."""
     if kind not in HEADS:
         raise ValueError(f"face head '{kind}' is not one of {', '.join(HEADS)}")
-    backbone.head = FaceHead(backbone.num_features, num_identities, kind, s, m)
+    backbone.head = FaceHead(backbone.num_features, num_identities, kind, s, m, embedding)
     return backbone
 
 
@@ -109,8 +162,9 @@ class Face(Classification):
         which span the whole test set, are scored once. The batches are the single-process
         ones and the order is restored (the gallery is each identity's *first* image), so the
         metrics are those of one process on the same weights."""
-        from dcmkd.metrics.face import evaluate_face
+        from dcmkd.metrics.face import evaluate_face, evaluate_ijba_splits
 
+        ijba: IjbaEvaluation | None = getattr(batches, "ijba", None)
         method.eval()
         mine: list[tuple[list[torch.Tensor], torch.Tensor]] = []
         for x, y in batches_of(batches, ctx):
@@ -126,9 +180,16 @@ class Face(Classification):
             out: dict[str, float] = {}
             for n in range(len(method.networks)):
                 f = torch.cat([feats[n] for feats, _ in parts])
-                for k, v in evaluate_face(f, y_all).items():
+                if ijba is None:
+                    scores = {k: (v, None) for k, v in evaluate_face(f, y_all).items()}
+                else:   # label = the face's position in ijba.keys
+                    by_key = {ijba.keys[i]: row for i, row in zip(y_all.tolist(), f.numpy())}
+                    scores = evaluate_ijba_splits(by_key, ijba.root, ijba.splits, ijba.key)
+                for k, (v, std) in scores.items():
                     if math.isfinite(v):   # a FAR beyond the impostor pairs: not measured
                         out[face_key(n, k, prefix)] = float(v)
+                        if std is not None and math.isfinite(std):
+                            out[face_key(n, f"{k}_std", prefix)] = float(std)
             return out
 
         return computed_once(ctx.dist, metrics)
@@ -145,6 +206,9 @@ class Face(Classification):
             last = evaluated[-1]
             out["test_face"] = [{k: last.get(face_key(n, k)) for k in FACE_METRICS}
                                 for n in range(networks)]
+            if any(face_key(0, f"{k}_std") in last for k in FACE_METRICS):   # IJB-A splits
+                out["test_face_std"] = [{k: last.get(face_key(n, f"{k}_std"))
+                                         for k in FACE_METRICS} for n in range(networks)]
         return out
 
     def epoch_text(self, record: dict[str, Any], networks: int) -> str | None:
@@ -168,4 +232,4 @@ def embed(network: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = ["Face", "FaceHead", "make_face_network", "embed", "face_key", "FACE_METRICS",
-           "HEADS"]
+           "HEADS", "IjbaBatches", "IjbaEvaluation"]
