@@ -89,6 +89,7 @@ from dcmkd.data.canvas import make_canvas_dataset  # noqa: E402
 from dcmkd.engine.loop import fit  # noqa: E402
 from dcmkd.engine.settings import TrainSettings  # noqa: E402
 from dcmkd.methods.optimization import Schedule, SGDSettings  # noqa: E402
+from dcmkd.run_folder import RunFolder  # noqa: E402
 from dcmkd.tasks.build import detection_data, detection_method  # noqa: E402
 from dcmkd.tasks.detection import COCO_METRICS  # noqa: E402
 
@@ -178,7 +179,7 @@ def pretrain(args: argparse.Namespace) -> dict[str, str | None]:
         summary = json.loads((pretrain_folder(args, b) / "summary.json").read_text())
         print(f"pretrained tv:{b}: CIFAR-10 test error {summary['test_top1'][0]:.2f}%",
               flush=True)
-        weights[b] = str(pretrain_folder(args, b) / f"net0_tv:{b}.pt")
+        weights[b] = str(RunFolder(pretrain_folder(args, b)).network_path(0))
     return weights
 
 

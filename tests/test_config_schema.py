@@ -20,7 +20,7 @@ KEYS = schema_keys()
 
 
 def test_every_key_has_a_type_default_doc_and_role():
-    assert len(KEYS) == 106   # issue 27: task.ijba*, task.embedding, sskd.mimic/pyramid_reduce/psi
+    assert len(KEYS) == 107   # issue 27: task.ijba*, embedding, detector_options, sskd.mimic/pyramid_reduce/psi
     for key in KEYS:
         assert isinstance(key.spec, Spec), key.name
         assert key.type_text, key.name

@@ -188,3 +188,60 @@ def test_a_wrong_count_or_architecture_is_one_line(files, capsys):
                  "task.backbone_weights=[1, 2]"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "task.backbone_weights: expected a path" in err
+
+
+def test_a_mapping_gives_each_network_its_backbones_weights(files, tmp_path):
+    """``{backbone: path}``: one override for every row of a table (a reproduction whose rows
+    have different backbones); the teacher of sskd takes none; a backbone the mapping does not
+    name is an error, ``null`` from scratch."""
+    nets = ["resnet34", "resnet18"]
+    both = {"resnet18": "a18.pt", "resnet34": "a34.pt"}
+    assert backbone_weights_per_network(both, "ind", nets) == ["a34.pt", "a18.pt"]
+    assert backbone_weights_per_network(both, "sskd", nets) == [None, "a18.pt"]
+    assert backbone_weights_per_network({"resnet18": "a18.pt"}, "sskd", nets) == [None, "a18.pt"]
+    assert backbone_weights_per_network({"resnet34": None, "resnet18": "a"}, "ind", nets) == \
+        [None, "a"]
+    with pytest.raises(ValueError, match="names weights for resnet18, not for resnet34 "
+                                         r"\(network 0\): add 'resnet34: null'"):
+        backbone_weights_per_network({"resnet18": "a18.pt"}, "ind", nets)
+    method = detection_method("ind", "retinanet", nets, 2, detector_options=OPTS,
+                              backbone_weights={"resnet18": str(files["r18"]),
+                                                "resnet34": str(files["r34"])})
+    _assert_body_is(method.networks[0].detector, files["r34"])
+    _assert_body_is(method.networks[1].detector, files["r18"])
+    # in a run config: paths made absolute, the files' digests recorded per backbone
+    from dcmkd.engine.trainer import absolute_paths
+    from dcmkd.run_folder import defining, weights_digests
+
+    cfg = absolute_paths(resolve(None, ["method=ind", "nets=resnet34,resnet18",
+                                        "data.name=coco", "data.root=x",
+                                        f"task.backbone_weights={{resnet18: {files['r18']}, "
+                                        f"resnet34: {files['r34']}}}"]))
+    assert cfg["task"]["backbone_weights"] == {"resnet18": str(files["r18"]),
+                                               "resnet34": str(files["r34"])}
+    digests = weights_digests(cfg)["task.backbone_weights"]
+    assert set(digests) == {"resnet18", "resnet34"} and all(len(d) == 64
+                                                            for d in digests.values())
+    assert isinstance(defining(cfg)["task.backbone_weights"], dict)   # one value, not flattened
+
+
+def test_detector_options_reach_the_detector_and_bad_ones_are_one_line(capsys):
+    cfg = resolve(None, ["method=ind", "nets=resnet18", "data.name=coco", "data.root=x",
+                         "task.detector_options={box_batch_size_per_image: 64, "
+                         "rpn_post_nms_top_n_test: 300, trainable_layers: 2}"])
+    opts = {**cfg["task"]["detector_options"], **OPTS}
+    net = detection_method("ind", "fasterrcnn", ["resnet18"], 2,
+                           detector_options=opts).networks[0].detector
+    assert net.roi_heads.fg_bg_sampler.batch_size_per_image == 64
+    assert net.rpn._post_nms_top_n["testing"] == 300
+    assert net.dcmkd_spec["trainable_layers"] == 2
+    with pytest.raises(ValueError, match="unknown retinanet option 'no_such_option' "
+                                         r"\(torchvision's keywords: .*fg_iou_thresh"):
+        detection_method("ind", "retinanet", ["resnet18"], 2,
+                         detector_options={**OPTS, "no_such_option": 1})
+    for bad, says in (("{min_size: 64}", "min_size is its own key (task.min_size)"),
+                      ("[1]", "task.detector_options")):
+        assert main(["train", "-m", "ind", "-n", "resnet18", "-d", "coco", "--data-dir", "x",
+                     f"task.detector_options={bad}"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and says in err, err

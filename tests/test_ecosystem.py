@@ -260,8 +260,14 @@ def test_a_run_trains_exports_and_its_folder_is_a_teacher(tmp_path):
             "data.batch_size=4", "data.test_batch_size=8", "epochs=1", "quiet=true",
             "device=cpu", "loss.rampup=0"]
     Trainer(resolve(None, ["method=ind", f"nets={TV}", *tiny, f"out={tmp_path / 't'}"])).fit()
-    exported = tmp_path / "t" / "net0_tv:resnet18.pt"
+    exported = tmp_path / "t" / "net0_tv-resnet18.pt"   # file-safe: no colon
     classes = load_file(exported)["fc.weight"].shape[0]
+    from dcmkd.cli import main
+
+    assert main(["eval", str(exported), "-q", "--json"]) == 0   # the model read from the name
+    old_style = tmp_path / "t" / "net0_tv:resnet18.pt"   # folders of earlier versions
+    old_style.write_bytes(exported.read_bytes())
+    assert main(["eval", str(old_style), "-q", "--json"]) == 0
     getattr(torchvision.models, "resnet18")(num_classes=classes).load_state_dict(
         load_file(exported))
     Trainer(resolve(None, ["method=sskd", f"nets={TV},{TV}", *tiny,
@@ -269,5 +275,5 @@ def test_a_run_trains_exports_and_its_folder_is_a_teacher(tmp_path):
                            "sskd.stage_epochs=1", "sskd.head_epochs=1", "sskd.stages=2",
                            f"out={tmp_path / 's'}"])).fit()
     torchvision.models.resnet18(num_classes=classes).load_state_dict(
-        load_file(tmp_path / "s" / "net1_tv:resnet18.pt"))
+        load_file(tmp_path / "s" / "net1_tv-resnet18.pt"))
     assert Path(tmp_path / "s" / "summary.json").is_file()

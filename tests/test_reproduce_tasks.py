@@ -61,9 +61,9 @@ def test_the_tables_hold_specs_numbers_and_no_other(name):
     papers = {c.row: c.paper[0] for c in exp.cells}
     for row, text in SPEC[name].items():
         assert papers[row] == PaperMetrics.parse(text, len(exp.metrics)), row
-    # the only row without the paper's numbers is the quick protocol's own SSKD row
+    # the only rows without the paper's numbers are the detection quick protocol's own
     assert {r for r, p in papers.items() if not p.reported} == \
-        (set() if name == "sskd-table7" else {"R18 mimic R50"})
+        (set() if name == "sskd-table7" else {"ResNet-34", "R18 mimic R34"})
 
 
 def test_paper_metric_notation_and_bad_values():
@@ -126,13 +126,17 @@ def test_quick_is_the_detection_quick_protocol_and_full_the_papers(name, kind, l
     exp = load_experiment(name)
     quick = plan(exp, scale="quick", overrides=["data.root=CANVASES"])
     assert [(r.cell.row, r.config["nets"]) for r in quick] == [
-        ("ResNet-18", ["resnet18"]), ("ResNet-50", ["resnet50"]),
-        ("R18 mimic R50", ["resnet50", "resnet18"])]
+        ("ResNet-18", ["resnet18"]), ("ResNet-34", ["resnet34"]),
+        ("R18 mimic R34", ["resnet34", "resnet18"])]   # as published (the benchmark's table)
     for r in quick:
         c = r.config
         assert (c["task"]["detector"], c["task"]["min_size"], c["task"]["max_size"],
                 c["task"]["train_split"], c["task"]["test_split"]) == \
             (kind, 128, 128, "train", "val")
+        # the benchmark's detector settings: every stage trains; Faster R-CNN's RoIs reduced
+        assert c["task"]["detector_options"] == (
+            {"trainable_layers": 5, "box_batch_size_per_image": 128,
+             "rpn_post_nms_top_n_test": 300} if kind == "fasterrcnn" else {"trainable_layers": 5})
         assert (c["epochs"], c["data"]["batch_size"], c["optim"]["lr"],
                 c["optim"]["weight_decay"], c["optim"]["clip_grad_norm"]) == \
             (4, 4, 0.02, 1e-4, 10.0)
@@ -149,6 +153,7 @@ def test_quick_is_the_detection_quick_protocol_and_full_the_papers(name, kind, l
                 c["task"]["max_size"], c["task"]["test_split"]) == (24, 16, lr, 800, 1333,
                                                                     "val2017")
         assert c["method"] in ("ind", "sskd")   # KD does not apply to detection
+        assert c["task"]["detector_options"] == {}   # torchvision's defaults
     mimic = {r.cell.row: r.config for r in full}["R50 mimic R152"]
     assert mimic["nets"] == ["resnet152", "resnet50"] and mimic["teacher_weights"] == \
         str(Path(f"OUT/{name}/full/resnet-152/result/s0"))

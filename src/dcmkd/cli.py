@@ -174,12 +174,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_of_file(name: str) -> str | None:
+    """The model an exported file's name says (``net{n}_{model}.pt``): a library model's
+    file-safe spelling (``tv-resnet18``, :func:`dcmkd.run_folder.file_safe`) read back as its
+    name (``tv:resnet18``); None for another name."""
+    from dcmkd.models.ecosystem import is_library_name
+
+    parsed = parse_network_file(name)
+    if parsed is None:
+        return None
+    head, _, rest = parsed[1].partition("-")
+    return f"{head}:{rest}" if rest and is_library_name(f"{head}:{rest}") else parsed[1]
+
+
 def _weights_file(path: Path, args: argparse.Namespace) -> Built:
     """One network loaded from an exported weights file, for evaluation. The model comes from
     ``--model`` or the file's name (``net{n}_{model}.pt``); the data from the run folder holding
     the file (its config), then the flags."""
-    parsed = parse_network_file(path.name)
-    model = args.model or (parsed[1] if parsed else None)
+    model = args.model or _model_of_file(path.name)
     if model is None:
         raise ValueError(f"cannot tell the model of {path.name}: pass --model NAME")
     saved = RunFolder(path.parent).read_config() or {}
@@ -298,10 +310,10 @@ def _pairs_networks(path: Path, args: argparse.Namespace
                              f"exports its latest weights, then give {run}/net<N>_<model>.pt")
         exported = (run.read_summary() or {}).get("exported") or []
         files = [run.network_path(n) for n in range(len(exported))]
-        return cfg, [(n, (parse_network_file(f.name) or (n, cfg["nets"][n]))[1], f)
+        return cfg, [(n, _model_of_file(f.name) or cfg["nets"][n], f)
                      for n, f in enumerate(files)], run
     parsed = parse_network_file(path.name)
-    model = args.model or (parsed[1] if parsed else None)
+    model = args.model or _model_of_file(path.name)
     if model is None:
         raise ValueError(f"cannot tell the model of {path.name}: pass --model NAME")
     cfg = _face_config(RunFolder(path.parent).read_config(), path.parent, args)

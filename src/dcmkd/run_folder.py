@@ -73,8 +73,8 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"optim": {"lr": 0.1}}`` → ``{"optim.lr": 0.1}`` (lists become tuples)."""
     out: dict[str, Any] = {}
     for k, v in config.items():
-        if isinstance(v, dict) and v:
-            out.update(flatten(v, f"{prefix}{k}."))
+        if isinstance(v, dict) and v and f"{prefix}{k}" not in WEIGHTS_KEYS:   # (a mapping of
+            out.update(flatten(v, f"{prefix}{k}."))                         # weights: one value)
         else:
             out[f"{prefix}{k}"] = tuple(v) if isinstance(v, list) else v
     return out
@@ -130,6 +130,8 @@ def _digest(spec: Any, network: Any) -> Any:
         return None
     if isinstance(spec, (list, tuple)):
         return [_digest(s, None) for s in spec]
+    if isinstance(spec, dict):   # backbone name -> path
+        return {k: _digest(v, None) for k, v in sorted(spec.items())}
     if not isinstance(spec, (str, os.PathLike)):
         raise ValueError(f"not a path: {spec!r}")
     digest = hashlib.sha256()
@@ -163,17 +165,28 @@ def _same_weights(key: str, a: dict[str, Any], b: dict[str, Any], recorded: Any)
 
 
 def absolute_path(value: Any) -> Any:
-    """A path string made absolute (``~`` expanded), a list or tuple element-wise (as a list);
-    anything else (None, an empty string, a number) as it is."""
+    """A path string made absolute (``~`` expanded), a list or tuple element-wise (as a list),
+    a mapping's values; anything else (None, an empty string, a number) as it is."""
     if isinstance(value, (list, tuple)):
         return [absolute_path(v) for v in value]
+    if isinstance(value, dict):
+        return {k: absolute_path(v) for k, v in value.items()}
     return os.path.abspath(os.path.expanduser(value)) if isinstance(value, str) and value \
         else value
 
 
+def file_safe(model: str) -> str:
+    """``model`` as it appears in a file name: the library prefix's ``:`` written ``-``
+    (``tv:resnet18`` → ``tv-resnet18``): a colon is not allowed in Windows file names and must
+    be quoted in shells. Folders written before keep their names: commands find exported files
+    through ``summary.json``."""
+    return model.replace(":", "-")
+
+
 def network_file(index: int, model: str) -> str:
-    """The file name of exported network ``index`` (``net0_resnet20.pt``)."""
-    return f"net{index}_{model}.pt"
+    """The file name of exported network ``index`` (``net0_resnet20.pt``,
+    ``net1_tv-resnet18.pt``: :func:`file_safe`)."""
+    return f"net{index}_{file_safe(model)}.pt"
 
 
 def best_file(index: int, model: str) -> str:
@@ -183,7 +196,8 @@ def best_file(index: int, model: str) -> str:
 
 
 def parse_network_file(name: str) -> tuple[int, str] | None:
-    """``"net1_resnet20.pt"`` → ``(1, "resnet20")``; None for another name."""
+    """``"net1_resnet20.pt"`` → ``(1, "resnet20")``; None for another name. The model part is
+    as written (:func:`file_safe`; ``dcmkd.cli`` maps ``tv-resnet18`` back to ``tv:resnet18``)."""
     m = NETWORK_FILE.fullmatch(name)
     return (int(m.group(1)), m.group(2)) if m else None
 

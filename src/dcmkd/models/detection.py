@@ -156,6 +156,32 @@ def load_backbone_weights(resnet: nn.Module, weights: str | Path | Mapping[str, 
     resnet.load_state_dict(given, strict=False)
 
 
+def detector_keywords(kind: str) -> list[str]:
+    """The keywords torchvision's detector of ``kind`` takes beside the backbone, the classes
+    and the sizes (its own and its image transform's); it would pass an unknown one on to the
+    transform, which ignores it silently."""
+    import inspect
+
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+    cls = FasterRCNN if kind == "fasterrcnn" else RetinaNet
+    taken = {"self", "backbone", "num_classes", "min_size", "max_size", "kwargs"}
+    names = [*inspect.signature(cls.__init__).parameters,
+             *inspect.signature(GeneralizedRCNNTransform.__init__).parameters]
+    return sorted(set(names) - taken)
+
+
+def check_detector_options(kind: str, options: Mapping[str, Any]) -> None:
+    """A ValueError naming a keyword of ``options`` that the detector does not take (a typo
+    would otherwise be ignored: :func:`detector_keywords`)."""
+    known = detector_keywords(kind)
+    unknown = sorted(k for k in options if k not in known)
+    if unknown:
+        raise ValueError(f"unknown {kind} option '{unknown[0]}' (torchvision's keywords: "
+                         f"{', '.join(known)}; and trainable_layers, norm"
+                         + (", p6_from" if kind == "retinanet" else "") + ")")
+
+
 def build_detector(kind: str, backbone: str, num_classes: int, *, min_size: int = 800,
                    max_size: int = 1333,
                    backbone_weights: str | Path | Mapping[str, torch.Tensor] | None = None,
@@ -196,6 +222,7 @@ def build_detector(kind: str, backbone: str, num_classes: int, *, min_size: int 
         value = locals()[key]
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{key} must be a positive int, got {value!r}")
+    check_detector_options(kind, detector_options)
 
     norm_layer = FrozenBatchNorm2d if norm == "frozen_bn" else nn.BatchNorm2d
     resnet = getattr(tv_resnet, backbone)(weights=None, norm_layer=norm_layer)

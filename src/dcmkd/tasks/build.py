@@ -15,7 +15,7 @@ import os
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -41,6 +41,23 @@ TASK_DATASETS = {"faces": "face", **{name: "detection" for name in DETECTION_DAT
 def _backbone_weights_rule(value: Any) -> str | None:
     if isinstance(value, list) and not all(v is None or isinstance(v, str) for v in value):
         return "expected a path, or a list of one path (or null) per network"
+    if isinstance(value, dict) and not (value and all(
+            isinstance(k, str) and (v is None or isinstance(v, str)) for k, v in value.items())):
+        return ("expected a mapping of backbone names to paths (or null), e.g. "
+                "{resnet18: R18.pt, resnet50: R50.pt}")
+    return None
+
+
+#: detector keywords the task section owns as keys of its own
+_OWN_DETECTOR_KEYS = ("min_size", "max_size", "backbone_weights")
+
+
+def _detector_options_rule(value: Any) -> str | None:
+    if not all(isinstance(k, str) for k in value):
+        return "expected a mapping of torchvision detector keywords to values"
+    own = [k for k in value if k in _OWN_DETECTOR_KEYS]
+    if own:
+        return f"{own[0]} is its own key (task.{own[0]}), not a detector option"
     return None
 
 
@@ -54,7 +71,12 @@ class TaskConfig:
     0). One path initialises every network under ``ind`` and **only the student** under the
     teacher-student methods (``sskd``, ``fitnets``, ``at``, ``nst``: the teacher, network 0,
     comes whole from ``teacher_weights``); a list gives one path per network in ``nets``
-    order, null entries from scratch (:func:`backbone_weights_per_network`)."""
+    order, null entries from scratch; a mapping of backbone names to paths gives each of those
+    networks its own backbone's entry (one override serves every row of a table, e.g. a
+    reproduction; :func:`backbone_weights_per_network`). ``detector_options``: further
+    keywords of :func:`~dcmkd.models.detection.build_detector` and torchvision's detector
+    (``trainable_layers``, ``norm``, ``box_batch_size_per_image``, ``rpn_post_nms_top_n_test``,
+    ``score_thresh`` …), given to every network of the run."""
 
     head: str = option("softmax", "face: identity classifier of training: softmax, cosface "
                        "(Wang et al. 2018) or arcface (Deng et al. 2019)",
@@ -90,10 +112,16 @@ class TaskConfig:
                                      types=(str, None))
     test_split: str | None = option(None, "detection: split of evaluation (null: the "
                                     "dataset's: coco val2017, voc test)", types=(str, None))
-    backbone_weights: str | list | None = option(
+    backbone_weights: str | list | dict | None = option(
         None, "detection: ImageNet ResNet weights (a file or a classifier's run folder) for "
-        "every network (ind) or the student (sskd, fitnets, at, nst), or a list, one per "
-        "network (null: from scratch)", types=(str, list, None), rule=_backbone_weights_rule)
+        "every network (ind) or the student (sskd, fitnets, at, nst), a list, one per "
+        "network, or a mapping {backbone: path} (null: from scratch)",
+        types=(str, list, dict, None), rule=_backbone_weights_rule)
+    detector_options: dict = option(
+        factory=dict, doc="detection: further keywords of the detectors (build_detector's and "
+        "torchvision's: trainable_layers, norm, box_batch_size_per_image, "
+        "rpn_post_nms_top_n_test, score_thresh, …)", types=(dict,),
+        rule=_detector_options_rule, added=True)
 
     def __post_init__(self) -> None:
         check_fields(self, "task.")
@@ -151,7 +179,8 @@ def build_task(cfg: dict[str, Any], device: torch.device, ctx: Any = None
     method = detection_method(
         cfg["method"], task.detector, cfg["nets"], data.num_classes,
         backbone_weights=task.backbone_weights,
-        detector_options={"min_size": task.min_size, "max_size": task.max_size},
+        detector_options={**task.detector_options, "min_size": task.min_size,
+                          "max_size": task.max_size},
         sskd=cfg["sskd"], feature=cfg.get("feature"), **options, **_changed_loss(cfg))
     return method, data
 
@@ -163,11 +192,25 @@ def backbone_weights_per_network(weights: Any, method: str, nets: Sequence[str]
     method without a teacher (``ind``) and only the student (the last network) under a
     teacher-student method (``sskd``, ``fitnets``, ``at``, ``nst``: the teacher comes whole
     from ``teacher_weights``); or a list of one entry per network. **Choice**: a single path
-    never touches a teacher, whose pretrained backbone would be overwritten anyway."""
+    never touches a teacher, whose pretrained backbone would be overwritten anyway. A mapping
+    of backbone names to paths (values str or None, e.g. ``{resnet18: R18.pt, resnet34:
+    R34.pt}``) gives each network that takes weights (as a single path would) its backbone's
+    entry; a backbone it does not name is an error (``null`` entries train from scratch)."""
     from dcmkd.methods import needs_teacher
 
     if weights is None:
         return [None] * len(nets)
+    if isinstance(weights, Mapping) and weights and all(
+            v is None or isinstance(v, (str, os.PathLike)) for v in weights.values()):
+        takers = [len(nets) - 1] if needs_teacher(method) else range(len(nets))
+        out: list[Any] = [None] * len(nets)
+        for i in takers:
+            if nets[i] not in weights:
+                raise ValueError(f"backbone_weights names weights for {', '.join(weights)}, "
+                                 f"not for {nets[i]} (network {i}): add '{nets[i]}: null' to "
+                                 "train it from scratch")
+            out[i] = weights[nets[i]]
+        return out
     if isinstance(weights, (str, os.PathLike, dict)):
         if needs_teacher(method):
             return [None] * (len(nets) - 1) + [weights]
@@ -468,6 +511,8 @@ def detection_method(name: str, kind: str, backbones: Sequence[str], num_classes
         try:
             nets.append(DetectorNetwork(build_detector(kind, backbone, num_classes + 1,
                                                        backbone_weights=w, **options[i])))
+        except TypeError as e:   # torchvision's detector refuses a keyword
+            raise ValueError(f"task.detector_options: {e}") from None
         except (ValueError, FileNotFoundError) as e:
             if w is None:
                 raise
