@@ -128,3 +128,21 @@ def test_resume_selects_as_the_uninterrupted_run(tmp_path, monkeypatch):
     for n in range(2):
         assert _equal(load_file(tmp_path / "ref" / f"best_net{n}_resnet20.pt"),
                       load_file(tmp_path / "cut" / f"best_net{n}_resnet20.pt"))
+
+
+def test_the_epoch_line_names_the_validation_metric_and_its_unit():
+    """``val top-1 error net0 12.50%`` (was ``val top1 net0 12.50``: a bare number that read as
+    an accuracy), in the words and unit of the test line beside it."""
+    from dcmkd.engine.loop import epoch_line
+    from dcmkd.methods import create_method
+
+    from dcmkd.methods.optimization import Schedule, SGDSettings
+
+    method = create_method("ind", ["resnet20", "resnet20"], 10)
+    method.configure_optimization(SGDSettings(), Schedule("constant", lr=0.1, epochs=3))
+    record = {"epoch": 2, "lr": 0.1, "seconds": 1.0, "images_per_s": 100.0,
+              "val/net0/C1/top1": 12.5, "val/net1/C1/top1": 25.0,
+              "test/net0/C1/top1": 30.0, "test/net1/C1/top1": 40.0}
+    line = epoch_line(record, method)
+    assert "val top-1 error net0 12.50% net1 25.00% (1.0s" in line, line
+    assert "test top-1 error net0 30.00% net1 40.00%" in line, line

@@ -788,8 +788,8 @@ def epoch_line(r: dict[str, Any], method: Method) -> str:
     task = task_of(method)
     if any(k.startswith("val/") for k in r):   # a validation split: its headline first
         values = [task.network_metric(r, n, "val") for n in range(len(method.networks))]
-        tail = (f"val {task.headline.removeprefix('test_')} " + " ".join(
-            f"net{n} {v:.2f}" for n, v in enumerate(values) if v is not None) + f" {tail}")
+        tail = (f"val {task.headline_label} " + " ".join(
+            f"net{n} {v:.2f}%" for n, v in enumerate(values) if v is not None) + f" {tail}")
     tested = task.epoch_text(r, len(method.networks))
     if tested is None:   # not evaluated: the training losses
         losses = " ".join(f"{k[6:]} {v:.4g}" for k, v in r.items()

@@ -44,6 +44,8 @@ class Task:
     #: the summary key of each network's headline test metric, and whether lower is better
     headline: str = "test_metric"
     lower_is_better: bool = True
+    #: how the headline metric is named in the log lines (a percentage)
+    headline_label: str = "metric"
 
     # -- batches -------------------------------------------------------------------------------
     def to_device(self, inputs: Any, targets: Any, device: torch.device,

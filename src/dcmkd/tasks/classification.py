@@ -29,6 +29,7 @@ class Classification(Task):
 
     name = "classification"
     headline = "test_top1"
+    headline_label = "top-1 error"
     lower_is_better = True
 
     def train_counts(self, outputs: list[list[Any]], targets: torch.Tensor,

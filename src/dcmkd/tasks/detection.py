@@ -90,6 +90,7 @@ class Detection(Task):
 
     name = "detection"
     headline = "test_AP"
+    headline_label = "AP"
     lower_is_better = False
 
     def __init__(self, label_to_category: dict[int, int] | None = None):

@@ -128,6 +128,7 @@ class Face(Classification):
 
     name = "face"
     headline = "test_rank1"   # defined on any test set (a TAR at a FAR needs enough pairs)
+    headline_label = "Rank-1"
     lower_is_better = False
 
     def __init__(self, head: str = "softmax", s: float | None = None, m: float | None = None):
