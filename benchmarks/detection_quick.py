@@ -353,6 +353,9 @@ def main() -> None:
                    help="pretrain each backbone as a CIFAR-10 classifier first (0: from scratch)")
     p.add_argument("--pretrain-images", type=int, default=20000,
                    help="training images of the pretraining")
+    p.add_argument("--results", default="detection-quick",
+                   help="the folder under benchmarks/results/ that gets the table (another "
+                        "protocol, e.g. a longer schedule, gets its own)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--check", action="store_true",
                    help="the whole protocol on a handful of canvases, 1 epoch, in a temp folder")
@@ -380,7 +383,7 @@ def main() -> None:
                          "setup": setup(args, canvases, kind), "canvases": canvases,
                          "torch": torch.__version__, "wall_s": time.time() - k0,
                          "per_run": per_run}
-    dest = Path(args.out) if args.check else RESULTS_DIR / "detection-quick"
+    dest = Path(args.out) if args.check else RESULTS_DIR / args.results
     text = publish(dest, records)
     print(text)
     print(f"wrote {dest / 'table.md'} ({(time.time() - t0) / 60:.1f} min)")

@@ -209,20 +209,24 @@ def test_a_mapping_gives_each_network_its_backbones_weights(files, tmp_path):
                                                 "resnet34": str(files["r34"])})
     _assert_body_is(method.networks[0].detector, files["r34"])
     _assert_body_is(method.networks[1].detector, files["r18"])
-    # in a run config: paths made absolute, the files' digests recorded per backbone
-    from dcmkd.engine.trainer import absolute_paths
-    from dcmkd.run_folder import defining, weights_digests
+    # in a run config the mapping becomes what the run takes of it, so a run's identity holds
+    # only its own backbones' files: the ResNet-18 row is the run made with one R18 path, an
+    # entry added for another backbone changes nothing
+    from dcmkd.run_folder import config_hash, differences
 
-    cfg = absolute_paths(resolve(None, ["method=ind", "nets=resnet34,resnet18",
-                                        "data.name=coco", "data.root=x",
-                                        f"task.backbone_weights={{resnet18: {files['r18']}, "
-                                        f"resnet34: {files['r34']}}}"]))
-    assert cfg["task"]["backbone_weights"] == {"resnet18": str(files["r18"]),
-                                               "resnet34": str(files["r34"])}
-    digests = weights_digests(cfg)["task.backbone_weights"]
-    assert set(digests) == {"resnet18", "resnet34"} and all(len(d) == 64
-                                                            for d in digests.values())
-    assert isinstance(defining(cfg)["task.backbone_weights"], dict)   # one value, not flattened
+    def cfg(method, nets, weights):
+        return resolve(None, [f"method={method}", f"nets={nets}", "data.name=coco",
+                              "data.root=x", f"task.backbone_weights={weights}"])
+
+    r18, r34 = files["r18"], files["r34"]
+    both = f"{{resnet18: {r18}, resnet34: {r34}}}"
+    assert cfg("ind", "resnet18", both)["task"]["backbone_weights"] == str(r18)
+    assert differences(cfg("ind", "resnet18", str(r18)), cfg("ind", "resnet18", both)) == []
+    assert config_hash(cfg("ind", "resnet18", f"{{resnet18: {r18}}}")) == \
+        config_hash(cfg("ind", "resnet18", both))
+    assert cfg("ind", "resnet34,resnet18", both)["task"]["backbone_weights"] == [str(r34),
+                                                                                 str(r18)]
+    assert cfg("sskd", "resnet34,resnet18", both)["task"]["backbone_weights"] == str(r18)
 
 
 def test_detector_options_reach_the_detector_and_bad_ones_are_one_line(capsys):
@@ -239,7 +243,8 @@ def test_detector_options_reach_the_detector_and_bad_ones_are_one_line(capsys):
                                          r"\(torchvision's keywords: .*fg_iou_thresh"):
         detection_method("ind", "retinanet", ["resnet18"], 2,
                          detector_options={**OPTS, "no_such_option": 1})
-    for bad, says in (("{min_size: 64}", "min_size is its own key (task.min_size)"),
+    for bad, says in (("{min_size: 64}", "min_size is task.min_size, not a detector option"),
+                      ("{num_classes: 3}", "num_classes is the data's class count"),
                       ("[1]", "task.detector_options")):
         assert main(["train", "-m", "ind", "-n", "resnet18", "-d", "coco", "--data-dir", "x",
                      f"task.detector_options={bad}"]) == 2

@@ -89,3 +89,21 @@ def test_eval_pairs_rebuilds_the_embedding_head_of_the_run(tmp_path, capsys):
                  str(_lfw_folder(tmp_path / "lfw"))]) == 0
     [net] = json.loads((run / "pairs_pairs.json").read_text())["networks"]
     assert 0.0 <= net["accuracy"] <= 100.0 and net["folds"] == 2
+
+
+def test_eval_of_an_exported_face_file_rebuilds_its_runs_head(tmp_path, capsys):
+    """``dcmkd eval RUN/net0_*.pt`` (no --pairs) builds the network from its run folder's whole
+    task section (its embedding layer), as ``dcmkd eval RUN`` does: same figures."""
+    import json
+
+    run = tmp_path / "run"
+    assert main(["train", "-m", "ind", "-n", "resnet18", "-d", "faces", "--data-dir",
+                 str(_identity_folder(tmp_path / "faces")), "-e", "1", "-o", str(run), "-q",
+                 "device=cpu", "data.image_size=24", "data.batch_size=8",
+                 "schedule.name=constant", "task.embedding=8"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(run), "--json", "-q"]) == 0
+    whole = json.loads(capsys.readouterr().out)
+    assert main(["eval", str(run / "net0_resnet18.pt"), "--json", "-q"]) == 0
+    alone = json.loads(capsys.readouterr().out)
+    assert alone == whole and "test/net0/face/rank1" in alone

@@ -237,6 +237,10 @@ def test_fine_grained_needs_a_detector_and_psi_needs_fine_grained():
         method(imitation_psi=0.3)
     with pytest.raises(UnknownNameError, match="unknown sskd mimic 'mse'"):
         method(mimic="mse")
+    with pytest.warns(UserWarning, match="untrained"), \
+            pytest.raises(ValueError, match=r"^sskd.pyramid_reduce=sum applies to detectors "
+                                            r"only .*has no pyramid"):   # not silently ignored
+        create_method("sskd", ["resnet20", "resnet20"], 5, sskd={"pyramid_reduce": "sum"})
 
 
 # -- a detection stage step with each variant --------------------------------------------------

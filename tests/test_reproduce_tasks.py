@@ -262,3 +262,17 @@ def test_synthetic_task_folders_are_deterministic_and_complete(tmp_path):
     stamp = (coco / "annotations" / "instances_val2017.json").stat().st_mtime_ns
     write_coco_folder(coco)   # complete: left as it is
     assert (coco / "annotations" / "instances_val2017.json").stat().st_mtime_ns == stamp
+
+
+def test_a_library_teacher_row_is_found_under_its_file_safe_name(tmp_path):
+    """A user recipe whose teacher row is a torchvision model: the student's teacher_weights
+    name the file its run exports (``net0_tv-resnet18.pt``, no colon)."""
+    exp = tmp_path / "lib.yaml"
+    exp.write_text("name: lib\ntitle: t\ncolumns: [R]\nbase: {data: {name: cifar10}}\nrows:\n"
+                   "- {name: T, cells: {R: {config: {method: ind, nets: ['tv:resnet18']}}}}\n"
+                   "- {name: S, cells: {R: {config: {method: kd, nets: ['tv:resnet18', "
+                   "resnet20], teacher_weights: '@T/R'}, net: 1}}}\n")
+    runs = plan(load_experiment(exp), scale="full", out=str(tmp_path / "out"))
+    student = next(r for r in runs if r.cell.row == "S")
+    teacher = next(r for r in runs if r.cell.row == "T")
+    assert student.config["teacher_weights"] == str(teacher.run_dir / "net0_tv-resnet18.pt")

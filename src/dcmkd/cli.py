@@ -197,6 +197,8 @@ def _weights_file(path: Path, args: argparse.Namespace) -> Built:
     saved = RunFolder(path.parent).read_config() or {}
     base = {"data": saved["data"], "num_classes": saved.get("num_classes")} \
         if "data" in saved else {}
+    if base and "task" in saved:   # a face or detection run: its head, embedding, test set …
+        base["task"] = saved["task"]
     if not base and not args.dataset and not any(o.startswith("data.name=")
                                                   for o in args.overrides):
         raise ValueError(f"{path} is not in a run folder that says its data: pass -d/--dataset "
@@ -323,7 +325,8 @@ def _pairs_networks(path: Path, args: argparse.Namespace
 def _face_network(path: Path, model: str, cfg: dict[str, Any]) -> Any:
     """The face network of an exported file: ``model`` with the run's face head
     (:func:`dcmkd.tasks.build.face_method`, as the run built it), its identity count read from
-    the file's classifier (``head.fc.*``: no training data is read), then the file's weights."""
+    the file's classifier (``head.fc.*``: no training data is read) and its embedding layer's
+    width from the file's ``head.embedding.*`` (none without), then the file's weights."""
     from dcmkd.tasks.build import TaskConfig, face_method
 
     state = load_file(path)
@@ -333,8 +336,10 @@ def _face_network(path: Path, model: str, cfg: dict[str, Any]) -> Any:
         raise ValueError(f"{path} holds no face network (no head.fc.*weight identity classifier "
                          "of a face head): --pairs scores the networks of a face run")
     task = TaskConfig(**cfg["task"])
+    layer = state.get("head.embedding.1.weight")   # BN, Linear, BN: the Linear's [D, C]
+    embedding = int(layer.shape[0]) if getattr(layer, "ndim", 0) == 2 else None
     network = face_method("ind", [model], sizes.pop(), head=task.head, s=task.s,
-                          m=task.m, embedding=task.embedding).networks[0]
+                          m=task.m, embedding=embedding).networks[0]
     try:
         load_pretrained(network.backbone, path)
     except ValueError as e:

@@ -44,7 +44,9 @@ class Spec:
     (key, default) pairs where the config's default differs from the section class's own (the
     Python API's). ``added``: a key added after run folders without it exist; at its default it
     does not take part in a run's identity (:func:`added_defaults`), so an earlier folder is the
-    same run and keeps its hash — every key added to the config from now on says so."""
+    same run and keeps its hash — every key added to the config from now on says so. Its
+    default is then fixed for good (a run at another default would be taken for an earlier
+    one), and must be a scalar, null or ``{}`` (flattened configs compare leaves)."""
 
     doc: str
     types: tuple = ()

@@ -73,8 +73,8 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"optim": {"lr": 0.1}}`` → ``{"optim.lr": 0.1}`` (lists become tuples)."""
     out: dict[str, Any] = {}
     for k, v in config.items():
-        if isinstance(v, dict) and v and f"{prefix}{k}" not in WEIGHTS_KEYS:   # (a mapping of
-            out.update(flatten(v, f"{prefix}{k}."))                         # weights: one value)
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = tuple(v) if isinstance(v, list) else v
     return out
@@ -130,8 +130,6 @@ def _digest(spec: Any, network: Any) -> Any:
         return None
     if isinstance(spec, (list, tuple)):
         return [_digest(s, None) for s in spec]
-    if isinstance(spec, dict):   # backbone name -> path
-        return {k: _digest(v, None) for k, v in sorted(spec.items())}
     if not isinstance(spec, (str, os.PathLike)):
         raise ValueError(f"not a path: {spec!r}")
     digest = hashlib.sha256()
@@ -165,12 +163,10 @@ def _same_weights(key: str, a: dict[str, Any], b: dict[str, Any], recorded: Any)
 
 
 def absolute_path(value: Any) -> Any:
-    """A path string made absolute (``~`` expanded), a list or tuple element-wise (as a list),
-    a mapping's values; anything else (None, an empty string, a number) as it is."""
+    """A path string made absolute (``~`` expanded), a list or tuple element-wise (as a list);
+    anything else (None, an empty string, a number) as it is."""
     if isinstance(value, (list, tuple)):
         return [absolute_path(v) for v in value]
-    if isinstance(value, dict):
-        return {k: absolute_path(v) for k, v in value.items()}
     return os.path.abspath(os.path.expanduser(value)) if isinstance(value, str) and value \
         else value
 

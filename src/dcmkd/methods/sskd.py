@@ -167,6 +167,10 @@ def check_mimic(student: nn.Module, mimic: str, imitation_psi: float,
     ``imitation_psi`` only with it, in [0, 1)."""
     check_choice("sskd mimic", mimic, MIMIC_MODES)
     check_choice("sskd pyramid_reduce", pyramid_reduce, PYRAMID_REDUCE_MODES)
+    if pyramid_reduce != "mean" and getattr(student, "detector", None) is None:
+        raise ValueError(f"sskd.pyramid_reduce={pyramid_reduce} applies to detectors only (the "
+                         f"levels of their FPN stage); a {type(student).__name__} has no "
+                         "pyramid")
     if mimic == "fine_grained" and getattr(student, "detector", None) is None:
         raise ValueError("sskd.mimic=fine_grained applies to detectors only (its mask comes from "
                          "a detector's anchors and ground-truth boxes); use l2 or pearson for "

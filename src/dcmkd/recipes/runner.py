@@ -44,7 +44,7 @@ from dcmkd.recipes.scales import (SCALES, quick_overrides, shorten, smoke_overri
                                   smoke_task_overrides, write_smoke_data)
 from dcmkd.registry import check_choice
 from dcmkd.report import write_experiment_report
-from dcmkd.run_folder import RunFolder
+from dcmkd.run_folder import RunFolder, network_file
 from dcmkd.tasks.build import task_name
 from dcmkd.warn import show_one_line
 
@@ -142,7 +142,7 @@ def plan(exp: Experiment, *, rows: list[str] | None = None, columns: list[str] |
             model = teacher.config["nets"][0]
             # a task's network is exported under the task's name for it (a detector's
             # fasterrcnn_resnet101): its run folder, which resolves to that file
-            weights = teacher.run_dir / f"net0_{model}.pt" \
+            weights = teacher.run_dir / network_file(0, model) \
                 if task_name(teacher.config) == "classification" else teacher.run_dir
             extra.append({"teacher_weights": str(weights)})
             teachers = (teacher.run_dir,)

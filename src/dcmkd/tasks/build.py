@@ -48,8 +48,8 @@ def _backbone_weights_rule(value: Any) -> str | None:
     return None
 
 
-#: detector keywords the task section owns as keys of its own
-_OWN_DETECTOR_KEYS = ("min_size", "max_size", "backbone_weights")
+#: detector keywords the task section owns as keys of its own (num_classes: the data's)
+_OWN_DETECTOR_KEYS = ("min_size", "max_size", "backbone_weights", "num_classes")
 
 
 def _detector_options_rule(value: Any) -> str | None:
@@ -57,7 +57,8 @@ def _detector_options_rule(value: Any) -> str | None:
         return "expected a mapping of torchvision detector keywords to values"
     own = [k for k in value if k in _OWN_DETECTOR_KEYS]
     if own:
-        return f"{own[0]} is its own key (task.{own[0]}), not a detector option"
+        where = "the data's class count" if own[0] == "num_classes" else f"task.{own[0]}"
+        return f"{own[0]} is {where}, not a detector option"
     return None
 
 
@@ -75,8 +76,9 @@ class TaskConfig:
     networks its own backbone's entry (one override serves every row of a table, e.g. a
     reproduction; :func:`backbone_weights_per_network`). ``detector_options``: further
     keywords of :func:`~dcmkd.models.detection.build_detector` and torchvision's detector
-    (``trainable_layers``, ``norm``, ``box_batch_size_per_image``, ``rpn_post_nms_top_n_test``,
-    ``score_thresh`` …), given to every network of the run."""
+    (``trainable_layers``, ``norm``; Faster R-CNN's ``box_batch_size_per_image``,
+    ``rpn_post_nms_top_n_test``, ``box_score_thresh`` …; RetinaNet's ``score_thresh`` …), given
+    to every network of the run."""
 
     head: str = option("softmax", "face: identity classifier of training: softmax, cosface "
                        "(Wang et al. 2018) or arcface (Deng et al. 2019)",
@@ -85,8 +87,8 @@ class TaskConfig:
                              types=(float, None), low=0, above=True)
     m: float | None = option(None, "face margin (null: CosFace 0.35, ArcFace 0.5)",
                              types=(float, None), low=0)
-    embedding: int | None = option(None, "face: width of an embedding layer (BN-FC-BN, "
-                                   "ArcFace's E) as the output feature (null: the pooled last "
+    embedding: int | None = option(None, "face: width of an embedding layer (BN-FC-BN after "
+                                   "the pooling) as the output feature (null: the pooled last "
                                    "stage, the paper's reading); trained in SSKD's head phase",
                                    types=(int, None), low=1, added=True)
     split: str | None = option(None, "face: identity split CSV (null: root/SPLIT_SUGGESTED.csv, "
@@ -119,8 +121,9 @@ class TaskConfig:
         types=(str, list, dict, None), rule=_backbone_weights_rule)
     detector_options: dict = option(
         factory=dict, doc="detection: further keywords of the detectors (build_detector's and "
-        "torchvision's: trainable_layers, norm, box_batch_size_per_image, "
-        "rpn_post_nms_top_n_test, score_thresh, …)", types=(dict,),
+        "torchvision's: trainable_layers, norm; Faster R-CNN box_batch_size_per_image, "
+        "rpn_post_nms_top_n_test, box_score_thresh, …; RetinaNet score_thresh, …)",
+        types=(dict,),
         rule=_detector_options_rule, added=True)
 
     def __post_init__(self) -> None:
@@ -134,8 +137,13 @@ def task_name(cfg: dict[str, Any]) -> str:
 
 def resolve_task_section(cfg: dict[str, Any]) -> dict[str, Any]:
     """``cfg``'s ``task`` section with the detection splits left null set to the dataset's
-    (:data:`DETECTION_DATASETS`), so a resolved config says which splits it uses."""
+    (:data:`DETECTION_DATASETS`), so a resolved config says which splits it uses, and a
+    ``backbone_weights`` mapping replaced by what this run takes of it
+    (:func:`weights_of_run`)."""
     task = dict(cfg["task"])
+    if isinstance(task.get("backbone_weights"), dict):
+        task["backbone_weights"] = weights_of_run(task["backbone_weights"], cfg["method"],
+                                                  cfg["nets"])
     layout = DETECTION_DATASETS.get(cfg["data"]["name"])
     if layout is not None:
         for key, default in zip(("train_split", "test_split"), layout[1]):
@@ -221,6 +229,21 @@ def backbone_weights_per_network(weights: Any, method: str, nets: Sequence[str]
                          f"{len(nets)} networks {', '.join(nets)}: give one path (or null) per "
                          "network, or a single path")
     return weights
+
+
+def weights_of_run(mapping: Mapping[str, Any], method: str, nets: Sequence[str]) -> Any:
+    """What a run takes of a ``{backbone: path}`` mapping, in the form that says it alone
+    (:func:`backbone_weights_per_network`): the one path (or null) every network taking weights
+    gets — a single path means exactly that — else the list per network. A run's identity then
+    holds only its own backbones' files: the ResNet-18 row of a table run with the mapping is
+    the run made with ``backbone_weights=R18.pt``, and adding another backbone's entry later
+    changes no other row."""
+    from dcmkd.methods import needs_teacher
+
+    per = backbone_weights_per_network(mapping, method, nets)
+    takers = [len(nets) - 1] if needs_teacher(method) else list(range(len(nets)))
+    values = {per[i] for i in takers}
+    return values.pop() if len(values) == 1 else per
 
 
 def _trained_norm(weights: str | os.PathLike) -> str:

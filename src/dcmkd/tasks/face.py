@@ -88,10 +88,13 @@ class FaceHead(nn.Module):
 
     The output feature (:meth:`embed`) is the pooled last stage (the default, the module note's
     reading of the paper), or with ``embedding=D`` a D-dimensional **embedding layer** after the
-    pooling: BatchNorm, fully connected, BatchNorm (``task.embedding``; the "BN-Dropout-FC-BN"
-    output structure ArcFace found best, Deng et al., CVPR 2019, §4.2 "E", here without the
-    dropout: a **choice**, the project's face sets are small and its training short). The
-    embedding layer belongs to the head, so SSKD trains it in its head phase."""
+    pooling: BatchNorm, fully connected, BatchNorm (``task.embedding``). A **choice** after the
+    order of ArcFace's output "E" (BN-Dropout-FC-BN, Deng et al., CVPR 2019, §4.2), which
+    differs: E flattens the last 7×7 convolution map instead of pooling it (so it fixes the
+    input size), has a dropout, and its last BN a fixed scale; pooling first works at any input
+    size. The embedding layer belongs to the head, so SSKD trains it in its head phase; the
+    run's ``embedding`` builds every network of it, a teacher included (a teacher trained
+    without one cannot teach a run with one)."""
 
     def __init__(self, in_features: int, num_identities: int, kind: str = "softmax",
                  s: float | None = None, m: float | None = None, embedding: int | None = None):
