@@ -63,7 +63,12 @@ def test_keys_added_later_leave_an_earlier_runs_identity_alone():
     other = copy.deepcopy(cfg)
     other["task"]["ijba"] = "/data/IJB-A"
     assert config_hash(other) != config_hash(cfg)
-    assert differences(before, other) == ["task.ijba: '<unset>' → '/data/IJB-A'"]
+    assert differences(before, other) == ["task.ijba: '<unset>' → True"]
+    # a location key defines the run by being set, not by its spelling: IJB-A moved elsewhere
+    # is the same run (the data's identity is its data.json)
+    moved = copy.deepcopy(other)
+    moved["task"]["ijba"] = "/mnt/elsewhere/IJB-A"
+    assert config_hash(moved) == config_hash(other) and differences(other, moved) == []
 
 
 def test_the_cli_flags_come_from_the_metadata_and_exist():

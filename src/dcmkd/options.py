@@ -46,7 +46,10 @@ class Spec:
     does not take part in a run's identity (:func:`added_defaults`), so an earlier folder is the
     same run and keeps its hash — every key added to the config from now on says so. Its
     default is then fixed for good (a run at another default would be taken for an earlier
-    one), and must be a scalar, null or ``{}`` (flattened configs compare leaves)."""
+    one), and must be a scalar, null or ``{}`` (flattened configs compare leaves). ``location``:
+    a key naming where some data lives (a folder that may move or be mounted elsewhere): it
+    defines the run by being set or not, not by its spelling (:func:`location_keys`); the data's
+    own identity is the run's ``data.json``."""
 
     doc: str
     types: tuple = ()
@@ -60,6 +63,7 @@ class Spec:
     applies: tuple[str, ...] = ()
     overrides: tuple[tuple[str, Any], ...] = ()
     added: bool = False
+    location: bool = False
 
 
 def option(default: Any = MISSING, doc: str = "", *, factory: Callable[[], Any] | None = None,
@@ -265,6 +269,12 @@ def resumable_keys() -> frozenset[str]:
     return frozenset(k.name for k in schema_keys() if not k.spec.run)
 
 
+def location_keys() -> frozenset[str]:
+    """The dotted keys declared ``location=True``: in a run's identity, only whether they are
+    set (:func:`dcmkd.run_folder.defining`)."""
+    return frozenset(k.name for k in schema_keys() if k.spec.location)
+
+
 def added_defaults() -> dict[str, Any]:
     """The dotted keys declared ``added=True`` with their defaults: at that value a key is left
     out of a run's identity (:func:`dcmkd.run_folder.defining`)."""
@@ -273,6 +283,6 @@ def added_defaults() -> dict[str, Any]:
 
 __all__ = ["ConfigError", "Key", "Spec", "accepted_types", "build", "check_fields", "check_value",
            "not_applying",
-           "added_defaults", "defaults", "is_a", "keys", "option", "register_schema",
-           "resumable_keys",
+           "added_defaults", "defaults", "is_a", "keys", "location_keys", "option",
+           "register_schema", "resumable_keys",
            "schema", "schema_keys", "section", "sections"]

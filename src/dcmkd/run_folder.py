@@ -51,7 +51,7 @@ import torch
 from torch import nn
 
 import dcmkd.yamlio as yamlio
-from dcmkd.options import added_defaults, resumable_keys
+from dcmkd.options import added_defaults, location_keys, resumable_keys
 from dcmkd.weights import TMP_SUFFIX, atomic_save, atomic_write_text, load_file
 
 #: keys of ``data.json`` that describe the run's use of the data, not the data: never compared
@@ -85,9 +85,11 @@ def defining(config: dict[str, Any]) -> dict[str, Any]:
     (:func:`dcmkd.options.resumable_keys`: folder, device, logging…, the keys declared with
     ``run=False``), which may change between an interruption and its resumption, and the keys
     added in a later version while at their default (:func:`dcmkd.options.added_defaults`), so
-    a run folder written before a key existed is the same run, under the same hash."""
-    resumable, added = resumable_keys(), added_defaults()
-    return {k: v for k, v in flatten(config).items()
+    a run folder written before a key existed is the same run, under the same hash. A key
+    naming where data lives (:func:`dcmkd.options.location_keys`, e.g. ``task.ijba``) counts by
+    being set, not by its spelling: the data moved elsewhere is the same run."""
+    resumable, added, located = resumable_keys(), added_defaults(), location_keys()
+    return {k: (v is not None if k in located else v) for k, v in flatten(config).items()
             if k not in resumable and not (k in added and v == added[k])}
 
 

@@ -98,10 +98,10 @@ class TaskConfig:
                               "images/): evaluate on its templates, mean over task.ijba_splits "
                               "(the paper's Table 7), training on every identity of data.root "
                               "(null: unseen identities of data.root)", types=(str, None),
-                              added=True)
+                              added=True, location=True)
     ijba_images: str | None = option(None, "face: the folder IJB-A's FILE paths are relative "
                                      "to (null: task.ijba/images, else task.ijba)",
-                                     types=(str, None), added=True)
+                                     types=(str, None), added=True, location=True)
     ijba_splits: int = option(10, "face: IJB-A splits scored, 1..N (IJB-A has 10)", low=1,
                               high=10, added=True)
     detector: str = option("fasterrcnn", "detection: fasterrcnn (FPN) or retinanet",
