@@ -68,11 +68,15 @@ def load_face(path: Path, box: Sequence[float] | None, size: int) -> np.ndarray:
 
 
 def load_faces(image_root: Path, faces: Sequence[tuple[str, Sequence[float] | None]],
-               size: int) -> torch.Tensor:
+               size: int, quiet: bool = False) -> torch.Tensor:
     """uint8 ``[N, 3, size, size]``: :func:`load_face` of each ``(FILE, box)`` under
-    ``image_root``, in order."""
+    ``image_root``, in order, with progress (IJB-A has about 26k faces: a bar on a terminal, a
+    line per 30 s elsewhere; ``quiet`` off)."""
+    from dcmkd.progress import track
+
     out = np.empty((len(faces), 3, size, size), dtype=np.uint8)
-    for i, (file, box) in enumerate(faces):
+    for i, (file, box) in enumerate(track(faces, what="decoding IJB-A faces", unit="img",
+                                          quiet=quiet)):
         out[i] = load_face(image_root / file, box, size)
     return torch.from_numpy(out)
 
