@@ -621,3 +621,29 @@ def test_eval_does_not_repeat_the_runs_schedule_warnings(tmp_path, capsys):
     assert capsys.readouterr().err.count("schedule.warmup_epochs=1 is not shorter") == 1
     assert main(["eval", str(tmp_path / "run"), "-q"]) == 0
     assert "schedule.warmup_epochs" not in capsys.readouterr().err
+
+
+def test_the_explosion_advice_works_as_written(tmp_path, capsys):
+    """Issue 28 item 14: the exploded-loss error's advice, followed literally. A lower optim.lr
+    into the same folder is refused (that folder keeps the diverged run), into another -o it
+    trains; divergence_factor=0 disables the rule (resumable: same folder), and the run then
+    stops at the non-finite weights it produces instead."""
+    from dcmkd.cli import main
+
+    def train(out, *extra):
+        code = main(["train", "-m", "dml", "-n", "resnet20,resnet20", "-d", "synthetic", "-q",
+                     "data.image_size=8", "data.train_subset=64", "data.batch_size=16",
+                     "data.test_batch_size=32", "device=cpu", "schedule.name=constant",
+                     "-e", "4", "-o", str(tmp_path / out), "log_every=1", *extra])
+        return code, capsys.readouterr().err.strip()
+
+    code, err = train("a", "optim.lr=20")
+    assert code == 3 and "the loss exploded" in err, err
+    assert "rerun with a lower optim.lr, into another -o/--out if you gave one: this folder " \
+        "keeps the diverged run; or set divergence_factor=0 to disable this rule" in err
+    code, err = train("a", "optim.lr=0.05")
+    assert code == 2 and "holds an interrupted run with another config (optim.lr: 20 → 0.05)" \
+        in err, err
+    assert train("b", "optim.lr=0.05")[0] == 0
+    code, err = train("a", "optim.lr=20", "divergence_factor=0")
+    assert code == 3 and "the loss exploded" not in err and "non-finite" in err, err
