@@ -93,12 +93,23 @@ def test_metadata_boxes_and_union_of_splits(tmp_path):
     assert key == "sighting" and len(faces) == SUBJECTS * SHOTS
     assert faces["301"] == ("img/s3_1.png", (10.0, 7.0, 20.0, 20.0))
     bad = root / "bad.csv"
+    bad.write_text(HEADER + "\n1,0,a.png,1,1,,,,,\n")   # no box at all: the image uncropped
+    assert np.isnan(read_ijba_metadata(bad).boxes).all()
     bad.write_text(HEADER + "\n1,0,a.png,1,1,,0,0,0,5\n")
     with pytest.raises(ValueError, match="line 2: expected a face box .*got 0,0,0,5"):
         read_ijba_metadata(bad)
     meta = root / "IJB-A_11_sets" / "split2" / "verify_metadata_2.csv"
-    meta.write_text(meta.read_text().replace("img/s3_1.png,301,301,,10,7",
-                                             "img/s3_1.png,301,301,,11,7"))
+    original = meta.read_text()
+    for name in ("verify_metadata_1.csv", "verify_metadata_2.csv"):   # sighting 301 unboxed
+        f = meta.parent.parent / f"split{name[-5]}" / name
+        f.write_text(f.read_text().replace("img/s3_1.png,301,301,,10,7,20,20",
+                                           "img/s3_1.png,301,301,,,,,"))
+    for f in root.glob("IJB-A_1N_sets/*/*.csv"):
+        f.write_text(f.read_text().replace("img/s3_1.png,301,301,,10,7,20,20",
+                                           "img/s3_1.png,301,301,,,,,"))
+    with pytest.warns(UserWarning, match="1 of the 16 IJB-A faces have no box"):
+        assert ijba_sightings(root, (1, 2))[1]["301"] == ("img/s3_1.png", None)
+    meta.write_text(original.replace("img/s3_1.png,301,301,,10,7", "img/s3_1.png,301,301,,11,7"))
     with pytest.raises(ValueError, match="SIGHTING_ID '301' is .* in one protocol file and"):
         ijba_sightings(root, (1, 2))
 

@@ -213,7 +213,8 @@ IJBA_BOX_COLUMNS = ("FACE_X", "FACE_Y", "FACE_WIDTH", "FACE_HEIGHT")
 class IjbaRows(NamedTuple):
     """One IJB-A metadata file (``verify_metadata_k``, ``search_gallery_k``,
     ``search_probe_k``): one row per face sighting. ``boxes``: ``[N, 4]`` face boxes
-    (x, y, width, height) when the file has the :data:`IJBA_BOX_COLUMNS`, else None."""
+    (x, y, width, height) when the file has the :data:`IJBA_BOX_COLUMNS` (a row whose four box
+    fields are all empty: NaN, no box), else None."""
     template_ids: np.ndarray
     subject_ids: np.ndarray
     files: list[str]
@@ -252,7 +253,9 @@ def read_ijba_metadata(path: str | os.PathLike) -> IjbaRows:
             except ValueError as e:
                 raise ValueError(f"IJB-A metadata file {path} line {line}: expected integer "
                                  f"TEMPLATE_ID, SUBJECT_ID, MEDIA_ID ({e})") from None
-            if box_cols is not None:
+            if box_cols is not None and not any(row[c].strip() for c in box_cols):
+                boxes.append([math.nan] * 4)   # a sighting without a box: the image uncropped
+            elif box_cols is not None:
                 try:
                     box = [float(row[c]) for c in box_cols]
                 except ValueError:
@@ -441,7 +444,8 @@ def ijba_sightings(protocol_root: str | os.PathLike, splits: Sequence[int]
     out: dict[str, IjbaSighting] = {}
     for path, rows in rows_of:
         for i, (file, sid) in enumerate(zip(rows.files, rows.sighting_ids)):
-            box = None if rows.boxes is None else tuple(float(v) for v in rows.boxes[i])
+            box = None if rows.boxes is None or np.isnan(rows.boxes[i]).any() else \
+                tuple(float(v) for v in rows.boxes[i])
             face = IjbaSighting(file, box)   # type: ignore[arg-type]
             name = sid if key == "sighting" else file
             if out.setdefault(name, face) != face:
@@ -450,6 +454,10 @@ def ijba_sightings(protocol_root: str | os.PathLike, splits: Sequence[int]
                                  f"{face} in {path}: one face per "
                                  + ("sighting" if key == "sighting" else
                                     "file, or give every row a SIGHTING_ID"))
+    unboxed = sum(face.box is None for face in out.values())
+    if unboxed and any(rows.boxes is not None for _, rows in rows_of):
+        warnings.warn(f"{unboxed} of the {len(out)} IJB-A faces have no box in the metadata: "
+                      "their images are used uncropped", stacklevel=2)
     return key, out
 
 
