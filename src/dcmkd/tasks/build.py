@@ -193,6 +193,14 @@ def build_task(cfg: dict[str, Any], device: torch.device, ctx: Any = None
     return method, data
 
 
+def weight_takers(method: str, count: int) -> list[int]:
+    """The networks that one backbone-weights path starts: every one under a method without a
+    teacher, only the student (the last) under a teacher-student method."""
+    from dcmkd.methods import needs_teacher
+
+    return [count - 1] if needs_teacher(method) else list(range(count))
+
+
 def backbone_weights_per_network(weights: Any, method: str, nets: Sequence[str]
                                  ) -> list[Any]:
     """One backbone-weights entry per network (None: from scratch) from ``weights``: None (all
@@ -204,15 +212,12 @@ def backbone_weights_per_network(weights: Any, method: str, nets: Sequence[str]
     of backbone names to paths (values str or None, e.g. ``{resnet18: R18.pt, resnet34:
     R34.pt}``) gives each network that takes weights (as a single path would) its backbone's
     entry; a backbone it does not name is an error (``null`` entries train from scratch)."""
-    from dcmkd.methods import needs_teacher
-
     if weights is None:
         return [None] * len(nets)
+    out: list[Any] = [None] * len(nets)
     if isinstance(weights, Mapping) and weights and all(
             v is None or isinstance(v, (str, os.PathLike)) for v in weights.values()):
-        takers = [len(nets) - 1] if needs_teacher(method) else range(len(nets))
-        out: list[Any] = [None] * len(nets)
-        for i in takers:
+        for i in weight_takers(method, len(nets)):
             if nets[i] not in weights:
                 raise ValueError(f"backbone_weights names weights for {', '.join(weights)}, "
                                  f"not for {nets[i]} (network {i}): add '{nets[i]}: null' to "
@@ -220,9 +225,9 @@ def backbone_weights_per_network(weights: Any, method: str, nets: Sequence[str]
             out[i] = weights[nets[i]]
         return out
     if isinstance(weights, (str, os.PathLike, dict)):
-        if needs_teacher(method):
-            return [None] * (len(nets) - 1) + [weights]
-        return [weights] * len(nets)
+        for i in weight_takers(method, len(nets)):
+            out[i] = weights
+        return out
     weights = list(weights)
     if len(weights) != len(nets):
         raise ValueError(f"backbone_weights lists {len(weights)} entries for the "
@@ -238,11 +243,8 @@ def weights_of_run(mapping: Mapping[str, Any], method: str, nets: Sequence[str])
     holds only its own backbones' files: the ResNet-18 row of a table run with the mapping is
     the run made with ``backbone_weights=R18.pt``, and adding another backbone's entry later
     changes no other row."""
-    from dcmkd.methods import needs_teacher
-
     per = backbone_weights_per_network(mapping, method, nets)
-    takers = [len(nets) - 1] if needs_teacher(method) else list(range(len(nets)))
-    values = {per[i] for i in takers}
+    values = {per[i] for i in weight_takers(method, len(nets))}
     return values.pop() if len(values) == 1 else per
 
 
